@@ -1,0 +1,157 @@
+"""The schedule contract and exact truncation of a base distribution over logSNR.
+
+A schedule is a density p(λ) on [logsnr_min, logsnr_max]. Training draws t ~ U(0, 1) and uses
+λ(t) = the inverse of the upper-tail CDF, so λ decreases in t: λ(0) = logsnr_max (clean end),
+λ(1) = logsnr_min (noisy end). Truncation renormalises the base CDF F to the window:
+
+    Z = F(hi) − F(lo),   t(λ) = (F(hi) − F(λ)) / Z,   p(λ) = f(λ) / Z   on [lo, hi].
+
+Each tail is evaluated with the function that is accurate there (survival S = 1 − F above the
+median, F below), so λ(t) stays exact at both ends in float32 and float64 with no clamping of mass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from adaptive_sched.errors import UsageError
+
+DEFAULT_LOGSNR_MIN = -20.0
+DEFAULT_LOGSNR_MAX = 20.0
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return float(value) if it is finite and > 0, else raise UsageError naming the parameter."""
+    value = check_finite(name, value)
+    if value <= 0:
+        raise UsageError(f"parameter {name} must be > 0, got {value}")
+    return value
+
+
+def check_finite(name: str, value: float) -> float:
+    """Return float(value) if it is a finite number, else raise UsageError naming the parameter."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"parameter {name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"parameter {name} must be finite, got {value}")
+    return value
+
+
+class Schedule:
+    """A fixed noise schedule: a base distribution over λ, truncated exactly to [logsnr_min, logsnr_max].
+
+    Subclasses give the untruncated base distribution through `_cdf`, `_sf` (= 1 − F), `_icdf`,
+    `_isf` and `_log_pdf`, all elementwise on tensors, and optionally a `support` narrower than ℝ.
+    `_icdf` and `_isf` are only called with arguments in [0, ~0.5], the accurate side of each tail.
+    """
+
+    name = "schedule"
+    support: tuple[float, float] = (-math.inf, math.inf)
+
+    def __init__(self, logsnr_min: float = DEFAULT_LOGSNR_MIN, logsnr_max: float = DEFAULT_LOGSNR_MAX):
+        lo = check_finite("logsnr_min", logsnr_min)
+        hi = check_finite("logsnr_max", logsnr_max)
+        if lo >= hi:
+            raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        self.logsnr_min_requested, self.logsnr_max_requested = lo, hi
+        self._set_window(lo, hi)
+
+    def _set_window(self, lo: float, hi: float) -> None:
+        """Intersect [lo, hi] with the support and precompute the truncation constants in float64."""
+        s_lo, s_hi = self.support
+        lo, hi = max(lo, s_lo), min(hi, s_hi)
+        if not lo < hi:
+            raise UsageError(f"{self.name}: the window [{self.logsnr_min_requested}, {self.logsnr_max_requested}] "
+                             f"does not overlap the schedule's support [{s_lo:.4g}, {s_hi:.4g}]")
+        self.logsnr_min, self.logsnr_max = lo, hi
+        ends = torch.tensor([lo, hi], dtype=torch.float64)
+        cdf_lo, cdf_hi = self._cdf(ends).tolist()
+        sf_lo, sf_hi = self._sf(ends).tolist()
+        if cdf_lo >= 0.5:                       # window entirely in the upper tail
+            mass = sf_lo - sf_hi
+        elif sf_hi >= 0.5:                      # window entirely in the lower tail
+            mass = cdf_hi - cdf_lo
+        else:
+            mass = 1.0 - cdf_lo - sf_hi
+        if not mass > 0:
+            raise UsageError(f"{self.name}: the window [{lo}, {hi}] holds no probability mass "
+                             f"(it lies too far in a tail); widen it or move the schedule's location")
+        self._cdf_lo, self._sf_hi, self._mass = cdf_lo, sf_hi, mass
+        self._log_mass = math.log(mass)
+
+    # --- public surface -------------------------------------------------------------------
+    def params(self) -> dict:
+        """The schedule's own parameters (without the window)."""
+        return {}
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ(t): decreasing, λ(0) = logsnr_max, λ(1) = logsnr_min; exact inverse of the truncated CDF."""
+        t = torch.as_tensor(t)
+        if not t.is_floating_point():
+            t = t.to(torch.get_default_dtype())
+        t = t.clamp(0.0, 1.0)
+        upper = self._sf_hi + t * self._mass            # mass above λ
+        lower = self._cdf_lo + (1.0 - t) * self._mass   # mass below λ
+        use_upper = upper <= lower
+        safe_upper = torch.where(use_upper, upper, torch.full_like(upper, 0.25))
+        safe_lower = torch.where(use_upper, torch.full_like(lower, 0.25), lower)
+        lam = torch.where(use_upper, self._isf(safe_upper), self._icdf(safe_lower))
+        lam = lam.nan_to_num(nan=0.0).clamp(self.logsnr_min, self.logsnr_max)
+        lam = torch.where(t <= 0, torch.full_like(lam, self.logsnr_max), lam)
+        return torch.where(t >= 1, torch.full_like(lam, self.logsnr_min), lam)
+
+    def t_of(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """t(λ) = (F(hi) − F(λ))/Z, the inverse of `logsnr`; 0 above logsnr_max, 1 below logsnr_min."""
+        lam = torch.as_tensor(logsnr)
+        if not lam.is_floating_point():
+            lam = lam.to(torch.get_default_dtype())
+        lam_in = lam.nan_to_num(nan=0.0).clamp(self.logsnr_min, self.logsnr_max)
+        sf, cdf = self._sf(lam_in), self._cdf(lam_in)
+        from_upper = (sf - self._sf_hi) / self._mass
+        from_lower = (self._mass - (cdf - self._cdf_lo)) / self._mass
+        return torch.where(sf <= cdf, from_upper, from_lower).clamp(0.0, 1.0)
+
+    def log_density(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """log p(λ) = log f(λ) − log Z inside the window, −inf outside."""
+        lam = torch.as_tensor(logsnr)
+        if not lam.is_floating_point():
+            lam = lam.to(torch.get_default_dtype())
+        inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
+        lam_in = torch.where(inside, lam, torch.full_like(lam, 0.5 * (self.logsnr_min + self.logsnr_max)))
+        log_p = self._log_pdf(lam_in) - self._log_mass
+        return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
+
+    def density(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """p(λ), the truncated density; it integrates to 1 over [logsnr_min, logsnr_max]."""
+        return self.log_density(logsnr).exp()
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """n draws λ ~ p(λ) by inverse transform: λ(t), t ~ U(0, 1)."""
+        if device is None and generator is not None:
+            device = generator.device
+        t = torch.rand(n, generator=generator, device=device, dtype=dtype)
+        return self.logsnr(t)
+
+    def __repr__(self) -> str:
+        args = {**self.params(), "logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}
+        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+
+    # --- base distribution (subclasses) ---------------------------------------------------------
+    def _cdf(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sf(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _icdf(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _isf(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_pdf(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
