@@ -1,0 +1,54 @@
+"""Denoiser registry: named factories (the CLI's choices) and `build_model` from a data shape.
+
+Every model is called as model(x, logsnr, y=None) and returns a tensor shaped like x.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from adaptive_sched.errors import UsageError
+from adaptive_sched.models.embedding import LogSNREmbedding
+from adaptive_sched.models.mlp import MLPDenoiser
+from adaptive_sched.models.unet import UNet
+
+__all__ = ["MODELS", "names", "build_model", "count_parameters", "LogSNREmbedding", "MLPDenoiser", "UNet"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet}
+
+# Constructor arguments each model takes from the per-example data shape (not user-settable).
+_SHAPE_ARGS: dict[str, Callable[[tuple[int, ...]], dict]] = {
+    "mlp": lambda shape: {"dim": shape[0]},
+    "unet": lambda shape: {"in_channels": shape[0], "image_size": (shape[1], shape[2])},
+}
+_SHAPE_NDIM = {"mlp": 1, "unet": 3}
+
+
+def names() -> list[str]:
+    """Registered model names, plus "auto" (unet for (C, H, W) data, mlp otherwise)."""
+    return [*MODELS, "auto"]
+
+
+def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **kwargs) -> nn.Module:
+    """Build model `name` for per-example shape (D,) or (C, H, W); kwargs go to its constructor."""
+    data_shape = tuple(int(s) for s in data_shape)
+    if name == "auto":
+        name = "unet" if len(data_shape) == 3 else "mlp"
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    if len(data_shape) != _SHAPE_NDIM[name]:
+        want = "(D,)" if _SHAPE_NDIM[name] == 1 else "(C, H, W)"
+        raise UsageError(f"model {name!r} needs data of shape {want}, got {data_shape}; try model 'auto'")
+    shape_args = _SHAPE_ARGS[name](data_shape)
+    valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in shape_args and p != "num_classes"]
+    for key in kwargs:
+        if key not in valid:
+            raise UsageError(f"unknown option {key!r} for model {name!r}; valid options: {', '.join(valid)}")
+    return MODELS[name](**shape_args, num_classes=num_classes, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,191 @@
+"""Tests for adaptive_sched.models: a contract suite over the registry plus per-net checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_sched.errors import UsageError
+from adaptive_sched.models import MODELS, MLPDenoiser, UNet, build_model, count_parameters, names
+from adaptive_sched.models.unet import group_count
+
+# A small configuration of every registered model: (data_shape, constructor kwargs).
+SMALL = {
+    "mlp": ((16,), dict(hidden=32, depth=2, emb_dim=32)),
+    "unet": ((1, 8, 8), dict(channels=(8, 16), emb_dim=32, groups=8)),
+}
+
+
+def unzero(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the zero-initialised output layer random weights so the output depends on the input."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.out.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def small(name: str, num_classes: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """Seeded small model `name` and a matching input batch of 3 examples."""
+    shape, kwargs = SMALL[name]
+    torch.manual_seed(0)
+    model = unzero(build_model(name, shape, num_classes=num_classes, **kwargs))
+    return model, torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def test_every_model_has_a_small_config():
+    assert set(SMALL) == set(MODELS)
+    assert names() == [*MODELS, "auto"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_output_starts_at_zero(name):
+    shape, kwargs = SMALL[name]
+    model = build_model(name, shape, **kwargs)
+    x = torch.randn(2, *shape)
+    assert torch.equal(model(x, torch.zeros(2)), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_output_depends_on_logsnr(name):
+    model, x = small(name)
+    a, b = model(x, torch.full((3,), -2.0)), model(x, torch.full((3,), 3.0))
+    assert a.shape == x.shape
+    assert (a - b).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_scalar_logsnr_broadcasts(name):
+    model, x = small(name)
+    torch.testing.assert_close(model(x, torch.tensor(1.5)), model(x, torch.full((3,), 1.5)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_class_conditioning(name):
+    model, x = small(name, num_classes=4)
+    lam = torch.zeros(3)
+    null = torch.full((3,), 4, dtype=torch.long)
+    torch.testing.assert_close(model(x, lam), model(x, lam, null))
+    a, b = model(x, lam, torch.tensor([0, 1, 2])), model(x, lam, torch.tensor([3, 3, 3]))
+    assert ((a - b).flatten(1).abs().amax(dim=1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_labels_without_classes_raise(name):
+    model, x = small(name)
+    with pytest.raises(UsageError, match="num_classes"):
+        model(x, torch.zeros(3), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finite_at_extreme_logsnr(name):
+    model, x = small(name)
+    inf = float("inf")
+    for lam in (20.0, -20.0, 1e4, -1e4, inf, -inf):
+        assert torch.isfinite(model(x, torch.full((3,), lam))).all(), lam
+    # clamped to [-30, 30]: beyond it λ makes no difference
+    torch.testing.assert_close(model(x, torch.full((3,), 30.0)), model(x, torch.full((3,), inf)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradients_reach_every_parameter(name):
+    model, x = small(name, num_classes=4)
+    model(x, torch.randn(3) * 5, torch.tensor([0, 1, 4])).square().sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead
+
+
+@pytest.mark.parametrize("dim", [2, 16])
+def test_mlp_shapes(dim):
+    model = unzero(MLPDenoiser(dim, hidden=32, depth=2, emb_dim=32))
+    x = torch.randn(5, dim)
+    assert model(x, torch.zeros(5)).shape == x.shape
+    with pytest.raises(UsageError, match="expects x"):
+        model(torch.randn(5, dim + 1), torch.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((1, 8, 8), dict(channels=(8, 16, 16), emb_dim=32, groups=8)),
+        ((1, 28, 28), dict(channels=(32, 64), emb_dim=32)),
+        ((3, 32, 32), dict(channels=(16, 32, 32), emb_dim=32, attention_levels=(2,))),
+        ((1, 64, 64), dict(channels=(8, 16, 16, 16), blocks_per_level=1, emb_dim=32, groups=8)),
+        ((2, 16, 24), dict(channels=(8, 16), emb_dim=32, attention_levels=(0, 1))),
+    ],
+)
+def test_unet_shapes(shape, kwargs):
+    model = unzero(build_model("unet", shape, **kwargs))
+    x = torch.randn(2, *shape)
+    assert model(x, torch.zeros(2)).shape == x.shape
+
+
+def test_unet_bad_size_raises():
+    with pytest.raises(UsageError, match="--pad or --resize"):
+        build_model("unet", (1, 30, 30))  # 30 → 15 → 7.5 with 3 levels
+    build_model("unet", (1, 28, 28), channels=(8, 16, 16), groups=8)  # 28 → 14 → 7 is fine
+    model = UNet(1, 8, channels=(8, 16), groups=8)
+    with pytest.raises(UsageError, match="--pad or --resize"):
+        model(torch.randn(1, 1, 9, 8), torch.zeros(1))
+
+
+def test_unet_bad_attention_level_raises():
+    with pytest.raises(UsageError, match="attention_levels"):
+        UNet(1, 8, channels=(8, 16), attention_levels=(2,))
+
+
+def test_group_count_divides_every_channel():
+    assert group_count(32, (64, 128, 128)) == 32
+    assert group_count(32, (24, 48)) == 24
+    assert group_count(32, (20, 30)) == 10
+    assert group_count(8, (7, 14)) == 7
+
+
+def test_default_unet_parameter_count():
+    # Defaults (64, 128, 128) x 2 blocks, emb 256, mirrored up path: 5,411,073 parameters.
+    # (The brief estimated ~4M; see the module report. (48, 96, 128) gives 4,340,129.)
+    assert count_parameters(build_model("auto", (1, 32, 32))) == 5_411_073
+
+
+def test_unet_channels_last_and_bf16_autocast():
+    model = unzero(UNet(3, 16, channels=(16, 32), emb_dim=32, attention_levels=(1,)))
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x, torch.ones(2))
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.to(memory_format=torch.channels_last), torch.ones(2))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x.to(memory_format=torch.channels_last), torch.ones(2))
+    assert low.shape == x.shape and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-2
+
+
+def test_build_model_auto_and_errors():
+    assert isinstance(build_model("auto", (2,), hidden=16, depth=1), MLPDenoiser)
+    assert isinstance(build_model("auto", (1, 8, 8), channels=(8,), groups=8), UNet)
+    with pytest.raises(UsageError, match="unknown model 'resnet'.*mlp, unet, auto"):
+        build_model("resnet", (2,))
+    with pytest.raises(UsageError, match="unknown option 'widht'.*hidden"):
+        build_model("mlp", (2,), widht=3)
+    with pytest.raises(UsageError, match="unknown option 'dim'"):
+        build_model("mlp", (2,), dim=3)  # taken from data_shape
+    with pytest.raises(UsageError, match=r"needs data of shape \(C, H, W\)"):
+        build_model("unet", (16,))
+
+
+def test_mlp_overfits_a_fixed_mapping():
+    gen = torch.Generator().manual_seed(0)
+    x, lam = torch.randn(64, 2, generator=gen), 10 * torch.rand(64, generator=gen) - 5
+    target = torch.stack([torch.sin(2 * x[:, 0]) * torch.tanh(lam), x[:, 0] * x[:, 1]], dim=1)  # (64, 2)
+    torch.manual_seed(0)
+    model = MLPDenoiser(2, hidden=64, depth=2, emb_dim=32)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        loss = (model(x, lam) - target).square().mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = (model(x, lam) - target).square().mean().item()
+    assert final < first / 10, (first, final)
