@@ -1,0 +1,70 @@
+"""Atomic checkpoint files that load without running code (torch.load(weights_only=True))."""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from adaptive_sched.errors import UsageError
+
+STATE_NAME = "checkpoint.pt"          # full training state, for resume
+PREVIOUS_NAME = "checkpoint.prev.pt"  # the one before it, the fallback if the latest is damaged
+EMA_NAME = "ema.pt"                   # small EMA snapshot + config, for sampling and export
+
+
+def atomic_save(obj: dict, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by adaptive_sched; anything else raises UsageError and runs no code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path} is not a readable adaptive_sched checkpoint ({first[:160]})") from None
+    if not isinstance(obj, dict) or "kind" not in obj:
+        raise UsageError(f"{path} is not an adaptive_sched checkpoint (no 'kind' entry)")
+    return obj
+
+
+def save_training_state(run_dir: str | Path, state: dict) -> None:
+    """Write the full training state, keeping the previous one as the fallback."""
+    run_dir = Path(run_dir)
+    latest = run_dir / STATE_NAME
+    if latest.exists():
+        os.replace(latest, run_dir / PREVIOUS_NAME)
+    atomic_save({"kind": "training_state", **state}, latest)
+
+
+def load_training_state(run_dir: str | Path, map_location="cpu") -> dict | None:
+    """The latest readable training state in `run_dir` (falling back to the previous one), or None."""
+    run_dir = Path(run_dir)
+    for name in (STATE_NAME, PREVIOUS_NAME):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            return load(path, map_location)
+        except UsageError as err:
+            warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
+    return None

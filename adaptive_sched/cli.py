@@ -1,0 +1,148 @@
+"""The `adaptive-sched` command: train, sample, schedules, compare. Bad input exits 2 with one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from adaptive_sched import config as cfg
+from adaptive_sched.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train (and compare's overrides): each overrides the TOML file when given."""
+    p.add_argument("--config", help="TOML file with [data], [schedule], [weighting], [model], [train], [eval]")
+    p.add_argument("--data", help="dataset: gmm, checkerboard, swissroll, digits, mnist5k, fashion-mnist, "
+                                  "npz:PATH, folder:PATH, cifar10:PATH")
+    p.add_argument("--data-dir", help="folder holding dataset files (also $ADAPTIVE_SCHED_DATA)")
+    p.add_argument("--schedule", help="training schedule (see `adaptive-sched schedules`)")
+    p.add_argument("--schedule-param", action="append", metavar="K=V", help="schedule parameter, repeatable")
+    p.add_argument("--target", help="prediction target: eps, x0, v, flow")
+    p.add_argument("--weighting", help="loss weighting (default: schedule)")
+    p.add_argument("--weighting-param", action="append", metavar="K=V", help="weighting parameter, repeatable")
+    p.add_argument("--model", help="denoiser: auto, mlp, unet")
+    p.add_argument("--model-param", action="append", metavar="K=V", help="model option, repeatable")
+    p.add_argument("--optimizer", help="adamw (default), adam, sgd, or a torch-optimizer name (lamb, ...)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--log-every", type=int)
+
+
+def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
+    """Defaults, then the TOML file, then the CLI flags that were given."""
+    config = cfg.load_toml(args.config) if args.config else cfg.RunConfig()
+    overlay: dict[str, dict] = {}
+
+    def put(section: str, key: str, value) -> None:
+        if value is not None:
+            overlay.setdefault(section, {})[key] = value
+
+    put("data", "name", args.data)
+    put("data", "data_dir", args.data_dir)
+    put("schedule", "name", args.schedule)
+    put("weighting", "name", args.weighting)
+    put("model", "name", args.model)
+    for section, pairs, flag in (("schedule", args.schedule_param, "--schedule-param"),
+                                 ("weighting", args.weighting_param, "--weighting-param"),
+                                 ("model", args.model_param, "--model-param")):
+        for key, value in cfg.parse_assignments(pairs, flag).items():
+            put(section, key, value)
+    for key in ("steps", "batch_size", "lr", "seed", "device", "checkpoint_every", "log_every", "optimizer", "target"):
+        put("train", key, getattr(args, key))
+    put("eval", "every", args.eval_every)
+    return cfg.from_dict(overlay, config)
+
+
+def cmd_train(args) -> int:
+    from adaptive_sched.train import train
+    config = resolve_config(args)
+    if not args.out:
+        raise UsageError("train needs --out DIR (the run directory)")
+    final = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse") if k in final}
+    print("done: " + ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from adaptive_sched.sample_run import sample_run
+    path = sample_run(args.run_dir, args.n, args.out, sampler=args.sampler, steps=args.sample_steps, grid=args.grid,
+                      seed=args.seed, device=args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_schedules(args) -> int:
+    from adaptive_sched import schedules
+    for name, doc, params in schedules.describe():
+        shown = ", ".join(f"{k}" if v is schedules.inspect.Parameter.empty else f"{k}={v}" for k, v in params.items())
+        print(f"{name:13s} {shown}\n{'':13s} {doc}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from adaptive_sched.compare import compare
+    compare(args.config_file, args.out, progress=not args.quiet)
+    return 0
+
+
+def make_parser() -> Parser:
+    parser = Parser(prog="adaptive-sched", description="Noise schedules for diffusion training over logSNR.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a denoiser with one schedule")
+    add_run_options(p)
+    p.add_argument("--out", help="run directory (metrics.csv, config.toml, checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample from a trained run (EMA weights)")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True, help="FILE.npz or FILE.png")
+    p.add_argument("--sampler", help="ddim, euler, heun, dpmpp-2m (default: the run's [eval] sampler)")
+    p.add_argument("--sample-steps", type=int, help="number of sampler steps (default: the run's)")
+    p.add_argument("--grid", help="schedule whose λ(t) spaces the sampling grid (default: the run's, cosine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("schedules", help="list the schedules with their parameters and defaults")
+    p.set_defaults(func=cmd_schedules)
+
+    p = sub.add_parser("compare", help="train a grid of schedules x seeds from a TOML file; tables and plots")
+    p.add_argument("config_file", metavar="CONFIG.toml")
+    p.add_argument("--out", required=True, help="output directory (resumable: finished runs are skipped)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

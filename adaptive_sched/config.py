@@ -1,0 +1,229 @@
+"""Run configuration: one typed dataclass per component, TOML files that override defaults, a TOML writer.
+
+TOML layout (every section optional):
+    [data]      name, data_dir, pad, resize, n, dim, seed
+    [schedule]  name, logsnr_min, logsnr_max, and the schedule's own parameters (e.g. b = 0.5)
+    [weighting] name, and the weighting's own parameters (e.g. gamma = 5)
+    [model]     name, and the model's own parameters (e.g. channels = [32, 64])
+    [train]     steps, batch_size, lr, ...  (see TrainConfig)
+    [eval]      every, n, ...               (see EvalConfig)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptive_sched.errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    """Which data, where from, and how images are shaped (0 means "the loader's default")."""
+
+    name: str = "gmm"
+    data_dir: str = ""
+    pad: int = 0
+    resize: int = 0
+    n: int = 0
+    dim: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    """The training schedule: a registered name, its window and its own parameters."""
+
+    name: str = "cosine"
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class WeightingConfig:
+    """The loss weighting (default: the schedule sets it; see adaptive_sched.weighting)."""
+
+    name: str = "schedule"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser: 'auto' picks the U-Net for images and the MLP for vectors."""
+
+    name: str = "auto"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: one step counter drives LR warmup, EMA, per-step seeds and data order."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    optimizer: str = "adamw"
+    target: str = "eps"
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation: held-out ε-MSE on a fixed λ grid (the same for every schedule), and sampling."""
+
+    every: int = 500
+    n: int = 1000
+    logsnr_points: int = 21
+    logsnr_lo: float = -10.0
+    logsnr_hi: float = 10.0
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    grid: str = "cosine"
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; written resolved into the run directory as config.toml."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        """A plain nested dict; component params are flattened into their section."""
+        out = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            params = section.pop("params", {})
+            out[f.name] = {**section, **params}
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+OPEN_SECTIONS = ("schedule", "weighting", "model")   # extra keys are the component's own parameters
+
+
+def _section_class(name: str):
+    return {"data": DataConfig, "schedule": ScheduleConfig, "weighting": WeightingConfig, "model": ModelConfig,
+            "train": TrainConfig, "eval": EvalConfig}[name]
+
+
+def suggest(key: str, valid: list[str]) -> str:
+    """' (did you mean X?)' for the closest valid key, or ''."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(section: str, key: str, value, default):
+    """Check a TOML value against the type of its default, converting int → float where natural."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise UsageError(f"[{section}] {key} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict, base: RunConfig | None = None) -> RunConfig:
+    """Overlay a nested dict (e.g. parsed TOML) on `base`; unknown sections/keys raise UsageError with a suggestion."""
+    config = base or RunConfig()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise UsageError(f"unknown config section [{section}]{suggest(section, list(SECTIONS))}; "
+                             f"valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"[{section}] must be a table of keys")
+        current = getattr(config, section)
+        fixed = {f.name: f for f in dataclasses.fields(current) if f.name != "params"}
+        updates, params = {}, dict(getattr(current, "params", {}))
+        if section in OPEN_SECTIONS and "name" in values and values["name"] != current.name:
+            params = {}                      # parameters of a different component do not carry over
+        for key, value in values.items():
+            if key in fixed:
+                updates[key] = _coerce(section, key, value, getattr(current, key))
+            elif section in OPEN_SECTIONS:
+                params[key] = value
+            else:
+                raise UsageError(f"unknown key {key!r} in [{section}]{suggest(key, list(fixed))}; "
+                                 f"valid keys: {', '.join(fixed)}")
+        if section in OPEN_SECTIONS:
+            updates["params"] = params
+        setattr(config, section, dataclasses.replace(current, **updates))
+    return config
+
+
+def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a TOML config file over `base` (defaults when None)."""
+    return from_dict(read_toml(path), base)
+
+
+def read_toml(path: str | Path) -> dict:
+    """Parse a TOML file into a dict; a missing or malformed file raises UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if value == value and abs(value) != float("inf") else ("nan" if value != value else
+                                                                                   ("inf" if value > 0 else "-inf"))
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps_toml(data: dict) -> str:
+    """Write a dict of sections (dicts of scalars, lists and inline tables) as TOML."""
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_assignments(pairs: list[str] | None, flag: str) -> dict:
+    """Parse ["k=v", ...] from the CLI; values are read as TOML literals when they parse, else as strings."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out[key.strip()] = value
+    return out

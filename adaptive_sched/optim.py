@@ -1,0 +1,72 @@
+"""Optimizers by name (torch's own, or any torch-optimizer name), LR warmup and the EMA of weights."""
+from __future__ import annotations
+
+import torch
+
+from adaptive_sched.errors import UsageError
+
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, device_type: str = "cpu"):
+    """AdamW (fused on CUDA), Adam, SGD, or any torch-optimizer optimizer by name (lamb, adabelief, ...)."""
+    key = name.lower()
+    if key in TORCH_OPTIMIZERS:
+        kwargs = {"lr": lr, "weight_decay": weight_decay}
+        if key in ("adamw", "adam") and device_type == "cuda":
+            kwargs["fused"] = True
+        if key == "sgd":
+            kwargs["momentum"] = 0.9
+        return TORCH_OPTIMIZERS[key](params, **kwargs)
+    try:
+        import torch_optimizer
+    except ImportError:
+        raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(TORCH_OPTIMIZERS)}, or install "
+                         f"torch-optimizer (pip install torch-optimizer) for lamb, adabelief, radam, ...") from None
+    try:
+        factory = torch_optimizer.get(key)
+    except ValueError:
+        valid = sorted(set(TORCH_OPTIMIZERS) | set(getattr(torch_optimizer, "_NAME_OPTIM_MAP", {})))
+        raise UsageError(f"unknown optimizer {name!r}; choose one of: {', '.join(valid)}") from None
+    return factory(params, lr=lr, weight_decay=weight_decay)
+
+
+def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
+    """Linear warmup: lr(step) = base_lr · min(1, (step + 1)/warmup)."""
+    return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)
+
+
+class EMA:
+    """Exponential moving average of parameters, θ_ema ← θ_ema + (1 − d)(θ − θ_ema), with d ramped up early.
+
+    The decay at step k is min(decay, (1 + k)/(10 + k)), so early averages are not dominated by the init.
+    Updated with torch._foreach_lerp_ (one fused launch per dtype/device, no host sync).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().clone() for p in model.parameters()]
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - decay)
+        for mine, theirs in zip(self.buffers, model.buffers()):
+            mine.copy_(theirs)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for target, value in zip(model.parameters(), self.params):
+            target.copy_(value)
+        for target, value in zip(model.buffers(), self.buffers):
+            target.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "params": self.params, "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.params, state["params"]):
+            mine.copy_(saved)
+        for mine, saved in zip(self.buffers, state["buffers"]):
+            mine.copy_(saved)

@@ -1,0 +1,50 @@
+"""PNG pictures of samples (image grids, 2-D scatters); matplotlib is imported only here, when used."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_samples_png(x: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Images (N, C, H, W) in [-1, 1] as a square grid; vectors (N, 2) as a scatter; other vectors as histograms."""
+    plt = _pyplot()
+    x = x.detach().float().cpu()
+    path = Path(path)
+    if x.ndim == 4:
+        n, c, h, w = x.shape
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
+        imgs = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()     # (N, H, W, C) in [0, 1]
+        for i in range(n):
+            r, k = divmod(i, cols)
+            grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = imgs[i]
+        fig, ax = plt.subplots(figsize=(max(3, cols * w / 16), max(3, rows * h / 16)))
+        ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.axis("off")
+    elif x.ndim == 2 and x.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.5)
+        ax.set_aspect("equal")
+    else:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.hist(x.reshape(len(x), -1)[:, :4].numpy(), bins=60, histtype="step", label=[f"dim {i}" for i in range(
+            min(4, x.reshape(len(x), -1).shape[1]))])
+        ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,59 @@
+"""Append-only CSV logs of a run (metrics.csv, eval_profile.csv), whole lines only, truncatable on resume."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "eval_eps_mse", "eval_excess_mse"]
+PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class CsvLog:
+    """A CSV file with fixed columns; each row is written with one write() call and flushed."""
+
+    def __init__(self, path: str | Path, columns: list[str]):
+        self.path, self.columns = Path(path), columns
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._rewrite([])
+
+    def append(self, row: dict) -> None:
+        """Append one row (missing columns left blank)."""
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow([_format(row.get(c)) for c in self.columns])
+        with self.path.open("a", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+
+    def rows(self) -> list[dict]:
+        """All complete rows as dicts of strings (a torn last line, if any, is dropped)."""
+        text = self.path.read_text()
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines = lines[:-1]
+        reader = csv.DictReader(lines)
+        return [row for row in reader if len(row) == len(self.columns) and None not in row.values()]
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows with step <= `step` (used when resuming from a checkpoint at `step`)."""
+        self._rewrite([r for r in self.rows() if int(r["step"]) <= step])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.columns)
+            for row in rows:
+                writer.writerow([row.get(c, "") for c in self.columns])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)

@@ -1,0 +1,234 @@
+"""The training loop: any schedule, target and weighting; one step counter drives LR, EMA, seeds and data order.
+
+Phases: build (data, schedule, loss, model, optimizer) → open the run directory (fresh or resumed) →
+loop (no host sync except at log/eval/checkpoint steps) → final snapshot.
+Resume is "the same command again with --resume": every random draw at step k comes from a generator
+seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptive_sched import checkpoint, config as cfg, data as datasets, schedules, weighting
+from adaptive_sched.errors import UsageError
+from adaptive_sched.evaluate import eval_grid, loss_profile, summarize
+from adaptive_sched.generate import autocast_for
+from adaptive_sched.losses import DiffusionLoss
+from adaptive_sched.models import build_model, count_parameters
+from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
+from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
+
+# config keys that may change between a run and its resumption
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
+                     ("train", "device")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when present, else CPU; an unavailable CUDA request is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for every random draw of step `step`: seeded by (seed, step) only."""
+    return torch.Generator(device).manual_seed((seed << 32) + step)
+
+
+def load_data(data_config: cfg.DataConfig, split: str) -> datasets.Dataset:
+    """Load a split as configured (0/'' mean the loader's defaults)."""
+    d = data_config
+    return datasets.load(d.name, split, data_dir=d.data_dir or None, pad=d.pad, resize=d.resize or None,
+                         n=d.n or None, dim=d.dim or None, seed=d.seed)
+
+
+def build_schedule(schedule_config: cfg.ScheduleConfig):
+    """The training schedule from its config."""
+    s = schedule_config
+    return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **s.params)
+
+
+def validate(config: cfg.RunConfig, n_train: int) -> None:
+    """Refuse impossible settings before any work is done."""
+    t = config.train
+    if t.steps <= 0:
+        raise UsageError(f"steps must be > 0, got {t.steps}")
+    if not 0 < t.batch_size <= n_train:
+        raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {t.batch_size}")
+    if t.lr <= 0 or t.log_every <= 0 or t.checkpoint_every <= 0 or config.eval.every <= 0:
+        raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")
+    if not 0 <= t.ema_decay < 1:
+        raise UsageError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+@dataclass
+class Run:
+    """The built objects of one training run."""
+
+    config: cfg.RunConfig
+    device: torch.device
+    train_data: datasets.Dataset
+    eval_data: datasets.Dataset
+    loss: DiffusionLoss
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+
+
+def build(config: cfg.RunConfig) -> Run:
+    """Phase 1: data, schedule, loss, model, optimizer and EMA, all on the run's device."""
+    device = resolve_device(config.train.device)
+    train_data = load_data(config.data, "train")
+    validate(config, len(train_data))
+    eval_data = load_data(config.data, "test")
+    n_eval = min(config.eval.n, len(eval_data))
+    eval_data = datasets.Dataset(eval_data.name, eval_data.x[:n_eval],
+                                 None if eval_data.y is None else eval_data.y[:n_eval], eval_data.num_classes,
+                                 eval_data.oracle)
+    schedule = build_schedule(config.schedule)
+    loss = DiffusionLoss(schedule, config.train.target, weighting.build(config.weighting.name, **config.weighting.params))
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model.name, train_data.shape, **config.model.params).to(device)
+    optimizer = build_optimizer(config.train.optimizer, model.parameters(), config.train.lr,
+                                config.train.weight_decay, device.type)
+    return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
+               EMA(model, config.train.ema_decay))
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES."""
+    for section in sorted(set(saved) | set(current)):
+        keys = set(saved.get(section, {})) | set(current.get(section, {}))
+        for key in sorted(keys):
+            if (section, key) in RESUMABLE_CHANGES:
+                continue
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if old != new:
+                raise UsageError(f"cannot resume: [{section}] {key} was {old!r} in the saved run, now {new!r}; "
+                                 f"use the same settings or another --out")
+
+
+def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | None]:
+    """Phase 2: create or reopen the run directory; return (start step, saved training state or None)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = checkpoint.load_training_state(out_dir) if (out_dir / checkpoint.STATE_NAME).exists() or \
+        (out_dir / checkpoint.PREVIOUS_NAME).exists() else None
+    if state is not None and not resume:
+        raise UsageError(f"{out_dir} already holds a run (checkpoint at step {state['step']}); "
+                         f"pass --resume to continue it, or choose another --out")
+    current = run.config.to_dict()
+    if state is not None:
+        check_resumable(state["config"], current)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng_cpu"])
+        if run.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+    (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
+    start = 0 if state is None else int(state["step"])
+    for name, columns in (("metrics.csv", METRIC_COLUMNS), ("eval_profile.csv", PROFILE_COLUMNS)):
+        CsvLog(out_dir / name, columns).truncate_after(start)
+    return start, state
+
+
+def ema_model(run: Run) -> torch.nn.Module:
+    """A copy of the model holding the EMA weights (for eval, sampling and the snapshot)."""
+    model = copy.deepcopy(run.model)
+    run.ema.copy_to(model)
+    return model.eval()
+
+
+def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
+    """Write the training state (atomically, keeping the previous one) and the EMA snapshot."""
+    state = {"step": step, "config": run.config.to_dict(), "model": run.model.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(), "running": running.cpu(),
+             "rng_cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    checkpoint.save_training_state(out_dir, state)
+    snapshot = {"kind": "ema", "step": step, "config": run.config.to_dict(), "model": ema_model(run).state_dict(),
+                "data_shape": list(run.train_data.shape)}
+    checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
+
+
+def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
+    """Held-out ε-MSE on the fixed λ grid with the EMA weights; appends to eval_profile.csv."""
+    e = run.config.eval
+    profile = loss_profile(ema_model(run), run.config.train.target, run.eval_data.x, None,
+                           eval_grid(e.logsnr_lo, e.logsnr_hi, e.logsnr_points), oracle=run.eval_data.oracle)
+    log = CsvLog(out_dir / "eval_profile.csv", PROFILE_COLUMNS)
+    for k, lam in enumerate(profile["logsnr"].tolist()):
+        log.append({"step": step, "logsnr": lam, "eps_mse": float(profile["eps_mse"][k]),
+                    "oracle_eps_mse": float(profile["oracle_eps_mse"][k]) if "oracle_eps_mse" in profile else None})
+    return summarize(profile)
+
+
+def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics)."""
+    out_dir = Path(out_dir)
+    run = build(config)
+    start, state = open_run_dir(run, out_dir, resume)
+    t = config.train
+    metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS)
+    running = torch.zeros(2, device=run.device) if state is None else state["running"].to(run.device)
+    if start >= t.steps:
+        rows = metrics.rows()
+        return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=f"{config.schedule.name} seed {t.seed}")
+    n_train, last_row = len(run.train_data), {}
+    tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
+    run.model.train()
+    for step in range(start, t.steps):
+        gen = step_generator(t.seed, step, run.device)
+        idx = torch.randint(n_train, (t.batch_size,), generator=gen, device=run.device)
+        lr = warmup_lr(t.lr, step, t.warmup)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast_for(run.device):
+            loss = run.loss.terms(run.model, run.train_data.x[idx], None, gen).loss.mean()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        run.optimizer.step()
+        run.ema.update(run.model, step)
+        running += torch.stack([loss.detach().float(), torch.ones((), device=run.device)])
+        done = step + 1
+        bar.update(1)
+        is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps
+        if is_log or is_eval:
+            total, count = running.tolist()            # the one host sync per log interval
+            now = time.perf_counter()
+            row = {"step": done, "loss": total / max(count, 1.0), "lr": lr, "elapsed_s": round(now - began, 3),
+                   "img_s": round((done - tick_step) * t.batch_size / max(now - tick, 1e-9), 1)}
+            if is_eval:
+                row.update(evaluate(run, out_dir, done))
+                run.model.train()
+            if row["loss"] != row["loss"] or row["loss"] in (float("inf"), float("-inf")):
+                raise UsageError(f"training diverged: non-finite loss at step {done}; lower --lr or check the data")
+            metrics.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.0f}")
+            running.zero_()
+            tick, tick_step, last_row = time.perf_counter(), done, row
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            save(run, out_dir, done, running)
+    bar.close()
+    return last_row
+
+
+def model_summary(run: Run) -> str:
+    """One line naming the model and its size."""
+    return f"{type(run.model).__name__} with {count_parameters(run.model):,} parameters on {run.device}"
