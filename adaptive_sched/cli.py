@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
-    shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse") if k in final}
+    shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd") if k in final}
     print("done: " + ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     return 0
 

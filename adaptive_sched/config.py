@@ -79,13 +79,16 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation: held-out ε-MSE on a fixed λ grid (the same for every schedule), and sampling."""
+    """Periodic evaluation: held-out ε-MSE on a fixed λ grid (the same for every schedule), and sample quality."""
 
     every: int = 500
     n: int = 1000
     logsnr_points: int = 21
     logsnr_lo: float = -10.0
     logsnr_hi: float = 10.0
+    sample_n: int = 1000          # samples drawn at each eval for eval_swd (0: skip)
+    sample_logsnr_min: float = -10.0  # sampling window; EDM samples σ in [0.002, 80], i.e. λ in [−8.8, 12.4]
+    sample_logsnr_max: float = 12.0
     sampler: str = "ddim"
     sample_steps: int = 50
     grid: str = "cosine"
@@ -184,9 +187,19 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+        return read_toml_text(path.read_text())
+    except UnicodeDecodeError as err:
+        raise UsageError(f"config file {path} is not text: {err}") from None
+    except UsageError as err:
+        raise UsageError(f"config file {path}: {err}") from None
+
+
+def read_toml_text(text: str) -> dict:
+    """Parse TOML text; malformed text raises UsageError."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"not valid TOML: {err}") from None
 
 
 def _toml_value(value) -> str:

@@ -49,6 +49,20 @@ def loss_profile(model, target: str, x0: torch.Tensor, y: torch.Tensor | None, g
     return out
 
 
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-1: mean over random unit directions θ of W1(θᵀa, θᵀb) (1-D W1 by sorted quantiles).
+
+    a (N, ...) and b (M, ...) are flattened; the larger set is cut to the smaller size.
+    """
+    n = min(len(a), len(b))
+    a, b = a[:n].reshape(n, -1).double().cpu(), b[:n].reshape(n, -1).double().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(a.shape[1], projections, generator=gen, dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)                       # (D, P) unit directions
+    pa, pb = (a @ theta).sort(dim=0).values, (b @ theta).sort(dim=0).values  # (n, P)
+    return float((pa - pb).abs().mean())
+
+
 def summarize(profile: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar metrics from a loss profile: eval_eps_mse, and eval_excess_mse when an oracle was used."""
     out = {"eval_eps_mse": float(profile["eps_mse"].mean())}

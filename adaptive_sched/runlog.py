@@ -6,7 +6,7 @@ import io
 import os
 from pathlib import Path
 
-METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "eval_eps_mse", "eval_excess_mse"]
+METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "eval_eps_mse", "eval_excess_mse", "eval_swd"]
 PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
 
 

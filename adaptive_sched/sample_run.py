@@ -41,7 +41,7 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     sampler = sampler or config.eval.sampler
     steps = steps or config.eval.sample_steps
     grid_name = grid or config.eval.grid
-    lam_grid = sampling_grid(grid_name, steps, config.schedule.logsnr_min, config.schedule.logsnr_max)
+    lam_grid = sampling_grid(grid_name, steps, config.eval.sample_logsnr_min, config.eval.sample_logsnr_max)
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev)
     if out.suffix == ".npz":
         tmp = out.with_name(out.stem + ".tmp.npz")

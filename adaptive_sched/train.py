@@ -16,8 +16,8 @@ import torch
 
 from adaptive_sched import checkpoint, config as cfg, data as datasets, schedules, weighting
 from adaptive_sched.errors import UsageError
-from adaptive_sched.evaluate import eval_grid, loss_profile, summarize
-from adaptive_sched.generate import autocast_for
+from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
+from adaptive_sched.generate import autocast_for, generate, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, count_parameters
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
@@ -162,15 +162,23 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
 
 
 def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
-    """Held-out ε-MSE on the fixed λ grid with the EMA weights; appends to eval_profile.csv."""
+    """Held-out ε-MSE on the fixed λ grid, and sliced Wasserstein distance of samples to held-out data (EMA)."""
     e = run.config.eval
-    profile = loss_profile(ema_model(run), run.config.train.target, run.eval_data.x, None,
+    model = ema_model(run)
+    profile = loss_profile(model, run.config.train.target, run.eval_data.x, None,
                            eval_grid(e.logsnr_lo, e.logsnr_hi, e.logsnr_points), oracle=run.eval_data.oracle)
     log = CsvLog(out_dir / "eval_profile.csv", PROFILE_COLUMNS)
     for k, lam in enumerate(profile["logsnr"].tolist()):
         log.append({"step": step, "logsnr": lam, "eps_mse": float(profile["eps_mse"][k]),
                     "oracle_eps_mse": float(profile["oracle_eps_mse"][k]) if "oracle_eps_mse" in profile else None})
-    return summarize(profile)
+    metrics = summarize(profile)
+    if e.sample_n > 0:
+        grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
+        n = min(e.sample_n, len(run.eval_data))
+        x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
+                     device=run.device)
+        metrics["eval_swd"] = sliced_wasserstein(x, run.eval_data.x[:n])
+    return metrics
 
 
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:

@@ -1,0 +1,69 @@
+"""Plots of a comparison: metric against step with 95% CI bands, schedule densities p(λ), per-λ loss."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adaptive_sched.plots import _pyplot
+
+
+def metric_curves(aggregates, metric: str, path: Path) -> None:
+    """Mean metric against step per schedule, shaded ± the 95% CI over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, group in aggregates.groupby("label", sort=False):
+        group = group.sort_values("step")
+        ax.plot(group["step"], group["mean"], label=label, marker="o", ms=3)
+        ax.fill_between(group["step"], group["mean"] - group["ci95"], group["mean"] + group["ci95"], alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def densities(entries: list[dict], base, path: Path) -> None:
+    """p(λ) of every compared schedule on the run's window."""
+    from adaptive_sched.compare import run_config, run_label
+    from adaptive_sched.train import build_schedule
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lo, hi = base.schedule.logsnr_min, base.schedule.logsnr_max
+    lam = torch.linspace(lo, hi, 801, dtype=torch.float64)
+    for entry in entries:
+        sched = build_schedule(run_config(base, entry, 0).schedule)
+        ax.plot(lam.numpy(), sched.density(lam).numpy(), label=run_label(entry))
+    ax.set_xlabel("logSNR λ")
+    ax.set_ylabel("p(λ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_profiles(profiles, path: Path) -> None:
+    """Held-out ε-MSE against λ at the final eval, mean over seeds (and the exact denoiser's, when known)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    last = profiles[profiles["step"] == profiles.groupby("label")["step"].transform("max")]
+    oracle_drawn = False
+    for label, group in last.groupby("label", sort=False):
+        mean = group.groupby("logsnr")["eps_mse"].mean()
+        ax.plot(mean.index, mean.values, label=label, marker=".")
+        if not oracle_drawn and group["oracle_eps_mse"].notna().any():
+            exact = group.groupby("logsnr")["oracle_eps_mse"].mean()
+            ax.plot(exact.index, exact.values, "k--", label="exact denoiser")
+            oracle_drawn = True
+    ax.set_xlabel("logSNR λ")
+    ax.set_ylabel("held-out ε-MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
