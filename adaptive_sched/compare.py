@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 from adaptive_sched import config as cfg
@@ -30,6 +31,12 @@ def run_label(entry: dict) -> str:
         return str(entry["label"])
     inner = ",".join(f"{k}={v}" for k, v in params.items())
     return f"{entry['name']}({inner})" if inner else entry["name"]
+
+
+def run_dir_of(out: Path, entry: dict, seed: int) -> Path:
+    """DIR/runs/<slug>/seed<k>, the slug being the label with shell-unfriendly characters replaced."""
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_label(entry)).strip("_")
+    return out / "runs" / slug / f"seed{seed}"
 
 
 def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
@@ -88,7 +95,7 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True) -> 
     (out / "compare.toml").write_text(Path(config_file).read_text())
     jobs = [(entry, seed) for entry in entries for seed in seeds]
     for i, (entry, seed) in enumerate(jobs, 1):
-        run_dir = out / "runs" / run_label(entry) / f"seed{seed}"
+        run_dir = run_dir_of(out, entry, seed)
         if is_finished(run_dir, base.train.steps):
             print(f"[{i}/{len(jobs)}] {run_label(entry)} seed {seed}: finished, skipped")
             continue
@@ -103,7 +110,7 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
     frames, profiles = [], []
     for entry in entries:
         for seed in seeds:
-            run_dir = out / "runs" / run_label(entry) / f"seed{seed}"
+            run_dir = run_dir_of(out, entry, seed)
             if not (run_dir / "metrics.csv").exists():
                 continue
             params = json.dumps({k: v for k, v in entry.items() if k not in ("name", "label")}, sort_keys=True)
