@@ -24,6 +24,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding dataset files (also $ADAPTIVE_SCHED_DATA)")
     p.add_argument("--schedule", help="training schedule (see `adaptive-sched schedules`)")
     p.add_argument("--schedule-param", action="append", metavar="K=V", help="schedule parameter, repeatable")
+    p.add_argument("--schedule-objective", help="learned schedules: variance (default) or cvdm")
     p.add_argument("--target", help="prediction target: eps, x0, v, flow")
     p.add_argument("--weighting", help="loss weighting (default: schedule)")
     p.add_argument("--weighting-param", action="append", metavar="K=V", help="weighting parameter, repeatable")
@@ -53,6 +54,7 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     put("data", "data_dir", args.data_dir)
     put("schedule", "name", args.schedule)
     put("weighting", "name", args.weighting)
+    put("learned", "objective", args.schedule_objective)
     put("model", "name", args.model)
     for section, pairs, flag in (("schedule", args.schedule_param, "--schedule-param"),
                                  ("weighting", args.weighting_param, "--weighting-param"),
@@ -98,6 +100,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from adaptive_sched.export import export
+    path = export(args.run_dir, args.out, points=args.points, fmt=args.format, discrete_steps=args.alphas_cumprod)
+    print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> Parser:
     parser = Parser(prog="adaptive-sched", description="Noise schedules for diffusion training over logSNR.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -119,6 +128,15 @@ def make_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's (learned) schedule as a table: t, logsnr, density, alpha, sigma")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json provenance) or FILE.json")
+    p.add_argument("--points", type=int, default=1001, help="number of t points, endpoints included")
+    p.add_argument("--format", choices=["csv", "json"], help="default: from the file suffix")
+    p.add_argument("--alphas-cumprod", type=int, metavar="K", help="also write diffusers-style alphas_cumprod "
+                                                                   "for K discrete steps into the JSON")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("schedules", help="list the schedules with their parameters and defaults")
     p.set_defaults(func=cmd_schedules)

@@ -54,17 +54,19 @@ def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
     seeds = section.get("seeds", [0])
     entries = section.get("schedules", [])
     metric = section.get("metric", "eval_eps_mse")
-    if not entries or not all(isinstance(e, dict) and "name" in e for e in entries):
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "name" in e for e in entries):
         raise UsageError("[compare] schedules must be a non-empty list of tables, each with a name")
-    if not seeds or not all(isinstance(s, int) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
-    if metric not in METRIC_COLUMNS:
-        raise UsageError(f"[compare] metric {metric!r} is not a logged column; choose one of: "
-                         f"{', '.join(METRIC_COLUMNS[1:])}")
+    eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
+    if metric not in eval_metrics:
+        raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
+                         f"{', '.join(eval_metrics)}")
     from adaptive_sched.train import build_schedule
-    labels = [run_label(e) for e in entries]
-    if len(set(labels)) != len(labels):
-        raise UsageError("[compare] two schedules share a label; give one a distinct `label`")
+    dirs = [run_dir_of(Path("."), e, 0) for e in entries]
+    if len(set(dirs)) != len(dirs):
+        raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
     for entry in entries:
         build_schedule(run_config(base, entry, seeds[0]).schedule)     # refuse bad parameters before any run
     return base, entries, seeds, metric
@@ -73,8 +75,9 @@ def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     """The config of one run: the base with this schedule and seed."""
     schedule = {k: v for k, v in entry.items() if k != "label"}
-    config = cfg.from_dict({"schedule": schedule, "train": {"seed": seed}}, copy.deepcopy(base))
-    return config
+    config = copy.deepcopy(base)
+    config.schedule.params = {}          # an entry names all of its schedule's parameters
+    return cfg.from_dict({"schedule": schedule, "train": {"seed": seed}}, config)
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:

@@ -4,6 +4,7 @@ TOML layout (every section optional):
     [data]      name, data_dir, pad, resize, n, dim, seed
     [schedule]  name, logsnr_min, logsnr_max, and the schedule's own parameters (e.g. b = 0.5)
     [weighting] name, and the weighting's own parameters (e.g. gamma = 5)
+    [learned]   objective, lr, weight_decay, freeze_steps, weight_like, smoothness (learned schedules only)
     [model]     name, and the model's own parameters (e.g. channels = [32, 64])
     [train]     steps, batch_size, lr, ...  (see TrainConfig)
     [eval]      every, n, ...               (see EvalConfig)
@@ -40,6 +41,18 @@ class ScheduleConfig:
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
     params: dict = field(default_factory=dict)
+
+
+@dataclass
+class LearnedConfig:
+    """How a learned schedule trains (used only when [schedule] name = "learned")."""
+
+    objective: str = "variance"     # variance | cvdm (see adaptive_sched.losses)
+    lr: float = 1e-3                # the schedule's own parameter group
+    weight_decay: float = 0.0
+    freeze_steps: int = 0           # the schedule stays at its init for this many steps
+    weight_like: str = "laplace"    # `schedule` weighting with the variance objective = this schedule's weighting
+    smoothness: float = 0.0         # cvdm: weight of E[(d²λ/dt²)²]/(λ_max − λ_min)²
 
 
 @dataclass
@@ -101,6 +114,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    learned: LearnedConfig = field(default_factory=LearnedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -120,7 +134,8 @@ OPEN_SECTIONS = ("schedule", "weighting", "model")   # extra keys are the compon
 
 
 def _section_class(name: str):
-    return {"data": DataConfig, "schedule": ScheduleConfig, "weighting": WeightingConfig, "model": ModelConfig,
+    return {"data": DataConfig, "schedule": ScheduleConfig, "weighting": WeightingConfig,
+            "learned": LearnedConfig, "model": ModelConfig,
             "train": TrainConfig, "eval": EvalConfig}[name]
 
 

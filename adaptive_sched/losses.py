@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptive_sched.schedules.base import uniform_t
 from adaptive_sched.diffusion import add_noise, check_target, log_target_weight, target_value
 from adaptive_sched.weighting import Weighting, schedule_weighting
 
@@ -27,27 +28,65 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
 
 
-class DiffusionLoss:
-    """λ-sampling (the schedule), prediction target and weighting, combined into one loss."""
+OBJECTIVES = ("variance", "cvdm")
 
-    def __init__(self, schedule, target: str = "eps", weighting: Weighting | None = None):
+
+class DiffusionLoss:
+    """λ-sampling (the schedule), prediction target and weighting, combined into one loss.
+
+    With a learned schedule, λ = λ_φ(t) for t ~ U(0, 1) and log p(λ) = −log|dλ/dt| come from the schedule
+    network with gradients, and `objective` says what φ minimises:
+      variance: E[f²] with f = w(λ)/p_φ(λ)·ℓ(λ), the second moment (so the variance) of the per-example loss
+                estimator, whose mean ∫ w ℓ dλ does not depend on φ (VDM; Kingma et al. 2021, App. I.2).
+                One backward pass: hooks on λ and log p multiply the gradient reaching φ by 2f.
+      cvdm:     the training loss itself, E_t[c(λ_φ(t))·ℓ], with a relative weighting (CVDM-style), plus
+                `smoothness`·E[(d²λ/dt²)²]/(λ_max − λ_min)²; the endpoints are pinned exactly by construction.
+    """
+
+    def __init__(self, schedule, target: str = "eps", weighting: Weighting | None = None,
+                 objective: str = "variance", smoothness: float = 0.0):
+        from adaptive_sched.errors import UsageError
+        from adaptive_sched.schedules import is_learned
         self.schedule = schedule
         self.target = check_target(target)
         self.weighting = weighting or schedule_weighting()
+        self.learned = is_learned(schedule)
+        if objective not in OBJECTIVES:
+            raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        self.objective, self.smoothness = objective, smoothness
+        if self.learned and objective == "variance" and self.weighting.relative:
+            raise UsageError(f"the variance objective needs an absolute weighting (like, sigmoid, elbo), not "
+                             f"{self.weighting.name!r}: with a relative one the objective itself would move with "
+                             f"the schedule")
 
     def terms(self, model, x0: torch.Tensor, y: torch.Tensor | None = None,
               generator: torch.Generator | None = None, logsnr: torch.Tensor | None = None) -> LossTerms:
         """Draw λ and ε (from `generator`), run the model once, return the per-example loss terms."""
         n = x0.shape[0]
-        if logsnr is None:
+        log_density, slope, t = getattr(self.schedule, "log_density", None), None, None
+        if logsnr is None and self.learned:
+            t = uniform_t(n, generator, x0.device)
+            logsnr, slope = self.schedule.logsnr_and_slope(t)                          # (N,), (N,) with grad to φ
+            logsnr, slope = logsnr.float(), slope.float()
+            log_p = -torch.log(-slope)
+            log_density = lambda lam: log_p                                            # noqa: E731
+        elif logsnr is None:
             logsnr = self.schedule.sample(n, generator=generator, device=x0.device)      # (N,)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = add_noise(x0, eps, logsnr)
         pred = model(x_t, logsnr, y)
         mse = per_example_mse(pred, target_value(x0, eps, logsnr, self.target))           # (N,)
-        log_factor = self.weighting.log_multiplier(logsnr, getattr(self.schedule, "log_density", None), self.target)
+        log_factor = self.weighting.log_multiplier(logsnr, log_density, self.target)
         eps_mse = mse * torch.exp(-log_target_weight(logsnr, self.target))
-        return LossTerms(loss=mse * torch.exp(log_factor), logsnr=logsnr, eps_mse=eps_mse)
+        loss = mse * torch.exp(log_factor)
+        if slope is not None and logsnr.requires_grad and self.objective == "variance":
+            factor = 2 * loss.detach()                       # ∇φ E[f²] = E[2f ∇φ f], in the same backward pass
+            logsnr.register_hook(lambda grad: grad * factor)
+            log_p.register_hook(lambda grad: grad * factor)
+        elif slope is not None and logsnr.requires_grad and self.smoothness > 0:
+            curvature = self.schedule.curvature(t) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
+            loss = loss + self.smoothness * curvature.square()
+        return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse)
 
     def __call__(self, model, x0, y=None, generator=None) -> torch.Tensor:
         """The mean training loss over the batch."""

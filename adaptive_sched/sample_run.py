@@ -32,6 +32,8 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
                grid: str | None = None, seed: int = 0, device: str = "auto") -> Path:
     """Draw n samples and write them to `out` (.npz with x and the sampler settings, or a .png picture)."""
     out = Path(out)
+    if not 0 <= seed < 2 ** 63:
+        raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
     if out.suffix not in (".npz", ".png"):
         raise UsageError(f"--out must end in .npz or .png, got {out.name}")
     if not out.parent.exists():
@@ -39,7 +41,7 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     dev = resolve_device(device)
     config, model, snap = load_snapshot(run_dir, dev)
     sampler = sampler or config.eval.sampler
-    steps = steps or config.eval.sample_steps
+    steps = config.eval.sample_steps if steps is None else steps
     grid_name = grid or config.eval.grid
     lam_grid = sampling_grid(grid_name, steps, config.eval.sample_logsnr_min, config.eval.sample_logsnr_max)
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev)

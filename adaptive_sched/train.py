@@ -8,13 +8,14 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, data as datasets, schedules, weighting
+from adaptive_sched import checkpoint, config as cfg, data as datasets, samplers, schedules, weighting
 from adaptive_sched.errors import UsageError
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import autocast_for, generate, sampling_grid
@@ -59,7 +60,17 @@ def build_schedule(schedule_config: cfg.ScheduleConfig):
 
 def validate(config: cfg.RunConfig, n_train: int) -> None:
     """Refuse impossible settings before any work is done."""
-    t = config.train
+    t, e = config.train, config.eval
+    for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0 <= t.seed < 2 ** 31:
+        raise UsageError(f"seed must be in 0..2^31-1, got {t.seed}")
+    if e.n < 1 or e.sample_n < 0 or e.logsnr_points < 1 or e.sample_steps < 1:
+        raise UsageError("[eval] n and logsnr_points must be >= 1, sample_n >= 0, sample_steps >= 1")
+    if e.sampler not in samplers.names():
+        raise UsageError(f"unknown sampler {e.sampler!r}; choose one of: {', '.join(samplers.names())}")
+    sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)   # refuse a bad grid now
     if t.steps <= 0:
         raise UsageError(f"steps must be > 0, got {t.steps}")
     if not 0 < t.batch_size <= n_train:
@@ -95,13 +106,37 @@ def build(config: cfg.RunConfig) -> Run:
                                  None if eval_data.y is None else eval_data.y[:n_eval], eval_data.num_classes,
                                  eval_data.oracle)
     schedule = build_schedule(config.schedule)
-    loss = DiffusionLoss(schedule, config.train.target, weighting.build(config.weighting.name, **config.weighting.params))
+    loss = DiffusionLoss(schedule, config.train.target, build_weighting(config, schedules.is_learned(schedule)),
+                         config.learned.objective, config.learned.smoothness)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, train_data.shape, **config.model.params).to(device)
-    optimizer = build_optimizer(config.train.optimizer, model.parameters(), config.train.lr,
-                                config.train.weight_decay, device.type)
+    groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]
+    if schedules.is_learned(schedule):
+        schedule.to(device)
+        groups.append({"params": list(schedule.parameters()), "weight_decay": config.learned.weight_decay})
+    optimizer = build_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay,
+                                device.type)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
                EMA(model, config.train.ema_decay))
+
+
+def build_weighting(config: cfg.RunConfig, learned: bool):
+    """The configured weighting; with a learned schedule and the variance objective, `schedule` means
+    the effective weighting of [learned] weight_like (default laplace) for this target."""
+    w = config.weighting
+    if learned and w.name == "schedule" and config.learned.objective == "variance":
+        return weighting.build("like", schedule=config.learned.weight_like, target=config.train.target)
+    return weighting.build(w.name, **w.params)
+
+
+def set_learning_rates(run: Run, step: int) -> float:
+    """Warmup for the denoiser's group; the schedule's group is frozen for its first freeze_steps."""
+    lr = warmup_lr(run.config.train.lr, step, run.config.train.warmup)
+    run.optimizer.param_groups[0]["lr"] = lr
+    if len(run.optimizer.param_groups) > 1:
+        learned = run.config.learned
+        run.optimizer.param_groups[1]["lr"] = 0.0 if step < learned.freeze_steps else learned.lr
+    return lr
 
 
 def check_resumable(saved: dict, current: dict) -> None:
@@ -119,6 +154,8 @@ def check_resumable(saved: dict, current: dict) -> None:
 
 def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | None]:
     """Phase 2: create or reopen the run directory; return (start step, saved training state or None)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a run directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.load_training_state(out_dir) if (out_dir / checkpoint.STATE_NAME).exists() or \
         (out_dir / checkpoint.PREVIOUS_NAME).exists() else None
@@ -131,6 +168,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.ema.load_state_dict(state["ema"])
+        if "schedule" in state:
+            run.loss.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng_cpu"])
         if run.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -138,6 +177,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     start = 0 if state is None else int(state["step"])
     for name, columns in (("metrics.csv", METRIC_COLUMNS), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
+    if (out_dir / "schedule_density.csv").exists():
+        header = (out_dir / "schedule_density.csv").read_text().splitlines()[0].split(",")
+        CsvLog(out_dir / "schedule_density.csv", header).truncate_after(start)
     return start, state
 
 
@@ -155,9 +197,14 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
              "rng_cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
+    learned = schedules.is_learned(run.loss.schedule)
+    if learned:
+        state["schedule"] = run.loss.schedule.state_dict()
     checkpoint.save_training_state(out_dir, state)
     snapshot = {"kind": "ema", "step": step, "config": run.config.to_dict(), "model": ema_model(run).state_dict(),
                 "data_shape": list(run.train_data.shape)}
+    if learned:
+        snapshot["schedule"] = run.loss.schedule.state_dict()
     checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
 
 
@@ -172,6 +219,7 @@ def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
         log.append({"step": step, "logsnr": lam, "eps_mse": float(profile["eps_mse"][k]),
                     "oracle_eps_mse": float(profile["oracle_eps_mse"][k]) if "oracle_eps_mse" in profile else None})
     metrics = summarize(profile)
+    log_schedule_density(run, out_dir, step)
     if e.sample_n > 0:
         grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
         n = min(e.sample_n, len(run.eval_data))
@@ -181,9 +229,23 @@ def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
     return metrics
 
 
+def log_schedule_density(run: Run, out_dir: Path, step: int, points: int = 81) -> None:
+    """Append p(λ) of the training schedule on a fixed λ grid to schedule_density.csv (one row per eval)."""
+    s = run.config.schedule
+    grid = torch.linspace(s.logsnr_min, s.logsnr_max, points, dtype=torch.float64)
+    with torch.no_grad():
+        density = run.loss.schedule.density(grid.to(run.device)).cpu()
+    path = out_dir / "schedule_density.csv"
+    columns = ["step"] + [f"{v:.4g}" for v in grid.tolist()]
+    log = CsvLog(path, columns)
+    log.append({"step": step, **{c: float(d) for c, d in zip(columns[1:], density.tolist())}})
+
+
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a run directory")
     run = build(config)
     start, state = open_run_dir(run, out_dir, resume)
     t = config.train
@@ -202,15 +264,13 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     for step in range(start, t.steps):
         gen = step_generator(t.seed, step, run.device)
         idx = torch.randint(n_train, (t.batch_size,), generator=gen, device=run.device)
-        lr = warmup_lr(t.lr, step, t.warmup)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rates(run, step)
         with autocast_for(run.device):
             loss = run.loss.terms(run.model, run.train_data.x[idx], None, gen).loss.mean()
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+            torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
         run.optimizer.step()
         run.ema.update(run.model, step)
         running += torch.stack([loss.detach().float(), torch.ones((), device=run.device)])

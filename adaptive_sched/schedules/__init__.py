@@ -13,10 +13,12 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule
 from adaptive_sched.schedules.fixed import (EDM, Cauchy, Cosine, Flow, Laplace, Linear, Logistic, LogitNormal,
                                             Normal, Uniform)
+from adaptive_sched.schedules.learned import LearnedSchedule
 from adaptive_sched.schedules.table import Table, read_table, write_table
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    cls.name: cls for cls in (Cosine, Laplace, Cauchy, Normal, EDM, LogitNormal, Logistic, Flow, Linear, Uniform, Table)
+    cls.name: cls for cls in (Cosine, Laplace, Cauchy, Normal, EDM, LogitNormal, Logistic, Flow, Linear, Uniform, Table,
+                                       LearnedSchedule)
 }
 
 
@@ -53,6 +55,11 @@ def build(name: str, **params) -> Schedule:
     return factory(**params)
 
 
+def is_learned(schedule) -> bool:
+    """True for schedules with trainable parameters (they expose logsnr_and_slope)."""
+    return hasattr(schedule, "logsnr_and_slope")
+
+
 def describe() -> list[tuple[str, str, dict]]:
     """(name, one-line description, parameters with defaults) for every registered schedule."""
     rows = []
@@ -63,4 +70,4 @@ def describe() -> list[tuple[str, str, dict]]:
 
 
 __all__ = ["Schedule", "SCHEDULES", "build", "names", "parameters", "describe", "lookup", "Table", "read_table",
-           "write_table", "DEFAULT_LOGSNR_MIN", "DEFAULT_LOGSNR_MAX"]
+           "write_table", "LearnedSchedule", "is_learned", "DEFAULT_LOGSNR_MIN", "DEFAULT_LOGSNR_MAX"]

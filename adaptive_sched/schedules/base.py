@@ -40,6 +40,17 @@ def check_finite(name: str, value: float) -> float:
     return value
 
 
+def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """n draws t ~ U(0, 1) at the midpoints of 2^24 equal bins, in float64: never exactly 0 or 1.
+
+    (torch.rand gives exactly 0 once in 2^24 draws, where λ(0) = logsnr_max and an absolute
+    weighting's w/p can overflow.)
+    """
+    bins = 1 << 24
+    k = torch.randint(bins, (n,), generator=generator, device=device, dtype=torch.int64)
+    return (k.to(torch.float64) + 0.5) / bins
+
+
 class Schedule:
     """A fixed noise schedule: a base distribution over λ, truncated exactly to [logsnr_min, logsnr_max].
 
@@ -133,8 +144,7 @@ class Schedule:
         """n draws λ ~ p(λ) by inverse transform: λ(t), t ~ U(0, 1)."""
         if device is None and generator is not None:
             device = generator.device
-        t = torch.rand(n, generator=generator, device=device, dtype=dtype)
-        return self.logsnr(t)
+        return self.logsnr(uniform_t(n, generator, device)).to(dtype)
 
     def __repr__(self) -> str:
         args = {**self.params(), "logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}

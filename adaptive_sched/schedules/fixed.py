@@ -92,11 +92,11 @@ class Normal(Schedule):
     def params(self) -> dict:
         return {"mean": self.mean, "std": self.std}
 
-    def _cdf(self, x):
-        return torch.special.ndtr((x - self.mean) / self.std)
+    def _cdf(self, x):  # Φ(z) = ½ erfc(−z/√2), accurate deep in the lower tail (ndtr underflows early)
+        return 0.5 * torch.special.erfc((self.mean - x) / (self.std * math.sqrt(2)))
 
     def _sf(self, x):
-        return torch.special.ndtr((self.mean - x) / self.std)
+        return 0.5 * torch.special.erfc((x - self.mean) / (self.std * math.sqrt(2)))
 
     def _icdf(self, u):
         return self.mean + self.std * torch.special.ndtri(u)

@@ -76,8 +76,11 @@ class Table(Schedule):
                  *, t: np.ndarray | None = None, logsnr: np.ndarray | None = None):
         if path is None and t is None:
             raise UsageError("table needs path=FILE.csv (columns t,logsnr)")
+        if path is not None and not isinstance(path, (str, Path)):
+            raise UsageError(f"table path must be a file name, got {path!r}")
         self.path = None if path is None else str(path)
         t_np, lam_np = read_table(path) if path is not None else validate_table(t, logsnr)
+        self._cache: dict = {}
         self._t = torch.from_numpy(t_np)                 # (M,) increasing
         self._lam = torch.from_numpy(lam_np)             # (M,) decreasing
         self._lam_up, self._t_down = self._lam.flip(0).contiguous(), self._t.flip(0).contiguous()
@@ -89,33 +92,43 @@ class Table(Schedule):
     def params(self) -> dict:
         return {"path": self.path} if self.path is not None else {"points": len(self._t)}
 
+    def _grid(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A table column on `like`'s device and dtype, copied there once (no copy per training step)."""
+        key = (name, like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
     def _sf(self, x):  # natural t(λ): mass above λ
-        return interp(x, self._lam_up, self._t_down)
+        return interp(x, self._grid("_lam_up", x), self._grid("_t_down", x))
 
     def _cdf(self, x):
         return 1 - self._sf(x)
 
     def _isf(self, s):
-        return interp(s, self._t, self._lam)
+        return interp(s, self._grid("_t", s), self._grid("_lam", s))
 
     def _icdf(self, u):
         return self._isf(1 - u)
 
     def _log_pdf(self, x):  # log (t_{i+1} − t_i)/(λ_i − λ_{i+1}) on the segment holding λ
-        lam_up = self._lam_up.to(device=x.device, dtype=x.dtype)
-        t_down = self._t_down.to(device=x.device, dtype=x.dtype)
+        lam_up, t_down = self._grid("_lam_up", x), self._grid("_t_down", x)
         idx = torch.searchsorted(lam_up, x.contiguous(), right=True).clamp(1, len(lam_up) - 1)
         slope = (t_down[idx - 1] - t_down[idx]) / (lam_up[idx] - lam_up[idx - 1])
         return torch.log(slope)
 
 
-def write_table(path: str | Path, t: np.ndarray, logsnr: np.ndarray, extra: dict | None = None) -> None:
-    """Write a table CSV with columns t, logsnr, density, alpha, sigma (+extra), atomically."""
+def write_table(path: str | Path, t: np.ndarray, logsnr: np.ndarray, density: np.ndarray | None = None,
+                extra: dict | None = None) -> None:
+    """Write a table CSV with columns t, logsnr, density, alpha, sigma (+extra), atomically.
+
+    `density` defaults to the piecewise-constant density of the table itself.
+    """
     t, logsnr = validate_table(t, logsnr)
-    table = Table(t=t, logsnr=logsnr)
     lam = torch.from_numpy(logsnr)
-    columns = {"t": t, "logsnr": logsnr,
-               "density": table.density(lam).numpy(),
+    if density is None:
+        density = Table(t=t, logsnr=logsnr).density(lam).numpy()
+    columns = {"t": t, "logsnr": logsnr, "density": np.asarray(density, dtype=np.float64),
                "alpha": torch.sigmoid(lam).sqrt().numpy(), "sigma": torch.sigmoid(-lam).sqrt().numpy()}
     columns.update(extra or {})
     path = Path(path)
