@@ -161,7 +161,7 @@ def report(out: Path, entries: list[dict], seeds: list[int], metric: str, base: 
         raise UsageError(f"metric {metric!r} was never logged by these runs")
     aggregates.to_csv(out / "aggregates.csv", index=False)
     compare_plots.metric_curves(aggregates[aggregates["metric"] == metric], metric, out / "metric_vs_step.png")
-    compare_plots.densities(entries, base, out / "densities.png")
+    compare_plots.densities(entries, base, out / "densities.png", out, seeds[0])
     compare_plots.loss_profiles(profiles, out / "loss_profile.png")
     write_results_md(out, aggregates, metric, base, data_floor(base))
     return out

@@ -26,17 +26,25 @@ def metric_curves(aggregates, metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def densities(entries: list[dict], base, path: Path) -> None:
-    """p(λ) of every compared schedule on the run's window."""
-    from adaptive_sched.compare import run_config, run_label
+def densities(entries: list[dict], base, path: Path, out: Path | None = None, seed: int = 0) -> None:
+    """p(λ) of every compared schedule on the run's window; a learned one as trained (seed `seed`'s run)."""
+    from adaptive_sched.compare import run_config, run_dir_of, run_label
+    from adaptive_sched.export import load_run_schedule
     from adaptive_sched.train import build_schedule
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     lo, hi = base.schedule.logsnr_min, base.schedule.logsnr_max
     lam = torch.linspace(lo, hi, 801, dtype=torch.float64)
     for entry in entries:
-        sched = build_schedule(run_config(base, entry, 0).schedule)
-        ax.plot(lam.numpy(), sched.density(lam).numpy(), label=run_label(entry))
+        label = run_label(entry)
+        run_dir = None if out is None else run_dir_of(out, entry, seed)
+        if entry["name"] == "learned" and run_dir is not None and (run_dir / "ema.pt").exists():
+            sched = load_run_schedule(run_dir)[1]
+            label += f" (trained, seed {seed})"
+        else:
+            sched = build_schedule(run_config(base, entry, seed).schedule)
+        with torch.no_grad():
+            ax.plot(lam.numpy(), sched.density(lam).numpy(), label=label)
     ax.set_xlabel("logSNR λ")
     ax.set_ylabel("p(λ)")
     ax.grid(alpha=0.3)

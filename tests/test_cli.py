@@ -54,6 +54,12 @@ def test_train_then_sample_npz_and_png(tmp_path):
     (["train", *FAST, "--config", "/no/such.toml", "--out", "X"], "config file not found"),
     (["sample", "/no/such/run", "--out", "x.npz"], "no EMA snapshot"),
     (["train", "--stepz", "3"], "unrecognized arguments"),
+    (["train", *FAST, "--seed", "4294967296", "--out", "X"], "seed must be"),
+    (["train", *FAST, "--schedule", "table", "--schedule-param", "path=1", "--out", "X"], "table path"),
+    (["train", *FAST, "--schedule", "learned", "--schedule-objective", "varianse", "--out", "X"],
+     "unknown schedule objective"),
+    (["train", *FAST, "--schedule", "learned", "--weighting", "min-snr", "--out", "X"], "absolute weighting"),
+    (["export", "/no/such/run", "--out", "x.csv"], "no EMA snapshot"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = cli(*args, cwd=tmp_path)
@@ -61,6 +67,34 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_out_that_is_a_file_and_bad_eval_settings(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = cli("train", *FAST, "--out", str(tmp_path / "file"))
+    assert result.returncode == 2 and "is a file" in result.stderr
+    config = tmp_path / "c.toml"
+    for body, message in (("[eval]\nn = 0\n", "[eval] n"), ('[eval]\nsampler = "dim"\n', "unknown sampler")):
+        config.write_text(body)
+        result = cli("train", *FAST, "--config", str(config), "--out", str(tmp_path / "r"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("compare_section,message", [
+    ('metric = "loss"\nschedules = [{ name = "cosine" }]', "not an eval metric"),
+    ('seeds = 3\nschedules = [{ name = "cosine" }]', "seeds must be"),
+    ('schedules = 5', "schedules must be"),
+    ('schedules = [{ name = "laplace", b = 0.5 }, { name = "laplace", label = "laplace(b=0.5)" }]', "share a label"),
+    ('schedules = [{ name = "laplace", b = -1.0 }]', "b must be > 0"),
+    ('schedulez = []', "did you mean 'schedules'"),
+])
+def test_compare_refuses_bad_configs_before_training(tmp_path, compare_section, message):
+    config = tmp_path / "cmp.toml"
+    config.write_text("[compare]\n" + compare_section + "\n")
+    result = cli("compare", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
 
 
 def test_sample_refuses_a_file_that_is_not_a_checkpoint(tmp_path):

@@ -217,3 +217,22 @@ def test_describe_lists_every_schedule_with_defaults():
     assert rows["laplace"]["b"] == 0.5 and rows["cosine"]["shift"] == 0.0 and rows["edm"]["p_mean"] == -1.2
     assert {"cosine", "laplace", "cauchy", "normal", "edm", "logit_normal", "logistic", "flow", "linear",
             "uniform", "table"} <= set(rows)
+
+
+def test_deep_tail_windows_keep_their_mass():
+    """A window far in a tail is still a valid schedule (the normal CDF is evaluated with erfc)."""
+    sched = schedules.build("normal", mean=0.0, std=1.0, logsnr_min=9.0, logsnr_max=20.0)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    law = st.norm()
+    ref = law.isf(law.sf(20.0) + t.numpy() * (law.sf(9.0) - law.sf(20.0)))   # survival form: no cancellation
+    np.testing.assert_allclose(sched.logsnr(t).numpy(), ref, rtol=1e-7)
+    edm = schedules.build("edm")
+    assert edm.t_of(torch.tensor(16.0)).item() == pytest.approx(
+        st.norm(2.4, 2.4).sf(16.0) / (st.norm(2.4, 2.4).cdf(20) - st.norm(2.4, 2.4).cdf(-20)), rel=1e-3)
+
+
+def test_training_draws_never_hit_the_ends():
+    from adaptive_sched.schedules.base import uniform_t
+    t = uniform_t(1 << 20, torch.Generator().manual_seed(0))
+    assert t.min().item() > 0 and t.max().item() < 1
+    assert t.min().item() >= 2 ** -25 and t.max().item() <= 1 - 2 ** -25
