@@ -21,6 +21,7 @@ class LossTerms:
     loss: torch.Tensor        # c(λ)·ℓ_ε(λ): the training loss of each example
     logsnr: torch.Tensor      # λ drawn for each example
     eps_mse: torch.Tensor     # ℓ_ε(λ) = mean over dimensions of (ε̂ − ε)², unweighted
+    extra: torch.Tensor | float = 0.0   # a scalar added to the batch mean (the schedule's own loss)
 
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
 
 
-OBJECTIVES = ("variance", "cvdm")
+OBJECTIVES = ("variance", "adaptive", "cvdm")
 
 
 class DiffusionLoss:
@@ -39,6 +40,8 @@ class DiffusionLoss:
       variance: E[f²] with f = w(λ)/p_φ(λ)·ℓ(λ), the second moment (so the variance) of the per-example loss
                 estimator, whose mean ∫ w ℓ dλ does not depend on φ (VDM; Kingma et al. 2021, App. I.2).
                 One backward pass: hooks on λ and log p multiply the gradient reaching φ by 2f.
+      adaptive: Kingma & Gao (2023): keep an EMA of w·ℓ per λ bin and fit λ_φ(t) to the inverse CDF of the
+                density ∝ that EMA (adaptive_sched.adaptive); the denoiser's loss uses p_φ with no gradient.
       cvdm:     the training loss itself, E_t[c(λ_φ(t))·ℓ], with a relative weighting (CVDM-style), plus
                 `smoothness`·E[(d²λ/dt²)²]/(λ_max − λ_min)²; the endpoints are pinned exactly by construction.
     """
@@ -54,8 +57,12 @@ class DiffusionLoss:
         if objective not in OBJECTIVES:
             raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         self.objective, self.smoothness = objective, smoothness
-        if self.learned and objective == "variance" and self.weighting.relative:
-            raise UsageError(f"the variance objective needs an absolute weighting (like, sigmoid, elbo), not "
+        self.histogram = None
+        if self.learned and objective == "adaptive":
+            from adaptive_sched.adaptive import LossHistogram
+            self.histogram = LossHistogram(schedule.logsnr_min, schedule.logsnr_max, floor=schedule.floor)
+        if self.learned and objective in ("variance", "adaptive") and self.weighting.relative:
+            raise UsageError(f"the {objective} objective needs an absolute weighting (like, sigmoid, elbo), not "
                              f"{self.weighting.name!r}: with a relative one the objective itself would move with "
                              f"the schedule")
 
@@ -68,6 +75,8 @@ class DiffusionLoss:
             t = uniform_t(n, generator, x0.device)
             logsnr, slope = self.schedule.logsnr_and_slope(t)                          # (N,), (N,) with grad to φ
             logsnr, slope = logsnr.float(), slope.float()
+            if self.objective == "adaptive":
+                logsnr, slope = logsnr.detach(), slope.detach()
             log_p = -torch.log(-slope)
             log_density = lambda lam: log_p                                            # noqa: E731
         elif logsnr is None:
@@ -86,7 +95,12 @@ class DiffusionLoss:
         elif slope is not None and logsnr.requires_grad and self.smoothness > 0:
             curvature = self.schedule.curvature(t) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
             loss = loss + self.smoothness * curvature.square()
-        return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse)
+        extra = 0.0
+        if self.histogram is not None and slope is not None and torch.is_grad_enabled():
+            from adaptive_sched.adaptive import fit_loss
+            self.histogram.update(logsnr, loss.detach() / (-slope))          # w·ℓ = f·p with p = 1/|dλ/dt|
+            extra = fit_loss(self.schedule, self.histogram)
+        return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse, extra=extra)
 
     def __call__(self, model, x0, y=None, generator=None) -> torch.Tensor:
         """The mean training loss over the batch."""

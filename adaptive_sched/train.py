@@ -113,6 +113,8 @@ def build(config: cfg.RunConfig) -> Run:
     groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]
     if schedules.is_learned(schedule):
         schedule.to(device)
+        if loss.histogram is not None:
+            loss.histogram.to(device)
         groups.append({"params": list(schedule.parameters()), "weight_decay": config.learned.weight_decay})
     optimizer = build_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay,
                                 device.type)
@@ -124,7 +126,7 @@ def build_weighting(config: cfg.RunConfig, learned: bool):
     """The configured weighting; with a learned schedule and the variance objective, `schedule` means
     the effective weighting of [learned] weight_like (default laplace) for this target."""
     w = config.weighting
-    if learned and w.name == "schedule" and config.learned.objective == "variance":
+    if learned and w.name == "schedule" and config.learned.objective in ("variance", "adaptive"):
         return weighting.build("like", schedule=config.learned.weight_like, target=config.train.target)
     return weighting.build(w.name, **w.params)
 
@@ -170,6 +172,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         run.ema.load_state_dict(state["ema"])
         if "schedule" in state:
             run.loss.schedule.load_state_dict(state["schedule"])
+        if "histogram" in state and run.loss.histogram is not None:
+            run.loss.histogram.load_state_dict(state["histogram"])
         torch.set_rng_state(state["rng_cpu"])
         if run.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -200,6 +204,8 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     learned = schedules.is_learned(run.loss.schedule)
     if learned:
         state["schedule"] = run.loss.schedule.state_dict()
+    if run.loss.histogram is not None:
+        state["histogram"] = run.loss.histogram.state_dict()
     checkpoint.save_training_state(out_dir, state)
     snapshot = {"kind": "ema", "step": step, "config": run.config.to_dict(), "model": ema_model(run).state_dict(),
                 "data_shape": list(run.train_data.shape)}
@@ -266,14 +272,15 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         idx = torch.randint(n_train, (t.batch_size,), generator=gen, device=run.device)
         lr = set_learning_rates(run, step)
         with autocast_for(run.device):
-            loss = run.loss.terms(run.model, run.train_data.x[idx], None, gen).loss.mean()
+            terms = run.loss.terms(run.model, run.train_data.x[idx], None, gen)
+            loss = terms.loss.mean() + terms.extra
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
         run.optimizer.step()
         run.ema.update(run.model, step)
-        running += torch.stack([loss.detach().float(), torch.ones((), device=run.device)])
+        running += torch.stack([terms.loss.mean().detach().float(), torch.ones((), device=run.device)])
         done = step + 1
         bar.update(1)
         is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps

@@ -176,3 +176,34 @@ def test_train_learned_on_digits_through_the_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "adaptive_sched", "export", str(tmp_path / "run"), "--out",
                           str(tmp_path / "s.csv")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_adaptive_objective_converges_to_the_analytic_density():
+    """With ℓ ≡ 1 (a zero ε-predictor on zero data, D = 256) and w = p_normal(1, 2), the adaptive
+    objective's fixed point is p = (1 − ε)·normal(1, 2) + ε·uniform."""
+    sched = LearnedSchedule(hidden=32, init="cosine", logsnr_min=-10.0, logsnr_max=10.0)
+    w = weighting.build("like", schedule="normal", mean=1.0, std=2.0, logsnr_min=-10.0, logsnr_max=10.0)
+    loss = DiffusionLoss(sched, "eps", w, objective="adaptive")
+    zero_model = lambda x, lam, y=None: torch.zeros_like(x)   # noqa: E731
+    x0 = torch.zeros(1024, 256)
+    opt = torch.optim.Adam(sched.parameters(), lr=1e-2)
+    for step in range(300):
+        terms = loss.terms(zero_model, x0, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        (terms.loss.mean() + terms.extra).backward()
+        opt.step()
+    lam = torch.tensor([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    normal = schedules.build("normal", mean=1.0, std=2.0, logsnr_min=-10.0, logsnr_max=10.0)
+    expected = (1 - sched.floor) * normal.density(lam) + sched.floor / 20.0
+    with torch.no_grad():
+        got = sched.density(lam).numpy()
+    near = (lam - 1).abs().numpy() <= 2      # within a std of the mode: 10%; everywhere: 7% of the peak
+    np.testing.assert_allclose(got[near], expected.numpy()[near], rtol=0.1)
+    np.testing.assert_allclose(got, expected.numpy(), atol=0.015)
+    with torch.no_grad():
+        # the histogram itself estimated w·ℓ ∝ the laplace density
+        q = loss.histogram.target_density()
+    centres = 0.5 * (loss.histogram.edges[1:] + loss.histogram.edges[:-1])
+    inner = (centres - 1).abs() < 5
+    ref = (1 - sched.floor) * normal.density(centres) + sched.floor / 20.0
+    assert ((q[inner] - ref[inner]).abs() / ref[inner]).median() < 0.1

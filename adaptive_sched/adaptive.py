@@ -1,0 +1,63 @@
+"""Kingma & Gao (2023)'s adaptive schedule: sample λ where the weighted loss is, tracked per λ bin.
+
+The estimator f = w(λ)/p(λ)·ℓ of ∫ w ℓ dλ has the least variance when p(λ) ∝ w(λ)·E[ℓ | λ] (for a loss
+that varies little within a bin). `LossHistogram` keeps an EMA of w·ℓ in K equal bins of λ, all on the
+device with no host sync; its normalised values, mixed with the uniform density (the floor), are a
+piecewise-constant target density q(λ). The `adaptive` objective fits the learned schedule's λ_φ(t)
+to q's inverse CDF by least squares on a t grid: no gradient flows through the denoiser.
+"""
+from __future__ import annotations
+
+import torch
+
+from adaptive_sched.schedules.table import interp
+
+
+class LossHistogram(torch.nn.Module):
+    """EMA of w(λ)·ℓ(λ) in `bins` equal bins over [logsnr_min, logsnr_max]."""
+
+    def __init__(self, logsnr_min: float, logsnr_max: float, bins: int = 100, decay: float = 0.99,
+                 floor: float = 0.02):
+        super().__init__()
+        self.logsnr_min, self.logsnr_max, self.decay, self.floor = logsnr_min, logsnr_max, decay, floor
+        self.register_buffer("edges", torch.linspace(logsnr_min, logsnr_max, bins + 1, dtype=torch.float64))
+        self.register_buffer("value", torch.ones(bins, dtype=torch.float64))     # EMA of w·ℓ per bin
+        self.register_buffer("seen", torch.zeros(bins, dtype=torch.float64))     # examples seen per bin
+
+    @torch.no_grad()
+    def update(self, logsnr: torch.Tensor, weighted_loss: torch.Tensor) -> None:
+        """Move each bin's EMA towards the mean of this batch's w·ℓ in it (bins without examples keep theirs)."""
+        bins = len(self.value)
+        width = (self.logsnr_max - self.logsnr_min) / bins
+        idx = ((logsnr.double() - self.logsnr_min) / width).long().clamp(0, bins - 1)
+        total = torch.zeros_like(self.value).index_add_(0, idx, weighted_loss.double())
+        count = torch.zeros_like(self.value).index_add_(0, idx, torch.ones_like(total[idx]))
+        batch_mean = total / count.clamp(min=1)
+        first = (self.seen == 0) & (count > 0)
+        rate = torch.where(count > 0, torch.full_like(self.value, 1 - self.decay), torch.zeros_like(self.value))
+        rate = torch.where(first, torch.ones_like(rate), rate)
+        self.value.lerp_(batch_mean, rate)
+        self.seen += count
+
+    def target_density(self) -> torch.Tensor:
+        """q per bin (K,): (1 − floor)·value/Σ(value·Δ) + floor/(λ_max − λ_min); integrates to 1."""
+        width = self.edges[1] - self.edges[0]
+        shape = self.value.clamp(min=0)
+        shape = shape / (shape.sum() * width).clamp(min=1e-300)
+        return (1 - self.floor) * shape + self.floor / (self.logsnr_max - self.logsnr_min)
+
+    def target_logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ_q(t): the inverse of q's upper-tail CDF (piecewise linear), decreasing in t."""
+        mass = self.target_density() * (self.edges[1] - self.edges[0])
+        upper = torch.cat([mass.flip(0).cumsum(0).flip(0), mass.new_zeros(1)])   # (K+1,) mass above each edge
+        upper = upper / upper[0]
+        return interp(t.double(), upper.flip(0).contiguous(), self.edges.flip(0).contiguous()).to(t.dtype)
+
+
+def fit_loss(schedule, histogram: LossHistogram, points: int = 129) -> torch.Tensor:
+    """Mean squared gap between λ_φ(t) and λ_q(t) on a t grid, scaled by the window width²: the `adaptive` loss."""
+    device = histogram.value.device
+    t = torch.linspace(0.0, 1.0, points, device=device, dtype=torch.float32)
+    target = histogram.target_logsnr(t).detach()
+    width = histogram.logsnr_max - histogram.logsnr_min
+    return (schedule.logsnr(t) - target).square().mean() / width ** 2
