@@ -48,3 +48,32 @@ def save_samples_png(x: torch.Tensor, path: str | Path, title: str = "") -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def schedule_over_training(csv_path: str | Path, path: str | Path, schedule_config) -> Path | None:
+    """p(λ) snapshots from schedule_density.csv (up to 6 evals, darker = later) against laplace, cauchy, cosine."""
+    import csv
+    from adaptive_sched import schedules
+    rows = list(csv.reader(Path(csv_path).open()))
+    if len(rows) < 2:
+        return None
+    lam = np.array([float(v) for v in rows[0][1:]])
+    body = rows[1:]
+    picks = sorted(set(np.linspace(0, len(body) - 1, min(6, len(body))).round().astype(int)))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rank, i in enumerate(picks):
+        shade = 0.25 + 0.75 * (rank + 1) / len(picks)
+        ax.plot(lam, [float(v) for v in body[i][1:]], color=(0.1, 0.2, 0.6, shade), label=f"learned, step {body[i][0]}")
+    window = dict(logsnr_min=schedule_config.logsnr_min, logsnr_max=schedule_config.logsnr_max)
+    grid = torch.tensor(lam, dtype=torch.float64)
+    for name, style in (("laplace", ":"), ("cauchy", "--"), ("cosine", "-.")):
+        ax.plot(lam, schedules.build(name, **window).density(grid).numpy(), "k" + style, lw=1, label=name)
+    ax.set_xlabel("logSNR λ")
+    ax.set_ylabel("p(λ)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

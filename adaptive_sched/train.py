@@ -17,6 +17,7 @@ import torch
 
 from adaptive_sched import checkpoint, config as cfg, data as datasets, samplers, schedules, weighting
 from adaptive_sched.errors import UsageError
+from adaptive_sched.adaptive import LossHistogram
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import autocast_for, generate, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
@@ -93,6 +94,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA
+    loss_bins: LossHistogram     # per-λ-bin EMA of the ε-MSE seen in training (a diagnostic)
 
 
 def build(config: cfg.RunConfig) -> Run:
@@ -118,8 +120,10 @@ def build(config: cfg.RunConfig) -> Run:
         groups.append({"params": list(schedule.parameters()), "weight_decay": config.learned.weight_decay})
     optimizer = build_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay,
                                 device.type)
+    s = config.schedule
+    loss_bins = LossHistogram(s.logsnr_min, s.logsnr_max, bins=80, decay=0.99, floor=0.0).to(device)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
-               EMA(model, config.train.ema_decay))
+               EMA(model, config.train.ema_decay), loss_bins)
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -172,6 +176,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         run.ema.load_state_dict(state["ema"])
         if "schedule" in state:
             run.loss.schedule.load_state_dict(state["schedule"])
+        if "loss_bins" in state:
+            run.loss_bins.load_state_dict(state["loss_bins"])
         if "histogram" in state and run.loss.histogram is not None:
             run.loss.histogram.load_state_dict(state["histogram"])
         torch.set_rng_state(state["rng_cpu"])
@@ -181,9 +187,10 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     start = 0 if state is None else int(state["step"])
     for name, columns in (("metrics.csv", METRIC_COLUMNS), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
-    if (out_dir / "schedule_density.csv").exists():
-        header = (out_dir / "schedule_density.csv").read_text().splitlines()[0].split(",")
-        CsvLog(out_dir / "schedule_density.csv", header).truncate_after(start)
+    for name in ("schedule_density.csv", "loss_bins.csv"):
+        if (out_dir / name).exists():
+            header = (out_dir / name).read_text().splitlines()[0].split(",")
+            CsvLog(out_dir / name, header).truncate_after(start)
     return start, state
 
 
@@ -204,6 +211,7 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     learned = schedules.is_learned(run.loss.schedule)
     if learned:
         state["schedule"] = run.loss.schedule.state_dict()
+    state["loss_bins"] = run.loss_bins.state_dict()
     if run.loss.histogram is not None:
         state["histogram"] = run.loss.histogram.state_dict()
     checkpoint.save_training_state(out_dir, state)
@@ -245,6 +253,12 @@ def log_schedule_density(run: Run, out_dir: Path, step: int, points: int = 81) -
     columns = ["step"] + [f"{v:.4g}" for v in grid.tolist()]
     log = CsvLog(path, columns)
     log.append({"step": step, **{c: float(d) for c, d in zip(columns[1:], density.tolist())}})
+    edges = run.loss_bins.edges.cpu()
+    centres = [f"{v:.4g}" for v in (0.5 * (edges[1:] + edges[:-1])).tolist()]
+    seen = run.loss_bins.seen.cpu() > 0
+    bins_log = CsvLog(out_dir / "loss_bins.csv", ["step"] + centres)
+    bins_log.append({"step": step, **{c: (float(v) if ok else None) for c, v, ok in
+                                      zip(centres, run.loss_bins.value.cpu().tolist(), seen.tolist())}})
 
 
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -280,6 +294,7 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
             torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
         run.optimizer.step()
         run.ema.update(run.model, step)
+        run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
         running += torch.stack([terms.loss.mean().detach().float(), torch.ones((), device=run.device)])
         done = step + 1
         bar.update(1)
@@ -301,6 +316,9 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         if done % t.checkpoint_every == 0 or done == t.steps:
             save(run, out_dir, done, running)
     bar.close()
+    if schedules.is_learned(run.loss.schedule):
+        from adaptive_sched.plots import schedule_over_training
+        schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png", config.schedule)
     return last_row
 
 

@@ -143,6 +143,10 @@ def test_resume_restores_the_schedule_and_its_optimizer(tmp_path):
     assert not torch.allclose(a["schedule"]["raw_pi"], init["raw_pi"]), "the schedule did not train"
     density = pd.read_csv(tmp_path / "straight" / "schedule_density.csv")
     assert list(density["step"]) == [20, 40]
+    bins = pd.read_csv(tmp_path / "straight" / "loss_bins.csv")
+    resumed_bins = pd.read_csv(tmp_path / "resumed" / "loss_bins.csv")
+    assert list(bins["step"]) == [20, 40] and np.allclose(bins.values, resumed_bins.values, equal_nan=True)
+    assert (tmp_path / "straight" / "schedule_density.png").stat().st_size > 1000
 
 
 def test_export_and_reload_as_table(tmp_path):
