@@ -61,3 +61,68 @@ def fit_loss(schedule, histogram: LossHistogram, points: int = 129) -> torch.Ten
     target = histogram.target_logsnr(t).detach()
     width = histogram.logsnr_max - histogram.logsnr_min
     return (schedule.logsnr(t) - target).square().mean() / width ** 2
+
+
+class BinnedAdaptiveSchedule(torch.nn.Module):
+    """The plain binned baseline of the adaptive schedule: p(λ) is the piecewise-constant q(λ) itself.
+
+    λ(t) is q's inverse upper-tail CDF (piecewise linear in t), dλ/dt = −1/q(λ) on each bin. It has no
+    trainable parameters: training updates its LossHistogram (objective `adaptive`), and it starts uniform.
+    """
+
+    name = "adaptive_binned"
+
+    def __init__(self, bins: int = 100, decay: float = 0.99, floor: float = 0.02,
+                 logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        from adaptive_sched.errors import UsageError
+        from adaptive_sched.schedules.base import check_finite
+        super().__init__()
+        lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
+        if lo >= hi:
+            raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        if int(bins) < 2 or not 0 < decay < 1 or not 0 < floor < 1:
+            raise UsageError("adaptive_binned needs bins >= 2, 0 < decay < 1 and 0 < floor < 1")
+        self.logsnr_min, self.logsnr_max, self.floor = lo, hi, floor
+        self.histogram = LossHistogram(lo, hi, int(bins), decay, floor)
+
+    def params(self) -> dict:
+        return {"bins": len(self.histogram.value), "decay": self.histogram.decay, "floor": self.floor}
+
+    def _bin_density(self, logsnr: torch.Tensor) -> torch.Tensor:
+        h = self.histogram
+        width = (self.logsnr_max - self.logsnr_min) / len(h.value)
+        idx = ((logsnr.double() - self.logsnr_min) / width).long().clamp(0, len(h.value) - 1)
+        return h.target_density()[idx]
+
+    def logsnr_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ(t) and dλ/dt = −1/q(λ(t))."""
+        t = torch.as_tensor(t, device=self.histogram.value.device)
+        lam = self.histogram.target_logsnr(t.clamp(0, 1))
+        return lam, (-1.0 / self._bin_density(lam)).to(lam.dtype)
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.logsnr_and_slope(t)[0]
+
+    def t_of(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """t(λ) = mass of q above λ."""
+        h = self.histogram
+        mass = h.target_density() * (h.edges[1] - h.edges[0])
+        upper = torch.cat([mass.flip(0).cumsum(0).flip(0), mass.new_zeros(1)])
+        upper = upper / upper[0]
+        lam = torch.as_tensor(logsnr, device=h.value.device)
+        return interp(lam.double(), h.edges, upper).to(lam.dtype if lam.is_floating_point() else torch.float64)
+
+    def log_density(self, logsnr: torch.Tensor) -> torch.Tensor:
+        lam = torch.as_tensor(logsnr, device=self.histogram.value.device)
+        inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
+        log_q = torch.log(self._bin_density(lam)).to(lam.dtype)
+        return torch.where(inside, log_q, torch.full_like(log_q, -float("inf")))
+
+    def density(self, logsnr: torch.Tensor) -> torch.Tensor:
+        return self.log_density(logsnr).exp()
+
+    def sample(self, n: int, generator=None, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from adaptive_sched.schedules.base import uniform_t
+        if device is None and generator is not None:
+            device = generator.device
+        return self.logsnr(uniform_t(n, generator, device)).to(dtype)

@@ -4,7 +4,9 @@ The TOML file is a run config (see adaptive_sched.config) plus a [compare] secti
     [compare]
     seeds = [0, 1, 2]
     metric = "eval_excess_mse"         # the column tables and plots are about
-    schedules = [{ name = "cosine" }, { name = "laplace", b = 0.5 }, ...]
+    schedules = [{ name = "cosine" }, { name = "laplace", b = 0.5 }, { name = "learned", weight_like = "cosine" }]
+An entry's keys are its schedule's parameters, plus `label` and, for learned schedules, any [learned] key
+(objective, lr, weight_like, ...).
 Runs go to DIR/runs/<label>/seed<k>/ and are resumable: finished runs are skipped, interrupted
 ones continue from their last checkpoint. Outputs: DIR/summary.csv (tidy: one row per run × logged
 step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/results.md, and PNG plots.
@@ -12,6 +14,7 @@ step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/results.md, and PNG 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -74,10 +77,12 @@ def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
 
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     """The config of one run: the base with this schedule and seed."""
-    schedule = {k: v for k, v in entry.items() if k != "label"}
+    learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}
+    schedule = {k: v for k, v in entry.items() if k != "label" and k not in learned_keys}
+    learned = {k: v for k, v in entry.items() if k in learned_keys}
     config = copy.deepcopy(base)
     config.schedule.params = {}          # an entry names all of its schedule's parameters
-    return cfg.from_dict({"schedule": schedule, "train": {"seed": seed}}, config)
+    return cfg.from_dict({"schedule": schedule, "learned": learned, "train": {"seed": seed}}, config)
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:

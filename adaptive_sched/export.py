@@ -36,6 +36,8 @@ def load_run_schedule(run_dir: str | Path):
     schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
     if "schedule" in snap:
         schedule.load_state_dict(snap["schedule"])
+    elif "histogram" in snap and hasattr(schedule, "histogram"):
+        schedule.histogram.load_state_dict(snap["histogram"])
     return config, schedule, snap
 
 

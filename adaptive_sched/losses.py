@@ -58,11 +58,13 @@ class DiffusionLoss:
             raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         self.objective, self.smoothness = objective, smoothness
         self.histogram = None
-        if self.learned and objective == "adaptive":
+        if self.learned and hasattr(schedule, "histogram"):          # adaptive_binned: the histogram is the schedule
+            self.histogram, self.objective = schedule.histogram, "adaptive"
+        elif self.learned and objective == "adaptive":
             from adaptive_sched.adaptive import LossHistogram
             self.histogram = LossHistogram(schedule.logsnr_min, schedule.logsnr_max, floor=schedule.floor)
-        if self.learned and objective in ("variance", "adaptive") and self.weighting.relative:
-            raise UsageError(f"the {objective} objective needs an absolute weighting (like, sigmoid, elbo), not "
+        if self.learned and self.objective in ("variance", "adaptive") and self.weighting.relative:
+            raise UsageError(f"the {self.objective} objective needs an absolute weighting (like, sigmoid, elbo), not "
                              f"{self.weighting.name!r}: with a relative one the objective itself would move with "
                              f"the schedule")
 
@@ -99,7 +101,8 @@ class DiffusionLoss:
         if self.histogram is not None and slope is not None and torch.is_grad_enabled():
             from adaptive_sched.adaptive import fit_loss
             self.histogram.update(logsnr, loss.detach() / (-slope))          # w·ℓ = f·p with p = 1/|dλ/dt|
-            extra = fit_loss(self.schedule, self.histogram)
+            if self.histogram is not getattr(self.schedule, "histogram", None):
+                extra = fit_loss(self.schedule, self.histogram)
         return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse, extra=extra)
 
     def __call__(self, model, x0, y=None, generator=None) -> torch.Tensor:

@@ -117,7 +117,8 @@ def build(config: cfg.RunConfig) -> Run:
         schedule.to(device)
         if loss.histogram is not None:
             loss.histogram.to(device)
-        groups.append({"params": list(schedule.parameters()), "weight_decay": config.learned.weight_decay})
+        if list(schedule.parameters()):
+            groups.append({"params": list(schedule.parameters()), "weight_decay": config.learned.weight_decay})
     optimizer = build_optimizer(config.train.optimizer, groups, config.train.lr, config.train.weight_decay,
                                 device.type)
     s = config.schedule
@@ -130,7 +131,8 @@ def build_weighting(config: cfg.RunConfig, learned: bool):
     """The configured weighting; with a learned schedule and the variance objective, `schedule` means
     the effective weighting of [learned] weight_like (default laplace) for this target."""
     w = config.weighting
-    if learned and w.name == "schedule" and config.learned.objective in ("variance", "adaptive"):
+    if learned and w.name == "schedule" and (config.learned.objective in ("variance", "adaptive")
+                                             or config.schedule.name == "adaptive_binned"):
         return weighting.build("like", schedule=config.learned.weight_like, target=config.train.target)
     return weighting.build(w.name, **w.params)
 

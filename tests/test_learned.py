@@ -211,3 +211,23 @@ def test_adaptive_objective_converges_to_the_analytic_density():
     inner = (centres - 1).abs() < 5
     ref = (1 - sched.floor) * normal.density(centres) + sched.floor / 20.0
     assert ((q[inner] - ref[inner]).abs() / ref[inner]).median() < 0.1
+
+
+def test_binned_adaptive_baseline_tracks_the_weighted_loss():
+    """adaptive_binned samples from its own histogram; with ℓ ≡ 1 and w = p_normal(1, 2) its bins converge to w."""
+    sched = schedules.build("adaptive_binned", bins=40, decay=0.9, logsnr_min=-10.0, logsnr_max=10.0)
+    w = weighting.build("like", schedule="normal", mean=1.0, std=2.0, logsnr_min=-10.0, logsnr_max=10.0)
+    loss = DiffusionLoss(sched, "eps", w)
+    zero_model = lambda x, lam, y=None: torch.zeros_like(x)   # noqa: E731
+    for step in range(200):
+        loss.terms(zero_model, torch.zeros(2048, 256), generator=torch.Generator().manual_seed(step))
+    centres = torch.linspace(-9.75, 9.75, 40, dtype=torch.float64)
+    normal = schedules.build("normal", mean=1.0, std=2.0, logsnr_min=-10.0, logsnr_max=10.0)
+    expected = (1 - 0.02) * normal.density(centres) + 0.02 / 20.0
+    near = (centres - 1).abs() < 4
+    got = sched.density(centres)
+    assert ((got[near] - expected[near]).abs() / expected[near]).max() < 0.1
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    np.testing.assert_allclose(sched.t_of(sched.logsnr(t)).numpy(), t.numpy(), atol=1e-9)
+    x = torch.linspace(-10, 10, 20001, dtype=torch.float64)
+    assert float(torch.trapezoid(sched.density(x), x)) == pytest.approx(1.0, abs=1e-3)

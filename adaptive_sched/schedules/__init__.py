@@ -13,12 +13,13 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule
 from adaptive_sched.schedules.fixed import (EDM, Cauchy, Cosine, Flow, Laplace, Linear, Logistic, LogitNormal,
                                             Normal, Uniform)
+from adaptive_sched.adaptive import BinnedAdaptiveSchedule
 from adaptive_sched.schedules.learned import LearnedSchedule
 from adaptive_sched.schedules.table import Table, read_table, write_table
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     cls.name: cls for cls in (Cosine, Laplace, Cauchy, Normal, EDM, LogitNormal, Logistic, Flow, Linear, Uniform, Table,
-                                       LearnedSchedule)
+                                       LearnedSchedule, BinnedAdaptiveSchedule)
 }
 
 
