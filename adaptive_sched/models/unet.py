@@ -94,12 +94,12 @@ class EmbedSequential(nn.ModuleList):
 class UNet(nn.Module):
     """U-Net denoiser model(x (N, C, H, W), λ (N,), y=None) → (N, C, H, W); output conv starts at zero.
 
-    Down path: per level `blocks_per_level` ResBlocks, a stride-2 conv between levels; middle: two
+    Down path: per level `blocks_per_level` ResBlocks, a stride-2 conv between levels; middle: `mid_blocks`
     ResBlocks; up path mirrors the down path: per level `blocks_per_level` ResBlocks, each fed the
     output of its mirror-image down ResBlock (concatenated), then nearest-upsample + conv. (DDPM's
     extra up block per level, fed the downsample outputs, is left out.) `groups` is lowered to the
     largest divisor of every channel count. H and W must be divisible by 2**(len(channels) - 1).
-    At the defaults for 1×32×32: 5,411,073 parameters.
+    At the defaults for 1×32×32: 4,623,361 parameters.
     """
 
     def __init__(
@@ -108,11 +108,12 @@ class UNet(nn.Module):
         image_size: int | tuple[int, int],
         channels: tuple[int, ...] = (64, 128, 128),
         blocks_per_level: int = 2,
-        emb_dim: int = 256,
+        emb_dim: int = 128,
         groups: int = 32,
         dropout: float = 0.0,
         attention_levels: tuple[int, ...] = (),
         num_classes: int = 0,
+        mid_blocks: int = 1,
     ):
         super().__init__()
         channels = tuple(channels)
@@ -143,7 +144,7 @@ class UNet(nn.Module):
             if level < len(channels) - 1:
                 self.down.append(Downsample(c))
 
-        self.mid = EmbedSequential([ResBlock(c, c, emb_dim, g, dropout) for _ in range(2)])
+        self.mid = EmbedSequential([ResBlock(c, c, emb_dim, g, dropout) for _ in range(mid_blocks)])
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(channels))):
