@@ -66,3 +66,15 @@ def load_training_state(run_dir: str | Path, map_location="cpu") -> dict | None:
         except UsageError as err:
             warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
     return None
+
+
+def load_ema_snapshot(run_dir: str | Path) -> dict:
+    """The EMA snapshot of a run (RUN_DIR/ema.pt, or that file itself); UsageError if missing or another kind."""
+    run_dir = Path(run_dir)
+    path = run_dir / EMA_NAME if run_dir.is_dir() else run_dir
+    if not path.exists():
+        raise UsageError(f"no EMA snapshot at {path}: train a run first (adaptive-sched train --out {run_dir})")
+    snap = load(path)
+    if snap.get("kind") != "ema":
+        raise UsageError(f"{path} is a {snap.get('kind')!r} checkpoint, not an EMA snapshot (ema.pt)")
+    return snap

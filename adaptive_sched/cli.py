@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def cmd_sample(args) -> int:
 def cmd_schedules(args) -> int:
     from adaptive_sched import schedules
     for name, doc, params in schedules.describe():
-        shown = ", ".join(f"{k}" if v is schedules.inspect.Parameter.empty else f"{k}={v}" for k, v in params.items())
+        shown = ", ".join(f"{k}" if v is inspect.Parameter.empty else f"{k}={v}" for k, v in params.items())
         print(f"{name:13s} {shown}\n{'':13s} {doc}")
     return 0
 

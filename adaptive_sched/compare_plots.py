@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sched.plots import _pyplot
+from adaptive_sched.plots import _pyplot, finish_line_plot
 
 
 def metric_curves(aggregates, metric: str, path: Path) -> None:
@@ -16,14 +16,7 @@ def metric_curves(aggregates, metric: str, path: Path) -> None:
         group = group.sort_values("step")
         ax.plot(group["step"], group["mean"], label=label, marker="o", ms=3)
         ax.fill_between(group["step"], group["mean"] - group["ci95"], group["mean"] + group["ci95"], alpha=0.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_line_plot(fig, ax, path, "training step", metric, logy=True)
 
 
 def densities(entries: list[dict], base, path: Path, out: Path | None = None, seed: int = 0) -> None:
@@ -45,13 +38,7 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
             sched = build_schedule(run_config(base, entry, seed).schedule)
         with torch.no_grad():
             ax.plot(lam.numpy(), sched.density(lam).numpy(), label=label)
-    ax.set_xlabel("logSNR λ")
-    ax.set_ylabel("p(λ)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)")
 
 
 def loss_profiles(profiles, path: Path) -> None:
@@ -67,11 +54,4 @@ def loss_profiles(profiles, path: Path) -> None:
             exact = group.groupby("logsnr")["oracle_eps_mse"].mean()
             ax.plot(exact.index, exact.values, "k--", label="exact denoiser")
             oracle_drawn = True
-    ax.set_xlabel("logSNR λ")
-    ax.set_ylabel("held-out ε-MSE")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_line_plot(fig, ax, path, "logSNR λ", "held-out ε-MSE", logy=True)

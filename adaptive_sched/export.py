@@ -15,19 +15,14 @@ import numpy as np
 import torch
 
 from adaptive_sched import checkpoint, config as cfg, schedules
+from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.table import write_table
 
 
 def load_run_schedule(run_dir: str | Path):
     """(config, schedule, snapshot) of a run, with a learned schedule's trained state restored."""
-    run_dir = Path(run_dir)
-    path = run_dir / checkpoint.EMA_NAME if run_dir.is_dir() else run_dir
-    if not path.exists():
-        raise UsageError(f"no EMA snapshot at {path}: train a run first (adaptive-sched train --out {run_dir})")
-    snap = checkpoint.load(path)
-    if snap.get("kind") != "ema":
-        raise UsageError(f"{path} is a {snap.get('kind')!r} checkpoint, not an EMA snapshot (ema.pt)")
+    snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
     s = config.schedule
     params = dict(s.params)
@@ -36,21 +31,18 @@ def load_run_schedule(run_dir: str | Path):
     schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
     if "schedule" in snap:
         schedule.load_state_dict(snap["schedule"])
-    elif "histogram" in snap and hasattr(schedule, "histogram"):
-        schedule.histogram.load_state_dict(snap["histogram"])
     return config, schedule, snap
 
 
 def schedule_columns(schedule, points: int) -> dict[str, np.ndarray]:
-    """t, λ(t), p(λ(t)), α, σ at `points` evenly spaced t in [0, 1]."""
+    """t, λ(t), p(λ(t)) at `points` evenly spaced t in [0, 1]."""
     if points < 2:
         raise UsageError(f"--points must be >= 2, got {points}")
     t = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
     with torch.no_grad():
         lam = schedule.logsnr(t)
         density = schedule.density(lam)
-    return {"t": t.numpy(), "logsnr": lam.numpy(), "density": density.numpy(),
-            "alpha": torch.sigmoid(lam).sqrt().numpy(), "sigma": torch.sigmoid(-lam).sqrt().numpy()}
+    return {"t": t.numpy(), "logsnr": lam.numpy(), "density": density.numpy()}
 
 
 def alphas_cumprod(schedule, steps: int) -> np.ndarray:
@@ -90,5 +82,7 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
         write_table(out, columns["t"], columns["logsnr"], density=columns["density"])
         _write_json(out.with_suffix(out.suffix + ".json"), meta)
     else:
+        alpha, sigma = alpha_sigma(torch.from_numpy(columns["logsnr"]))
+        columns.update(alpha=alpha.numpy(), sigma=sigma.numpy())
         _write_json(out, {**meta, **{k: v.tolist() for k, v in columns.items()}})
     return out

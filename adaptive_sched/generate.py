@@ -51,10 +51,10 @@ def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Ten
     generator = torch.Generator(device).manual_seed(seed)
     model.eval()
     out = []
+    denoise = x0_denoiser(model, target)
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         x_init = torch.randn((count, *shape), generator=generator, device=device)
-        denoise = x0_denoiser(model, target)
         out.append(samplers.sample(sampler, denoise, x_init, grid.to(device=device, dtype=torch.float32),
                                    progress=progress).cpu())
     return torch.cat(out)

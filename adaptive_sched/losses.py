@@ -9,8 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_sched.schedules.base import uniform_t
+from adaptive_sched.adaptive import fit_loss
 from adaptive_sched.diffusion import add_noise, check_target, log_target_weight, target_value
+from adaptive_sched.errors import UsageError
+from adaptive_sched.schedules import is_learned
+from adaptive_sched.schedules.base import uniform_t
+from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.weighting import Weighting, schedule_weighting
 
 
@@ -48,8 +52,6 @@ class DiffusionLoss:
 
     def __init__(self, schedule, target: str = "eps", weighting: Weighting | None = None,
                  objective: str = "variance", smoothness: float = 0.0):
-        from adaptive_sched.errors import UsageError
-        from adaptive_sched.schedules import is_learned
         self.schedule = schedule
         self.target = check_target(target)
         self.weighting = weighting or schedule_weighting()
@@ -61,7 +63,6 @@ class DiffusionLoss:
         if self.learned and hasattr(schedule, "histogram"):          # adaptive_binned: the histogram is the schedule
             self.histogram, self.objective = schedule.histogram, "adaptive"
         elif self.learned and objective == "adaptive":
-            from adaptive_sched.adaptive import LossHistogram
             self.histogram = LossHistogram(schedule.logsnr_min, schedule.logsnr_max, floor=schedule.floor)
         if self.learned and self.objective in ("variance", "adaptive") and self.weighting.relative:
             raise UsageError(f"the {self.objective} objective needs an absolute weighting (like, sigmoid, elbo), not "
@@ -94,12 +95,11 @@ class DiffusionLoss:
             factor = 2 * loss.detach()                       # ∇φ E[f²] = E[2f ∇φ f], in the same backward pass
             logsnr.register_hook(lambda grad: grad * factor)
             log_p.register_hook(lambda grad: grad * factor)
-        elif slope is not None and logsnr.requires_grad and self.smoothness > 0:
+        elif slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
             curvature = self.schedule.curvature(t) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
             loss = loss + self.smoothness * curvature.square()
         extra = 0.0
         if self.histogram is not None and slope is not None and torch.is_grad_enabled():
-            from adaptive_sched.adaptive import fit_loss
             self.histogram.update(logsnr, loss.detach() / (-slope))          # w·ℓ = f·p with p = 1/|dλ/dt|
             if self.histogram is not getattr(self.schedule, "histogram", None):
                 extra = fit_loss(self.schedule, self.histogram)

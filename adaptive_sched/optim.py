@@ -45,13 +45,14 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.params = [p.detach().clone() for p in model.parameters()]
+        self.live = [p.detach() for p in model.parameters()]   # views of the trained weights, updated in place
+        self.params = [p.clone() for p in self.live]
         self.buffers = [b.detach().clone() for b in model.buffers()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(self.params, self.live, 1.0 - decay)
         for mine, theirs in zip(self.buffers, model.buffers()):
             mine.copy_(theirs)
 

@@ -15,6 +15,21 @@ def _pyplot():
     return plt
 
 
+def finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, logy: bool = False,
+                     legend_size: int = 8) -> None:
+    """Label, grid, legend, save as PNG and close: the ending every line plot here shares."""
+    plt = _pyplot()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_samples_png(x: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Images (N, C, H, W) in [-1, 1] as a square grid; vectors (N, 2) as a scatter; other vectors as histograms."""
     plt = _pyplot()
@@ -69,11 +84,5 @@ def schedule_over_training(csv_path: str | Path, path: str | Path, schedule_conf
     grid = torch.tensor(lam, dtype=torch.float64)
     for name, style in (("laplace", ":"), ("cauchy", "--"), ("cosine", "-.")):
         ax.plot(lam, schedules.build(name, **window).density(grid).numpy(), "k" + style, lw=1, label=name)
-    ax.set_xlabel("logSNR λ")
-    ax.set_ylabel("p(λ)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)", legend_size=7)
     return Path(path)

@@ -15,13 +15,7 @@ from adaptive_sched.train import resolve_device
 
 def load_snapshot(run_dir: str | Path, device: torch.device):
     """(config, EMA model, snapshot) from RUN_DIR/ema.pt, loaded without running code."""
-    run_dir = Path(run_dir)
-    path = run_dir / checkpoint.EMA_NAME if run_dir.is_dir() else run_dir
-    if not path.exists():
-        raise UsageError(f"no EMA snapshot at {path}: train a run first (adaptive-sched train --out {run_dir})")
-    snap = checkpoint.load(path)
-    if snap.get("kind") != "ema":
-        raise UsageError(f"{path} is a {snap.get('kind')!r} checkpoint, not an EMA snapshot (ema.pt)")
+    snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
     model = build_model(config.model.name, tuple(snap["data_shape"]), **config.model.params)
     model.load_state_dict(snap["model"])

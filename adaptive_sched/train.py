@@ -17,12 +17,12 @@ import torch
 
 from adaptive_sched import checkpoint, config as cfg, data as datasets, samplers, schedules, weighting
 from adaptive_sched.errors import UsageError
-from adaptive_sched.adaptive import LossHistogram
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import autocast_for, generate, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, count_parameters
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
+from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
 # config keys that may change between a run and its resumption

@@ -13,7 +13,7 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule
 from adaptive_sched.schedules.fixed import (EDM, Cauchy, Cosine, Flow, Laplace, Linear, Logistic, LogitNormal,
                                             Normal, Uniform)
-from adaptive_sched.adaptive import BinnedAdaptiveSchedule
+from adaptive_sched.schedules.binned import BinnedAdaptiveSchedule
 from adaptive_sched.schedules.learned import LearnedSchedule
 from adaptive_sched.schedules.table import Table, read_table, write_table
 

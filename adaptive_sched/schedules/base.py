@@ -51,6 +51,14 @@ def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> 
     return (k.to(torch.float64) + 0.5) / bins
 
 
+def sample_by_inverse_transform(schedule, n: int, generator: torch.Generator | None = None, device=None,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n draws λ ~ p(λ) as λ(t), t from `uniform_t` (the `sample` of every schedule)."""
+    if device is None and generator is not None:
+        device = generator.device
+    return schedule.logsnr(uniform_t(n, generator, device)).to(dtype)
+
+
 class Schedule:
     """A fixed noise schedule: a base distribution over λ, truncated exactly to [logsnr_min, logsnr_max].
 
@@ -142,9 +150,7 @@ class Schedule:
     def sample(self, n: int, generator: torch.Generator | None = None, device=None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """n draws λ ~ p(λ) by inverse transform: λ(t), t ~ U(0, 1)."""
-        if device is None and generator is not None:
-            device = generator.device
-        return self.logsnr(uniform_t(n, generator, device)).to(dtype)
+        return sample_by_inverse_transform(self, n, generator, device, dtype)
 
     def __repr__(self) -> str:
         args = {**self.params(), "logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}

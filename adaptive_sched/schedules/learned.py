@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, check_finite, check_positive,
-                                           uniform_t)
+                                           sample_by_inverse_transform)
 
 BISECTION_STEPS = 64
 
@@ -114,9 +114,7 @@ class LearnedSchedule(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, device=None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """n draws λ ~ p(λ) by inverse transform λ(t), t ~ U(0, 1)."""
-        if device is None and generator is not None:
-            device = generator.device
-        return self.logsnr(uniform_t(n, generator, device)).to(dtype)
+        return sample_by_inverse_transform(self, n, generator, device, dtype)
 
     # --- initialisation -----------------------------------------------------------------------
     def fit_to(self, name: str, steps: int = 400, **params) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import Schedule
 
@@ -128,8 +129,9 @@ def write_table(path: str | Path, t: np.ndarray, logsnr: np.ndarray, density: np
     lam = torch.from_numpy(logsnr)
     if density is None:
         density = Table(t=t, logsnr=logsnr).density(lam).numpy()
+    alpha, sigma = alpha_sigma(lam)
     columns = {"t": t, "logsnr": logsnr, "density": np.asarray(density, dtype=np.float64),
-               "alpha": torch.sigmoid(lam).sqrt().numpy(), "sigma": torch.sigmoid(-lam).sqrt().numpy()}
+               "alpha": alpha.numpy(), "sigma": sigma.numpy()}
     columns.update(extra or {})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
