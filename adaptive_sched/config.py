@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 500
+    max_nonfinite: int = 20       # stop after this many non-finite losses in a row (each one is skipped)
 
 
 @dataclass

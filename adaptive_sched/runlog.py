@@ -6,7 +6,8 @@ import io
 import os
 from pathlib import Path
 
-METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "eval_eps_mse", "eval_excess_mse", "eval_swd"]
+METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "skipped", "eval_eps_mse", "eval_excess_mse", "eval_swd",
+                  "eval_fid", "eval_kid", "eval_bpd"]
 PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
 
 
@@ -35,13 +36,17 @@ class CsvLog:
             handle.flush()
 
     def rows(self) -> list[dict]:
-        """All complete rows as dicts of strings (a torn last line, if any, is dropped)."""
+        """All complete rows as dicts of strings keyed by the file's own header (a torn last line is dropped).
+
+        Columns this log has but the file lacks (a run written by an older version) come back as ''.
+        """
         text = self.path.read_text()
         lines = text.splitlines(keepends=True)
         if lines and not lines[-1].endswith("\n"):
             lines = lines[:-1]
         reader = csv.DictReader(lines)
-        return [row for row in reader if len(row) == len(self.columns) and None not in row.values()]
+        rows = [row for row in reader if None not in row.values() and None not in row]
+        return [{c: row.get(c, "") for c in self.columns} for row in rows]
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows with step <= `step` (used when resuming from a checkpoint at `step`)."""

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -263,8 +264,13 @@ def log_schedule_density(run: Run, out_dir: Path, step: int, points: int = 81) -
                                       zip(centres, run.loss_bins.value.cpu().tolist(), seen.tolist())}})
 
 
-def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics)."""
+def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          on_eval: Callable[[int, dict], None] | None = None) -> dict:
+    """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics).
+
+    on_eval(step, row) is called after every eval row is logged (and the state saved); an exception it
+    raises (e.g. optuna.TrialPruned) stops the run and propagates.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file, not a run directory")
@@ -272,7 +278,9 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     start, state = open_run_dir(run, out_dir, resume)
     t = config.train
     metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS)
-    running = torch.zeros(2, device=run.device) if state is None else state["running"].to(run.device)
+    running = torch.zeros(4, device=run.device) if state is None else state["running"].to(run.device)
+    if running.numel() == 2:                       # a checkpoint from before the non-finite counters
+        running = torch.cat([running, torch.zeros(2, device=run.device)])
     if start >= t.steps:
         rows = metrics.rows()
         return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
@@ -292,36 +300,70 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
             loss = terms.loss.mean() + terms.extra
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        finite = torch.isfinite(loss.detach())
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
-        run.optimizer.step()
-        run.ema.update(run.model, step)
-        run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
-        running += torch.stack([terms.loss.mean().detach().float(), torch.ones((), device=run.device)])
+            norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
+            finite = finite & torch.isfinite(norm)
+        if optimizer_step_unless(run.optimizer, finite):
+            run.ema.update(run.model, step)
+            run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
+        update_running(running, terms.loss.mean().detach().float(), finite)
         done = step + 1
         bar.update(1)
         is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps
         if is_log or is_eval:
-            total, count = running.tolist()            # the one host sync per log interval
+            total, count, skipped, streak = running.tolist()     # the one host sync per log interval
+            if streak >= t.max_nonfinite:
+                save(run, out_dir, done, running)
+                raise UsageError(f"training diverged: {int(streak)} non-finite losses in a row by step {done} "
+                                 f"(each step was skipped; the weights in {out_dir} are the last good ones); "
+                                 f"lower --lr or check the data")
             now = time.perf_counter()
-            row = {"step": done, "loss": total / max(count, 1.0), "lr": lr, "elapsed_s": round(now - began, 3),
+            row = {"step": done, "loss": total / count if count else float("nan"), "lr": lr,
+                   "elapsed_s": round(now - began, 3), "skipped": int(skipped),
                    "img_s": round((done - tick_step) * t.batch_size / max(now - tick, 1e-9), 1)}
             if is_eval:
                 row.update(evaluate(run, out_dir, done))
                 run.model.train()
-            if row["loss"] != row["loss"] or row["loss"] in (float("inf"), float("-inf")):
-                raise UsageError(f"training diverged: non-finite loss at step {done}; lower --lr or check the data")
             metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.0f}")
-            running.zero_()
+            running[:3].zero_()                         # the streak carries over into the next interval
             tick, tick_step, last_row = time.perf_counter(), done, row
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        is_checkpoint = done % t.checkpoint_every == 0 or done == t.steps
+        if is_checkpoint or (is_eval and on_eval is not None):   # a callback may stop the run: save first
             save(run, out_dir, done, running)
+        if is_eval and on_eval is not None:
+            on_eval(done, last_row)
     bar.close()
     if schedules.is_learned(run.loss.schedule):
         from adaptive_sched.plots import schedule_over_training
         schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png", config.schedule)
     return last_row
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
+    """Step the optimizer only when `finite` (a 0-d bool tensor) holds; return whether the caller should proceed.
+
+    Fused AdamW/Adam skip the update on the device (their found_inf input), so CUDA runs never sync here;
+    other optimizers read the flag on the host (free on CPU, one sync per step on CUDA).
+    """
+    if optimizer.param_groups[0].get("fused"):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        return True                 # the EMA of unchanged weights and the histogram are harmless to update
+    if bool(finite):
+        optimizer.step()
+        return True
+    return False
+
+
+def update_running(running: torch.Tensor, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    """Accumulate [loss sum, finite count, skipped count, current non-finite streak] without a host sync."""
+    ok = finite.float()
+    running[0] += torch.where(finite, loss, torch.zeros_like(loss))
+    running[1] += ok
+    running[2] += 1.0 - ok
+    running[3] = (running[3] + 1.0) * (1.0 - ok)
 
 
 def model_summary(run: Run) -> str:

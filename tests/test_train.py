@@ -112,3 +112,56 @@ def test_sliced_wasserstein_of_a_shift_matches_closed_form():
     shift = torch.tensor([3.0, 4.0], dtype=torch.float64)
     assert sliced_wasserstein(a, a) == 0.0
     assert sliced_wasserstein(a, a + shift, projections=4000) == pytest.approx(2 / math.pi * 5.0, rel=0.03)
+
+
+def poison_steps(monkeypatch, bad_calls):
+    """Make DiffusionLoss.terms return a NaN loss on the given (0-based) call numbers."""
+    from adaptive_sched.losses import DiffusionLoss
+    original, calls = DiffusionLoss.terms, {"n": 0}
+
+    def terms(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        k = calls["n"]
+        calls["n"] += 1
+        if k in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(DiffusionLoss, "terms", terms)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    clean = train(gmm_config(steps=50), tmp_path / "clean", progress=False)
+    poison_steps(monkeypatch, {30, 31, 32})
+    final = train(gmm_config(steps=50), tmp_path / "poisoned", progress=False)
+    metrics = pd.read_csv(tmp_path / "poisoned" / "metrics.csv")
+    assert list(metrics["skipped"]) == [0, 3]          # logged at steps 25 and 50 (steps 31-33 were bad)
+    assert math.isfinite(float(final["loss"])) and math.isfinite(float(final["eval_eps_mse"]))
+    assert abs(float(final["loss"]) - float(clean["loss"])) < 0.5 * float(clean["loss"])
+    weights = checkpoint.load(tmp_path / "poisoned" / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_streak_of_non_finite_losses_stops_the_run_keeping_the_last_good_state(tmp_path, monkeypatch):
+    poison_steps(monkeypatch, set(range(10, 1000)))
+    with pytest.raises(UsageError, match="non-finite losses in a row"):
+        train(gmm_config(steps=200, max_nonfinite=5), tmp_path / "run", progress=False)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 25                        # saved at the first log step after the streak reached 5
+    assert all(torch.isfinite(w).all() for w in state["model"].values())
+
+
+def test_on_eval_sees_every_eval_and_can_stop_the_run(tmp_path):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_eval(step, row):
+        seen.append((step, row["eval_eps_mse"]))
+        if step == 100:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(gmm_config(steps=200), tmp_path / "run", progress=False, on_eval=on_eval)
+    assert [s for s, _ in seen] == [100] and math.isfinite(seen[0][1])
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 100

@@ -27,12 +27,17 @@ class LossHistogram(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, logsnr: torch.Tensor, weighted_loss: torch.Tensor) -> None:
-        """Move each bin's EMA towards the mean of this batch's w·ℓ in it (bins without examples keep theirs)."""
+        """Move each bin's EMA towards the mean of this batch's w·ℓ in it (bins without examples keep theirs).
+
+        Non-finite values (a diverging step) are left out, so they never poison the EMA.
+        """
         bins = len(self.value)
         width = (self.logsnr_max - self.logsnr_min) / bins
-        idx = ((logsnr.double() - self.logsnr_min) / width).long().clamp(0, bins - 1)
-        total = torch.zeros_like(self.value).index_add_(0, idx, weighted_loss.double())
-        count = torch.zeros_like(self.value).index_add_(0, idx, torch.ones_like(idx, dtype=self.value.dtype))
+        ok = torch.isfinite(weighted_loss) & torch.isfinite(logsnr)
+        idx = ((torch.where(ok, logsnr.double(), 0.0) - self.logsnr_min) / width).long().clamp(0, bins - 1)
+        values = torch.where(ok, weighted_loss.double(), 0.0)
+        total = torch.zeros_like(self.value).index_add_(0, idx, values)
+        count = torch.zeros_like(self.value).index_add_(0, idx, ok.to(self.value.dtype))
         batch_mean = total / count.clamp(min=1)
         first = (self.seen == 0) & (count > 0)
         rate = torch.where(count > 0, torch.full_like(self.value, 1 - self.decay), torch.zeros_like(self.value))
