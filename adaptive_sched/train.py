@@ -278,7 +278,7 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     start, state = open_run_dir(run, out_dir, resume)
     t = config.train
     metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS)
-    running = torch.zeros(4, device=run.device) if state is None else state["running"].to(run.device)
+    running = new_running(run.device) if state is None else state["running"].to(run.device)
     if running.numel() == 2:                       # a checkpoint from before the non-finite counters
         running = torch.cat([running, torch.zeros(2, device=run.device)])
     if start >= t.steps:
@@ -288,26 +288,11 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"{config.schedule.name} seed {t.seed}")
-    n_train, last_row = len(run.train_data), {}
+    last_row = {}
     tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
     run.model.train()
     for step in range(start, t.steps):
-        gen = step_generator(t.seed, step, run.device)
-        idx = torch.randint(n_train, (t.batch_size,), generator=gen, device=run.device)
-        lr = set_learning_rates(run, step)
-        with autocast_for(run.device):
-            terms = run.loss.terms(run.model, run.train_data.x[idx], None, gen)
-            loss = terms.loss.mean() + terms.extra
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = torch.isfinite(loss.detach())
-        if t.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
-            finite = finite & torch.isfinite(norm)
-        if optimizer_step_unless(run.optimizer, finite):
-            run.ema.update(run.model, step)
-            run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
-        update_running(running, terms.loss.mean().detach().float(), finite)
+        lr = train_step(run, step, running)
         done = step + 1
         bar.update(1)
         is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps
@@ -339,6 +324,34 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         from adaptive_sched.plots import schedule_over_training
         schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png", config.schedule)
     return last_row
+
+
+def train_step(run: Run, step: int, running: torch.Tensor) -> float:
+    """One optimisation step (no host sync on CUDA with fused AdamW): draw a batch and noise from the step's
+    generator, take the loss's gradient, step unless non-finite, update EMA and diagnostics; return the lr."""
+    t = run.config.train
+    gen = step_generator(t.seed, step, run.device)
+    idx = torch.randint(len(run.train_data), (t.batch_size,), generator=gen, device=run.device)
+    lr = set_learning_rates(run, step)
+    with autocast_for(run.device):
+        terms = run.loss.terms(run.model, run.train_data.x[idx], None, gen)
+        loss = terms.loss.mean() + terms.extra
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    finite = torch.isfinite(loss.detach())
+    if t.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
+        finite = finite & torch.isfinite(norm)
+    if optimizer_step_unless(run.optimizer, finite):
+        run.ema.update(run.model, step)
+        run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
+    update_running(running, terms.loss.mean().detach().float(), finite)
+    return lr
+
+
+def new_running(device: torch.device) -> torch.Tensor:
+    """The on-device accumulator train_step fills: [loss sum, finite steps, skipped steps, non-finite streak]."""
+    return torch.zeros(4, device=device)
 
 
 def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
