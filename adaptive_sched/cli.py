@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def cmd_train(args) -> int:
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
-    shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd") if k in final}
-    print("done: " + ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd", "eval_fid",
+                                   "eval_bpd") if k in final}
+    if os.environ.get("RANK", "0") == "0":        # under torchrun, rank 0 speaks for the run
+            print("done: " + ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     return 0
 
 

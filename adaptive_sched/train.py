@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, data as datasets, samplers, schedules, weighting
+from adaptive_sched import checkpoint, config as cfg, data as datasets, distributed, samplers, schedules, weighting
 from adaptive_sched.errors import UsageError
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import autocast_for, generate, sampling_grid
@@ -96,13 +97,21 @@ class Run:
     optimizer: torch.optim.Optimizer
     ema: EMA
     loss_bins: LossHistogram     # per-λ-bin EMA of the ε-MSE seen in training (a diagnostic)
+    world: distributed.World = distributed.World()
+    train_model: torch.nn.Module | None = None   # what the step calls: the model, or its DDP wrapper
+
+    @property
+    def schedule_params(self) -> list[torch.nn.Parameter]:
+        return list(self.loss.schedule.parameters()) if schedules.is_learned(self.loss.schedule) else []
 
 
-def build(config: cfg.RunConfig) -> Run:
-    """Phase 1: data, schedule, loss, model, optimizer and EMA, all on the run's device."""
-    device = resolve_device(config.train.device)
+def build(config: cfg.RunConfig, world: distributed.World = distributed.World(), device_name: str | None = None) -> Run:
+    """Phase 1: data, schedule, loss, model, optimizer and EMA, all on the run's device (DDP when world > 1)."""
+    device = resolve_device(device_name or config.train.device)
     train_data = load_data(config.data, "train")
     validate(config, len(train_data))
+    if config.train.batch_size % world.size:
+        raise UsageError(f"batch_size {config.train.batch_size} must split evenly across {world.size} ranks")
     eval_data = load_data(config.data, "test")
     n_eval = min(config.eval.n, len(eval_data))
     eval_data = datasets.Dataset(eval_data.name, eval_data.x[:n_eval],
@@ -124,8 +133,12 @@ def build(config: cfg.RunConfig) -> Run:
                                 device.type)
     s = config.schedule
     loss_bins = LossHistogram(s.logsnr_min, s.logsnr_max, bins=80, decay=0.99, floor=0.0).to(device)
+    train_model = model
+    if world.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
-               EMA(model, config.train.ema_decay), loss_bins)
+               EMA(model, config.train.ema_decay), loss_bins, world, train_model)
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -165,7 +178,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     """Phase 2: create or reopen the run directory; return (start step, saved training state or None)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file, not a run directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if run.world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.load_training_state(out_dir) if (out_dir / checkpoint.STATE_NAME).exists() or \
         (out_dir / checkpoint.PREVIOUS_NAME).exists() else None
     if state is not None and not resume:
@@ -186,8 +200,13 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         torch.set_rng_state(state["rng_cpu"])
         if run.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
-    (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
+        if state.get("world_size", 1) != run.world.size:
+            warnings.warn(f"resuming a run saved with {state.get('world_size', 1)} ranks on {run.world.size}: "
+                          f"the per-rank noise differs from an uninterrupted run from here on")
     start = 0 if state is None else int(state["step"])
+    if not run.world.is_main:
+        return start, state
+    (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
     for name, columns in (("metrics.csv", METRIC_COLUMNS), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
     for name in ("schedule_density.csv", "loss_bins.csv"):
@@ -205,8 +224,15 @@ def ema_model(run: Run) -> torch.nn.Module:
 
 
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
-    """Write the training state (atomically, keeping the previous one) and the EMA snapshot."""
-    state = {"step": step, "config": run.config.to_dict(), "model": run.model.state_dict(),
+    """Write the training state (atomically, keeping the previous one) and the EMA snapshot (rank 0).
+
+    Under DDP every rank first checks that the ranks' weights and schedule parameters are identical.
+    """
+    distributed.assert_identical(list(run.model.parameters()), run.world, "denoiser weights")
+    distributed.assert_identical(run.schedule_params, run.world, "learned-schedule parameters")
+    if not run.world.is_main:
+        return
+    state = {"step": step, "world_size": run.world.size, "config": run.config.to_dict(), "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(), "running": running.cpu(),
              "rng_cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
@@ -268,25 +294,40 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
           on_eval: Callable[[int, dict], None] | None = None) -> dict:
     """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics).
 
-    on_eval(step, row) is called after every eval row is logged (and the state saved); an exception it
-    raises (e.g. optuna.TrialPruned) stops the run and propagates.
+    Under torchrun the ranks split each global batch (DDP); rank 0 evaluates, logs and writes files.
+    on_eval(step, row) is called (on rank 0) after every eval row is logged and the state saved; an
+    exception it raises (e.g. optuna.TrialPruned) stops the run and propagates.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file, not a run directory")
-    run = build(config)
-    start, state = open_run_dir(run, out_dir, resume)
-    t = config.train
-    metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS)
-    running = new_running(run.device) if state is None else state["running"].to(run.device)
-    if running.numel() == 2:                       # a checkpoint from before the non-finite counters
-        running = torch.cat([running, torch.zeros(2, device=run.device)])
-    if start >= t.steps:
-        rows = metrics.rows()
-        return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
+    world, device_name = distributed.setup(config.train.device)
+    try:
+        run = build(config, world, device_name)
+        start, state = open_run_dir(run, out_dir, resume)
+        running = new_running(run.device) if state is None else state["running"].to(run.device)
+        if running.numel() == 2:                       # a checkpoint from before the non-finite counters
+            running = torch.cat([running, torch.zeros(2, device=run.device)])
+        last_row = loop(run, out_dir, start, running, progress, on_eval)
+        if world.is_main and schedules.is_learned(run.loss.schedule) and start < config.train.steps:
+            from adaptive_sched.plots import schedule_over_training
+            schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png",
+                                   config.schedule)
+    finally:
+        distributed.teardown(world)
+    return last_row
 
+
+def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: bool,
+         on_eval: Callable[[int, dict], None] | None) -> dict:
+    """Phase 3: steps start..steps-1; log, evaluate and checkpoint on schedule; return the last metrics row."""
+    config, t, main = run.config, run.config.train, run.world.is_main
+    metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS) if main else None
+    if start >= t.steps:
+        rows = metrics.rows() if main else []
+        return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
     from tqdm.auto import tqdm
-    bar = tqdm(total=t.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True,
                desc=f"{config.schedule.name} seed {t.seed}")
     last_row = {}
     tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
@@ -297,7 +338,8 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         bar.update(1)
         is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps
         if is_log or is_eval:
-            total, count, skipped, streak = running.tolist()     # the one host sync per log interval
+            total, count, skipped, streak = distributed.all_reduce_sum(running, run.world).tolist()  # one sync
+            skipped, streak = skipped / run.world.size, streak / run.world.size
             if streak >= t.max_nonfinite:
                 save(run, out_dir, done, running)
                 raise UsageError(f"training diverged: {int(streak)} non-finite losses in a row by step {done} "
@@ -307,38 +349,45 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
             row = {"step": done, "loss": total / count if count else float("nan"), "lr": lr,
                    "elapsed_s": round(now - began, 3), "skipped": int(skipped),
                    "img_s": round((done - tick_step) * t.batch_size / max(now - tick, 1e-9), 1)}
-            if is_eval:
+            if is_eval and main:
                 row.update(evaluate(run, out_dir, done))
                 run.model.train()
-            metrics.append(row)
+            if main:
+                metrics.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.0f}")
             running[:3].zero_()                         # the streak carries over into the next interval
+            distributed.barrier(run.world)              # the other ranks wait for rank 0's eval
             tick, tick_step, last_row = time.perf_counter(), done, row
         is_checkpoint = done % t.checkpoint_every == 0 or done == t.steps
         if is_checkpoint or (is_eval and on_eval is not None):   # a callback may stop the run: save first
             save(run, out_dir, done, running)
-        if is_eval and on_eval is not None:
+        if is_eval and on_eval is not None and main:
             on_eval(done, last_row)
     bar.close()
-    if schedules.is_learned(run.loss.schedule):
-        from adaptive_sched.plots import schedule_over_training
-        schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png", config.schedule)
     return last_row
 
 
 def train_step(run: Run, step: int, running: torch.Tensor) -> float:
     """One optimisation step (no host sync on CUDA with fused AdamW): draw a batch and noise from the step's
     generator, take the loss's gradient, step unless non-finite, update EMA and diagnostics; return the lr."""
-    t = run.config.train
+    t, world = run.config.train, run.world
     gen = step_generator(t.seed, step, run.device)
     idx = torch.randint(len(run.train_data), (t.batch_size,), generator=gen, device=run.device)
+    if world.enabled:                              # this rank's share of the global batch, its own noise
+        share = t.batch_size // world.size
+        idx = idx[world.rank * share:(world.rank + 1) * share]
+        gen = distributed.rank_generator(t.seed, step, world, run.device)
     lr = set_learning_rates(run, step)
     with autocast_for(run.device):
-        terms = run.loss.terms(run.model, run.train_data.x[idx], None, gen)
+        terms = run.loss.terms(run.train_model or run.model, run.train_data.x[idx], None, gen)
         loss = terms.loss.mean() + terms.extra
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     finite = torch.isfinite(loss.detach())
+    if world.enabled:                              # DDP averaged the denoiser's gradients; average φ's here
+        grads = [p.grad for p in run.schedule_params if p.grad is not None]
+        distributed.all_reduce_mean_(grads, world)
+        finite = all_finite([p.grad for p in run.model.parameters() if p.grad is not None] + grads)
     if t.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
         finite = finite & torch.isfinite(norm)
@@ -347,6 +396,13 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
         run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
     update_running(running, terms.loss.mean().detach().float(), finite)
     return lr
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: every entry of every tensor is finite (one fused norm; identical on all ranks)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors))
 
 
 def new_running(device: torch.device) -> torch.Tensor:
