@@ -100,7 +100,7 @@ def cmd_schedules(args) -> int:
 
 def cmd_compare(args) -> int:
     from adaptive_sched.compare import compare
-    compare(args.config_file, args.out, progress=not args.quiet)
+    compare(args.config_file, args.out, progress=not args.quiet, jobs=args.jobs)
     return 0
 
 
@@ -148,6 +148,7 @@ def make_parser() -> Parser:
     p = sub.add_parser("compare", help="train a grid of schedules x seeds from a TOML file; tables and plots")
     p.add_argument("config_file", metavar="CONFIG.toml")
     p.add_argument("--out", required=True, help="output directory (resumable: finished runs are skipped)")
+    p.add_argument("--jobs", type=int, help="runs at once as separate processes (default: [compare] jobs, 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return parser

@@ -5,11 +5,16 @@ The TOML file is a run config (see adaptive_sched.config) plus a [compare] secti
     seeds = [0, 1, 2]
     metric = "eval_excess_mse"         # the column tables and plots are about
     schedules = [{ name = "cosine" }, { name = "laplace", b = 0.5 }, { name = "learned", weight_like = "cosine" }]
+    jobs = 1                           # runs at once, as separate processes (or `compare --jobs K`)
+    reference = "cosine"               # steps-to-target: the first step each schedule reaches this one's final
+                                       # metric (default: the first entry); a label
+    samples = 64                       # per schedule, from seed 0's EMA weights, drawn into samples.png (images)
 An entry's keys are its schedule's parameters, plus `label` and, for learned schedules, any [learned] key
 (objective, lr, weight_like, ...).
 Runs go to DIR/runs/<label>/seed<k>/ and are resumable: finished runs are skipped, interrupted
 ones continue from their last checkpoint. Outputs: DIR/summary.csv (tidy: one row per run × logged
-step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/results.md, and PNG plots.
+step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/steps_to_target.csv, DIR/results.md, and PNG
+plots (metric against step, p(λ), per-λ loss, sample grids).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from adaptive_sched import config as cfg
 from adaptive_sched.errors import UsageError
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
-COMPARE_KEYS = {"seeds", "metric", "schedules"}
+COMPARE_KEYS = {"seeds", "metric", "schedules", "jobs", "reference", "samples"}
 
 
 def run_label(entry: dict) -> str:
@@ -42,8 +47,21 @@ def run_dir_of(out: Path, entry: dict, seed: int) -> Path:
     return out / "runs" / slug / f"seed{seed}"
 
 
-def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
-    """(base config, schedule entries, seeds, metric) from a compare TOML; everything validated up front."""
+@dataclasses.dataclass
+class Plan:
+    """A parsed compare file: the base run config, schedule entries, seeds and the [compare] options."""
+
+    base: cfg.RunConfig
+    entries: list[dict]
+    seeds: list[int]
+    metric: str
+    jobs: int = 1
+    reference: str = ""
+    samples: int = 64
+
+
+def parse(path: str | Path) -> Plan:
+    """The compare plan from a TOML file; everything validated up front."""
     raw = cfg.read_toml(path)
     section = raw.pop("compare", None)
     if not isinstance(section, dict):
@@ -72,7 +90,14 @@ def parse(path: str | Path) -> tuple[cfg.RunConfig, list[dict], list[int], str]:
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
     for entry in entries:
         build_schedule(run_config(base, entry, seeds[0]).schedule)     # refuse bad parameters before any run
-    return base, entries, seeds, metric
+    jobs, samples = section.get("jobs", 1), section.get("samples", 64)
+    if not isinstance(jobs, int) or jobs < 1 or not isinstance(samples, int) or samples < 0:
+        raise UsageError("[compare] jobs must be an integer >= 1 and samples an integer >= 0")
+    labels = [run_label(e) for e in entries]
+    reference = section.get("reference", labels[0])
+    if reference not in labels:
+        raise UsageError(f"[compare] reference {reference!r} is not one of the labels: {', '.join(labels)}")
+    return Plan(base, entries, seeds, metric, jobs, reference, samples)
 
 
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
@@ -94,22 +119,48 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return bool(rows) and int(rows[-1]["step"]) >= steps
 
 
-def compare(config_file: str | Path, out: str | Path, progress: bool = True) -> Path:
-    """Run (or resume) every schedule × seed, then write summary.csv, aggregates.csv, results.md and plots."""
+def compare(config_file: str | Path, out: str | Path, progress: bool = True, jobs: int | None = None) -> Path:
+    """Run (or resume) every schedule × seed, `jobs` at a time, then write the tables and plots."""
     from adaptive_sched.train import train
-    base, entries, seeds, metric = parse(config_file)
+    plan = parse(config_file)
+    jobs = plan.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "compare.toml").write_text(Path(config_file).read_text())
-    jobs = [(entry, seed) for entry in entries for seed in seeds]
-    for i, (entry, seed) in enumerate(jobs, 1):
-        run_dir = run_dir_of(out, entry, seed)
-        if is_finished(run_dir, base.train.steps):
-            print(f"[{i}/{len(jobs)}] {run_label(entry)} seed {seed}: finished, skipped")
-            continue
-        print(f"[{i}/{len(jobs)}] {run_label(entry)} seed {seed}")
-        train(run_config(base, entry, seed), run_dir, resume=True, progress=progress)
-    return report(out, entries, seeds, metric, base)
+    todo = []
+    for entry in plan.entries:
+        for seed in plan.seeds:
+            run_dir = run_dir_of(out, entry, seed)
+            if is_finished(run_dir, plan.base.train.steps):
+                print(f"{run_label(entry)} seed {seed}: finished, skipped")
+            else:
+                todo.append((entry, seed, run_dir))
+    if jobs == 1:
+        for i, (entry, seed, run_dir) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {run_label(entry)} seed {seed}")
+            train(run_config(plan.base, entry, seed), run_dir, resume=True, progress=progress)
+    elif todo:
+        run_in_processes(plan, todo, jobs, progress)
+    return report(out, plan)
+
+
+def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, progress: bool) -> None:
+    """Train the unfinished runs as `jobs` concurrent `adaptive-sched train --resume` processes."""
+    from adaptive_sched.jobs import Job, run_jobs
+    work = []
+    for entry, seed, run_dir in todo:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "run.toml"
+        config_path.write_text(cfg.dumps_toml(run_config(plan.base, entry, seed).to_dict()))
+        work.append(Job(f"{run_label(entry)} seed {seed}", ["train", "--config", str(config_path), "--out",
+                                                             str(run_dir), "--resume", "--quiet"],
+                        run_dir / "train.log"))
+    failed = run_jobs(work, jobs, progress)
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(work)} runs failed (first: {failed[0][0].name}, see "
+                         f"{failed[0][0].log}); rerun the same command to retry them")
 
 
 def collect(out: Path, entries: list[dict], seeds: list[int]):
@@ -150,9 +201,10 @@ def mean_ci(values) -> tuple[float, float, int]:
     return float(values.mean()), float(half), n
 
 
-def report(out: Path, entries: list[dict], seeds: list[int], metric: str, base: cfg.RunConfig) -> Path:
-    """Write summary.csv, aggregates.csv, results.md and the plots from the runs on disk."""
+def report(out: Path, plan: Plan) -> Path:
+    """Write summary.csv, aggregates.csv, steps_to_target.csv, results.md and the plots from the runs on disk."""
     from adaptive_sched import compare_plots
+    entries, seeds, metric, base = plan.entries, plan.seeds, plan.metric, plan.base
     summary, profiles = collect(out, entries, seeds)
     summary.to_csv(out / "summary.csv", index=False)
     rows = []
@@ -165,11 +217,47 @@ def report(out: Path, entries: list[dict], seeds: list[int], metric: str, base: 
     if metric not in set(aggregates.get("metric", [])):
         raise UsageError(f"metric {metric!r} was never logged by these runs")
     aggregates.to_csv(out / "aggregates.csv", index=False)
+    reached = steps_to_target(aggregates[aggregates["metric"] == metric], plan.reference)
+    reached.to_csv(out / "steps_to_target.csv", index=False)
     compare_plots.metric_curves(aggregates[aggregates["metric"] == metric], metric, out / "metric_vs_step.png")
     compare_plots.densities(entries, base, out / "densities.png", out, seeds[0])
     compare_plots.loss_profiles(profiles, out / "loss_profile.png")
-    write_results_md(out, aggregates, metric, base, data_floor(base))
+    if plan.samples > 0 and base.data.name not in ("gmm", "checkerboard", "swissroll"):
+        compare_plots.sample_grids(entries, out, seeds[0], plan.samples, out / "samples.png")
+    write_results_md(out, aggregates, metric, base, data_floor(base), reached)
     return out
+
+
+def budget_table(curve, metric: str, order) -> list[str]:
+    """Markdown lines: `metric` (mean ± CI over seeds) at every eval step, one row per schedule."""
+    steps = sorted(int(v) for v in curve["step"].unique())
+    if len(steps) < 2:
+        return []
+    cells = {(r["label"], int(r["step"])): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in curve.iterrows()}
+    lines = ["", f"## {metric} at each eval step (training budget)", "",
+             "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for label in order:
+        lines.append(f"| {label} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
+    return lines
+
+
+def steps_to_target(curves, reference: str):
+    """Per label: the first eval step whose seed-mean metric ≤ the reference's final seed-mean (lower is better).
+
+    Also the fraction of the reference's own steps to that value (NaN when never reached).
+    """
+    import pandas as pd
+    ref = curves[curves["label"] == reference].sort_values("step")
+    target = float(ref["mean"].iloc[-1])
+    ref_step = int(ref.loc[ref["mean"] <= target, "step"].iloc[0])
+    rows = []
+    for label, group in curves.groupby("label", sort=False):
+        hit = group.sort_values("step")
+        hit = hit[hit["mean"] <= target]
+        step = int(hit["step"].iloc[0]) if len(hit) else math.nan
+        rows.append({"label": label, "reference": reference, "target": target, "step": step,
+                     "fraction_of_reference": step / ref_step if len(hit) else math.nan})
+    return pd.DataFrame(rows)
 
 
 def data_floor(base: cfg.RunConfig) -> float | None:
@@ -183,7 +271,8 @@ def data_floor(base: cfg.RunConfig) -> float | None:
     return sliced_wasserstein(train.x[:n], held_out.x[:n])
 
 
-def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, floor: float | None = None) -> None:
+def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, floor: float | None = None,
+                     reached=None) -> None:
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
@@ -199,10 +288,22 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
     for label in order:
         cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
+    lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
+    if reached is not None and len(reached):
+        reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
+        lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",
+                  "| schedule | step | fraction of the reference's steps |", "|---|---|---|"]
+        for _, r in reached.iterrows():
+            if r["step"] == r["step"]:
+                lines.append(f"| {r['label']} | {int(r['step'])} | {r['fraction_of_reference']:.2f} |")
+            else:
+                lines.append(f"| {r['label']} | not reached | – |")
     if floor is not None:
         lines += ["", f"eval_swd floor (training data against held-out data, same n): {floor:.4g}"]
     lines += ["", "eval_excess_mse: held-out ε-MSE above the exact denoiser's (gmm only), mean over λ in "
               f"[{base.eval.logsnr_lo}, {base.eval.logsnr_hi}]; eval_eps_mse: the same without subtracting it; "
-              "eval_swd: sliced Wasserstein-1 between samples and held-out data."]
+              "eval_swd: sliced Wasserstein-1 between samples and held-out data; eval_fid / eval_kid: Fréchet and "
+              "kernel distances of sample features to held-out features (feature net in the run's eval_features.json); "
+              "eval_bpd: the VLB in bits/dim on held-out data (independent of the training schedule)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

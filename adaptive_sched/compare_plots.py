@@ -55,3 +55,35 @@ def loss_profiles(profiles, path: Path) -> None:
             ax.plot(exact.index, exact.values, "k--", label="exact denoiser")
             oracle_drawn = True
     finish_line_plot(fig, ax, path, "logSNR λ", "held-out ε-MSE", logy=True)
+
+
+def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) -> None:
+    """One panel of n samples per schedule (seed `seed`'s EMA weights, the runs' own sampler and grid)."""
+    from adaptive_sched.compare import run_dir_of, run_label
+    from adaptive_sched.generate import generate, sampling_grid
+    from adaptive_sched.plots import image_grid, show_image
+    from adaptive_sched.sample_run import load_snapshot
+    panels = []
+    for entry in entries:
+        run_dir = run_dir_of(out, entry, seed)
+        if not (run_dir / "ema.pt").exists():
+            continue
+        config, model, snap = load_snapshot(run_dir, torch.device("cpu"))
+        e = config.eval
+        grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
+        x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, e.sampler, seed=0)
+        panels.append((f"{run_label(entry)}\n(step {snap['step']})", image_grid(x)))
+    if not panels:
+        return
+    plt = _pyplot()
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, grid) in zip(axes.flat, panels):
+        show_image(ax, grid)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

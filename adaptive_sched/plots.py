@@ -30,24 +30,36 @@ def finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, logy: 
     plt.close(fig)
 
 
+def image_grid(x: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] tiled into one (rows·(H+1)+1, cols·(W+1)+1, C) array in [0, 1]."""
+    n, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
+    imgs = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()   # (N, H, W, C)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = imgs[i]
+    return grid
+
+
+def show_image(ax, grid: np.ndarray) -> None:
+    """Draw an image_grid array on `ax` (grayscale for one channel), without axes."""
+    gray = grid.shape[2] == 1
+    ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None, vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.axis("off")
+
+
 def save_samples_png(x: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Images (N, C, H, W) in [-1, 1] as a square grid; vectors (N, 2) as a scatter; other vectors as histograms."""
     plt = _pyplot()
     x = x.detach().float().cpu()
     path = Path(path)
     if x.ndim == 4:
-        n, c, h, w = x.shape
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
-        imgs = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()     # (N, H, W, C) in [0, 1]
-        for i in range(n):
-            r, k = divmod(i, cols)
-            grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = imgs[i]
-        fig, ax = plt.subplots(figsize=(max(3, cols * w / 16), max(3, rows * h / 16)))
-        ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.axis("off")
+        grid = image_grid(x)
+        fig, ax = plt.subplots(figsize=(max(3, grid.shape[1] / 16), max(3, grid.shape[0] / 16)))
+        show_image(ax, grid)
     elif x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.5)

@@ -1,0 +1,79 @@
+"""Run several CLI jobs at once as separate processes (one GPU or the CPU), without oversubscribing threads.
+
+Each job is an argv for `python -m adaptive_sched ...`; its stdout/stderr go to a log file. With K jobs on
+C cores every process gets max(1, C // K) intra-op threads (OMP/MKL env), since torch's default of all
+cores per process makes concurrent CPU runs several times slower each. Ctrl-C terminates the children;
+their runs are resumable, so nothing is lost.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Job:
+    """One process: a name for messages, its arguments after `python -m adaptive_sched`, and its log file."""
+
+    name: str
+    args: list[str]
+    log: Path
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Intra-op threads per process when `jobs` run at once on `cores` cores."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, jobs))
+
+
+def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2) -> list[tuple[Job, int]]:
+    """Run `jobs`, at most `parallel` at a time; return the (job, exit status) of those that failed."""
+    threads = str(threads_per_job(parallel))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    pending, running, failed = list(jobs), [], []
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                handle = job.log.open("w")
+                proc = subprocess.Popen([sys.executable, "-m", "adaptive_sched", *job.args], stdout=handle,
+                                        stderr=subprocess.STDOUT, env=env)
+                running.append((job, proc, handle))
+            time.sleep(poll_s)
+            for item in [r for r in running if r[1].poll() is not None]:
+                job, proc, handle = item
+                handle.close()
+                running.remove(item)
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append((job, proc.returncode))
+                    bar.write(f"{job.name}: failed with exit status {proc.returncode} ({last_line(job.log)}); "
+                              f"log: {job.log}")
+                else:
+                    bar.write(f"{job.name}: done")
+    finally:
+        for job, proc, handle in running:            # interrupted: stop the children, keep their checkpoints
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            handle.close()
+        bar.close()
+    return failed
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file ('' if none)."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""

@@ -1,0 +1,82 @@
+"""compare: steps-to-target, budgets, concurrent processes agree with sequential runs, sample grids."""
+import math
+
+import pandas as pd
+import pytest
+
+from adaptive_sched.compare import compare, parse, steps_to_target
+from adaptive_sched.errors import UsageError
+
+TINY = """
+[data]
+name = "{data}"
+n = 2000
+dim = 4
+[model]
+name = "{model}"
+{model_params}
+[train]
+steps = 40
+batch_size = 64
+log_every = 20
+target = "v"
+[eval]
+every = 20
+n = 100
+sample_n = {sample_n}
+sample_steps = 5
+logsnr_points = 5
+[compare]
+seeds = [0]
+metric = "eval_eps_mse"
+schedules = [{{ name = "cosine" }}, {{ name = "laplace", b = 1.0 }}]
+{extra}
+"""
+
+
+def write_config(tmp_path, data="gmm", model="mlp", model_params="hidden = 32\ndepth = 1", sample_n=0, extra=""):
+    path = tmp_path / "cmp.toml"
+    path.write_text(TINY.format(data=data, model=model, model_params=model_params, sample_n=sample_n, extra=extra))
+    return path
+
+
+def test_steps_to_target_finds_the_first_step_at_or_below_the_reference_final_mean():
+    curves = pd.DataFrame({"label": ["cos"] * 4 + ["lap"] * 4 + ["bad"] * 4,
+                           "step": [10, 20, 30, 40] * 3,
+                           "mean": [4.0, 3.0, 2.5, 2.0, 3.0, 2.0, 1.5, 1.0, 9, 8, 7, 6]})
+    reached = steps_to_target(curves, "cos").set_index("label")
+    assert reached.loc["cos", "step"] == 40 and reached.loc["cos", "fraction_of_reference"] == 1.0
+    assert reached.loc["lap", "step"] == 20 and reached.loc["lap", "fraction_of_reference"] == 0.5
+    assert math.isnan(reached.loc["bad", "step"]) and (reached["target"] == 2.0).all()
+
+
+def test_compare_options_are_validated(tmp_path):
+    assert parse(write_config(tmp_path, extra='jobs = 2\nreference = "laplace(b=1.0)"')).jobs == 2
+    with pytest.raises(UsageError, match="reference 'linear' is not one of the labels"):
+        parse(write_config(tmp_path, extra='reference = "linear"'))
+    with pytest.raises(UsageError, match="jobs must be an integer >= 1"):
+        parse(write_config(tmp_path, extra="jobs = 0"))
+
+
+@pytest.mark.slow
+def test_two_processes_at_once_reproduce_the_sequential_runs(tmp_path):
+    config = write_config(tmp_path)
+    compare(config, tmp_path / "seq", progress=False)
+    compare(config, tmp_path / "par", progress=False, jobs=2)
+    a, b = pd.read_csv(tmp_path / "seq" / "summary.csv"), pd.read_csv(tmp_path / "par" / "summary.csv")
+    assert list(a["label"]) == list(b["label"]) and list(a["step"]) == list(b["step"])
+    assert (a["loss"] - b["loss"]).abs().max() < 1e-5
+    assert (a["eval_eps_mse"] - b["eval_eps_mse"]).abs().max() < 1e-5
+    reached = pd.read_csv(tmp_path / "par" / "steps_to_target.csv")
+    assert list(reached["label"]) == ["cosine", "laplace(b=1.0)"] and reached["step"].iloc[0] == 40
+    text = (tmp_path / "par" / "results.md").read_text()
+    assert "Steps to reach cosine's final eval_eps_mse" in text and "at each eval step" in text
+
+
+@pytest.mark.slow
+def test_image_compare_draws_one_sample_panel_per_schedule(tmp_path):
+    config = write_config(tmp_path, data="digits", model="unet",
+                          model_params="channels = [8]\nemb_dim = 16\nmid_blocks = 0", sample_n=16,
+                          extra="samples = 16")
+    out = compare(config, tmp_path / "out", progress=False)
+    assert (out / "samples.png").stat().st_size > 1000
