@@ -26,6 +26,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding dataset files (also $ADAPTIVE_SCHED_DATA)")
     p.add_argument("--schedule", help="training schedule (see `adaptive-sched schedules`)")
     p.add_argument("--schedule-param", action="append", metavar="K=V", help="schedule parameter, repeatable")
+    p.add_argument("--curriculum", action="append", metavar="P=START:END[:SHAPE]",
+                   help="move schedule parameter P over training (shape linear, cosine or sinusoidal), repeatable")
     p.add_argument("--schedule-objective", help="learned schedules: variance (default) or cvdm")
     p.add_argument("--target", help="prediction target: eps, x0, v, flow")
     p.add_argument("--weighting", help="loss weighting (default: schedule)")
@@ -57,6 +59,9 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     put("schedule", "name", args.schedule)
     put("weighting", "name", args.weighting)
     put("learned", "objective", args.schedule_objective)
+    if args.curriculum:
+        put("schedule", "curriculum", {k: str(v) for k, v in cfg.parse_assignments(args.curriculum,
+                                                                                   "--curriculum").items()})
     put("model", "name", args.model)
     for section, pairs, flag in (("schedule", args.schedule_param, "--schedule-param"),
                                  ("weighting", args.weighting_param, "--weighting-param"),

@@ -106,7 +106,7 @@ def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     schedule = {k: v for k, v in entry.items() if k != "label" and k not in learned_keys}
     learned = {k: v for k, v in entry.items() if k in learned_keys}
     config = copy.deepcopy(base)
-    config.schedule.params = {}          # an entry names all of its schedule's parameters
+    config.schedule = dataclasses.replace(config.schedule, params={}, curriculum={})  # an entry names them all
     return cfg.from_dict({"schedule": schedule, "learned": learned, "train": {"seed": seed}}, config)
 
 

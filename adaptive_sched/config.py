@@ -2,7 +2,8 @@
 
 TOML layout (every section optional):
     [data]      name, data_dir, pad, resize, n, dim, seed
-    [schedule]  name, logsnr_min, logsnr_max, and the schedule's own parameters (e.g. b = 0.5)
+    [schedule]  name, logsnr_min, logsnr_max, the schedule's own parameters (e.g. b = 0.5), and
+                curriculum = { b = "0.3:1.5:cosine" } to move parameters over training
     [weighting] name, and the weighting's own parameters (e.g. gamma = 5)
     [learned]   objective, lr, weight_decay, freeze_steps, weight_like, smoothness (learned schedules only)
     [model]     name, and the model's own parameters (e.g. channels = [32, 64])
@@ -41,6 +42,7 @@ class ScheduleConfig:
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
     params: dict = field(default_factory=dict)
+    curriculum: dict = field(default_factory=dict)   # {param: "START:END[:SHAPE]"} (adaptive_sched.curriculum)
 
 
 @dataclass

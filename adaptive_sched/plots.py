@@ -91,7 +91,7 @@ def schedule_over_training(csv_path: str | Path, path: str | Path, schedule_conf
     fig, ax = plt.subplots(figsize=(6, 4))
     for rank, i in enumerate(picks):
         shade = 0.25 + 0.75 * (rank + 1) / len(picks)
-        ax.plot(lam, [float(v) for v in body[i][1:]], color=(0.1, 0.2, 0.6, shade), label=f"learned, step {body[i][0]}")
+        ax.plot(lam, [float(v) for v in body[i][1:]], color=(0.1, 0.2, 0.6, shade), label=f"{schedule_config.name}, step {body[i][0]}")
     window = dict(logsnr_min=schedule_config.logsnr_min, logsnr_max=schedule_config.logsnr_max)
     grid = torch.tensor(lam, dtype=torch.float64)
     for name, style in (("laplace", ":"), ("cauchy", "--"), ("cosine", "-.")):

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, data as datasets, distributed, samplers, schedules, weighting
+from adaptive_sched import checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules, weighting
 from adaptive_sched.errors import UsageError
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import autocast_for, generate, sampling_grid
@@ -55,10 +55,29 @@ def load_data(data_config: cfg.DataConfig, split: str) -> datasets.Dataset:
                          n=d.n or None, dim=d.dim or None, seed=d.seed)
 
 
-def build_schedule(schedule_config: cfg.ScheduleConfig):
-    """The training schedule from its config."""
+def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: int = 1):
+    """The training schedule from its config, with any curriculum's parameter values at `step` of `steps`."""
     s = schedule_config
-    return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **s.params)
+    ramps = curriculum.parse(s.curriculum)
+    if ramps and schedules.is_learned(schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
+                                                      **s.params)):
+        raise UsageError(f"a curriculum moves a fixed schedule's parameters; {s.name!r} learns its own, so drop --curriculum")
+
+    curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
+        cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
+    return schedule_at(s, step, steps)
+
+
+def schedule_at(schedule_config: cfg.ScheduleConfig, step: int, steps: int):
+    """The (fixed) schedule with its curriculum parameters at `step` of `steps` (no validation)."""
+    s = schedule_config
+    params = {**s.params, **curriculum.values_at(curriculum.parse(s.curriculum), step, steps)}
+    return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
+
+
+def metric_columns(config: cfg.RunConfig) -> list[str]:
+    """metrics.csv's columns: the standard ones plus schedule_<param> for every curriculum parameter."""
+    return METRIC_COLUMNS + [f"schedule_{p}" for p in config.schedule.curriculum]
 
 
 def validate(config: cfg.RunConfig, n_train: int) -> None:
@@ -117,7 +136,7 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     eval_data = datasets.Dataset(eval_data.name, eval_data.x[:n_eval],
                                  None if eval_data.y is None else eval_data.y[:n_eval], eval_data.num_classes,
                                  eval_data.oracle)
-    schedule = build_schedule(config.schedule)
+    schedule = build_schedule(config.schedule, 0, config.train.steps)
     loss = DiffusionLoss(schedule, config.train.target, build_weighting(config, schedules.is_learned(schedule)),
                          config.learned.objective, config.learned.smoothness)
     torch.manual_seed(config.train.seed)
@@ -207,7 +226,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     if not run.world.is_main:
         return start, state
     (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
-    for name, columns in (("metrics.csv", METRIC_COLUMNS), ("eval_profile.csv", PROFILE_COLUMNS)):
+    for name, columns in (("metrics.csv", metric_columns(run.config)), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
     for name in ("schedule_density.csv", "loss_bins.csv"):
         if (out_dir / name).exists():
@@ -309,7 +328,8 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         if running.numel() == 2:                       # a checkpoint from before the non-finite counters
             running = torch.cat([running, torch.zeros(2, device=run.device)])
         last_row = loop(run, out_dir, start, running, progress, on_eval)
-        if world.is_main and schedules.is_learned(run.loss.schedule) and start < config.train.steps:
+        moving = schedules.is_learned(run.loss.schedule) or bool(config.schedule.curriculum)
+        if world.is_main and moving and start < config.train.steps:
             from adaptive_sched.plots import schedule_over_training
             schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png",
                                    config.schedule)
@@ -322,7 +342,7 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
          on_eval: Callable[[int, dict], None] | None) -> dict:
     """Phase 3: steps start..steps-1; log, evaluate and checkpoint on schedule; return the last metrics row."""
     config, t, main = run.config, run.config.train, run.world.is_main
-    metrics = CsvLog(out_dir / "metrics.csv", METRIC_COLUMNS) if main else None
+    metrics = CsvLog(out_dir / "metrics.csv", metric_columns(config)) if main else None
     if start >= t.steps:
         rows = metrics.rows() if main else []
         return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
@@ -348,7 +368,9 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
             now = time.perf_counter()
             row = {"step": done, "loss": total / count if count else float("nan"), "lr": lr,
                    "elapsed_s": round(now - began, 3), "skipped": int(skipped),
-                   "img_s": round((done - tick_step) * t.batch_size / max(now - tick, 1e-9), 1)}
+                   "img_s": round((done - tick_step) * t.batch_size / max(now - tick, 1e-9), 1),
+                   **{f"schedule_{k}": v for k, v in run.loss.schedule.params().items()
+                      if k in config.schedule.curriculum}}
             if is_eval and main:
                 row.update(evaluate(run, out_dir, done))
                 run.model.train()
@@ -378,6 +400,8 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
         idx = idx[world.rank * share:(world.rank + 1) * share]
         gen = distributed.rank_generator(t.seed, step, world, run.device)
     lr = set_learning_rates(run, step)
+    if run.config.schedule.curriculum:            # a dynamic schedule: its parameters at this step
+        run.loss.schedule = schedule_at(run.config.schedule, step, t.steps)
     with autocast_for(run.device):
         terms = run.loss.terms(run.train_model or run.model, run.train_data.x[idx], None, gen)
         loss = terms.loss.mean() + terms.extra
