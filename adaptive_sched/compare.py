@@ -9,8 +9,9 @@ The TOML file is a run config (see adaptive_sched.config) plus a [compare] secti
     reference = "cosine"               # steps-to-target: the first step each schedule reaches this one's final
                                        # metric (default: the first entry); a label
     samples = 64                       # per schedule, from seed 0's EMA weights, drawn into samples.png (images)
-An entry's keys are its schedule's parameters, plus `label` and, for learned schedules, any [learned] key
-(objective, lr, weight_like, ...).
+    targets = ["eps", "v"]             # optional: every schedule is run with each prediction target
+An entry's keys are its schedule's parameters, plus `label`, `target`, `curriculum` and, for learned
+schedules, any [learned] key (objective, lr, weight_like, ...).
 Runs go to DIR/runs/<label>/seed<k>/ and are resumable: finished runs are skipped, interrupted
 ones continue from their last checkpoint. Outputs: DIR/summary.csv (tidy: one row per run × logged
 step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/steps_to_target.csv, DIR/results.md, and PNG
@@ -26,19 +27,22 @@ import re
 from pathlib import Path
 
 from adaptive_sched import config as cfg
+from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
-COMPARE_KEYS = {"seeds", "metric", "schedules", "jobs", "reference", "samples"}
+COMPARE_KEYS = {"seeds", "metric", "schedules", "targets", "jobs", "reference", "samples"}
+RUN_KEYS = {"label", "target"}          # entry keys that are not schedule parameters
 
 
 def run_label(entry: dict) -> str:
-    """A readable, filesystem-safe label: name(k=v,...)."""
-    params = {k: v for k, v in entry.items() if k not in ("name", "label")}
+    """A readable label: name(k=v,...) or the entry's own `label`, then " [target]" when the entry sets one."""
+    suffix = f" [{entry['target']}]" if "target" in entry else ""
     if "label" in entry:
-        return str(entry["label"])
+        return str(entry["label"]) + suffix
+    params = {k: v for k, v in entry.items() if k not in ("name", "label", "target")}
     inner = ",".join(f"{k}={v}" for k, v in params.items())
-    return f"{entry['name']}({inner})" if inner else entry["name"]
+    return (f"{entry['name']}({inner})" if inner else entry["name"]) + suffix
 
 
 def run_dir_of(out: Path, entry: dict, seed: int) -> Path:
@@ -74,6 +78,11 @@ def parse(path: str | Path) -> Plan:
     base = cfg.from_dict(raw)
     seeds = section.get("seeds", [0])
     entries = section.get("schedules", [])
+    targets = section.get("targets", [])
+    if not isinstance(targets, list) or not all(t in TARGETS for t in targets):
+        raise UsageError(f"[compare] targets must be a list drawn from: {', '.join(TARGETS)}")
+    if targets and isinstance(entries, list):
+        entries = [{**e, "target": t} for e in entries if isinstance(e, dict) for t in targets]
     metric = section.get("metric", "eval_eps_mse")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "name" in e for e in entries):
         raise UsageError("[compare] schedules must be a non-empty list of tables, each with a name")
@@ -103,11 +112,12 @@ def parse(path: str | Path) -> Plan:
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     """The config of one run: the base with this schedule and seed."""
     learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}
-    schedule = {k: v for k, v in entry.items() if k != "label" and k not in learned_keys}
+    schedule = {k: v for k, v in entry.items() if k not in RUN_KEYS and k not in learned_keys}
     learned = {k: v for k, v in entry.items() if k in learned_keys}
     config = copy.deepcopy(base)
     config.schedule = dataclasses.replace(config.schedule, params={}, curriculum={})  # an entry names them all
-    return cfg.from_dict({"schedule": schedule, "learned": learned, "train": {"seed": seed}}, config)
+    train = {"seed": seed, **({"target": entry["target"]} if "target" in entry else {})}
+    return cfg.from_dict({"schedule": schedule, "learned": learned, "train": train}, config)
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:

@@ -80,3 +80,16 @@ def test_image_compare_draws_one_sample_panel_per_schedule(tmp_path):
                           extra="samples = 16")
     out = compare(config, tmp_path / "out", progress=False)
     assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_targets_multiply_the_grid_and_set_each_runs_target(tmp_path):
+    from adaptive_sched.compare import run_config, run_dir_of, run_label
+    plan = parse(write_config(tmp_path, extra='targets = ["eps", "x0", "v"]'))
+    labels = [run_label(e) for e in plan.entries]
+    assert labels == ["cosine [eps]", "cosine [x0]", "cosine [v]", "laplace(b=1.0) [eps]", "laplace(b=1.0) [x0]",
+                      "laplace(b=1.0) [v]"]
+    assert [run_config(plan.base, e, 0).train.target for e in plan.entries] == ["eps", "x0", "v"] * 2
+    assert run_config(plan.base, plan.entries[4], 0).schedule.params == {"b": 1.0}
+    assert len({run_dir_of(tmp_path, e, 0) for e in plan.entries}) == 6
+    with pytest.raises(UsageError, match="targets must be a list"):
+        parse(write_config(tmp_path, extra='targets = ["score"]'))
