@@ -108,6 +108,12 @@ class EvalConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     grid: str = "cosine"
+    features: str = "auto"        # FID/KID features (images only): auto (a classifier trained on the data's own
+                                  # labels, else an autoencoder; cached), none, torchscript:PATH, inception:PATH
+    kid_subsets: int = 20
+    bpd_n: int = 0                # held-out examples for the VLB in bits/dim at each eval (0: skip)
+    bpd_points: int = 16          # stratified λ points per example
+    bpd_bins: int = 0             # 0: continuous decoder; 256: 8-bit images (VDM's categorical decoder)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
 def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2) -> list[tuple[Job, int]]:
     """Run `jobs`, at most `parallel` at a time; return the (job, exit status) of those that failed."""
     threads = str(threads_per_job(parallel))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
     pending, running, failed = list(jobs), [], []
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")

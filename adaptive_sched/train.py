@@ -90,6 +90,8 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
         raise UsageError(f"seed must be in 0..2^31-1, got {t.seed}")
     if e.n < 1 or e.sample_n < 0 or e.logsnr_points < 1 or e.sample_steps < 1:
         raise UsageError("[eval] n and logsnr_points must be >= 1, sample_n >= 0, sample_steps >= 1")
+    if e.bpd_n < 0 or e.bpd_points < 1 or e.bpd_bins == 1 or e.bpd_bins < 0 or e.kid_subsets < 1:
+        raise UsageError("[eval] bpd_n must be >= 0, bpd_points >= 1, bpd_bins 0 (continuous) or >= 2, kid_subsets >= 1")
     if e.sampler not in samplers.names():
         raise UsageError(f"unknown sampler {e.sampler!r}; choose one of: {', '.join(samplers.names())}")
     sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)   # refuse a bad grid now
@@ -118,6 +120,8 @@ class Run:
     loss_bins: LossHistogram     # per-λ-bin EMA of the ε-MSE seen in training (a diagnostic)
     world: distributed.World = distributed.World()
     train_model: torch.nn.Module | None = None   # what the step calls: the model, or its DDP wrapper
+    fid: object | None = None                    # FidEvaluator for image data (rank 0), see eval_features
+    fid_info: dict | None = None
 
     @property
     def schedule_params(self) -> list[torch.nn.Parameter]:
@@ -152,12 +156,16 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
                                 device.type)
     s = config.schedule
     loss_bins = LossHistogram(s.logsnr_min, s.logsnr_max, bins=80, decay=0.99, floor=0.0).to(device)
+    fid, fid_info = None, {}
+    if world.is_main:
+        from adaptive_sched.eval_features import build_evaluator
+        fid, fid_info = build_evaluator(config.eval, config.data, train_data, eval_data, device)
     train_model = model
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
-               EMA(model, config.train.ema_decay), loss_bins, world, train_model)
+               EMA(model, config.train.ema_decay), loss_bins, world, train_model, fid, fid_info)
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -226,6 +234,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     if not run.world.is_main:
         return start, state
     (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
+    from adaptive_sched.eval_features import write_info
+    write_info(out_dir, run.fid_info or {})
     for name, columns in (("metrics.csv", metric_columns(run.config)), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
     for name in ("schedule_density.csv", "loss_bins.csv"):
@@ -288,6 +298,13 @@ def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
         x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
                      device=run.device)
         metrics["eval_swd"] = sliced_wasserstein(x, run.eval_data.x[:n])
+        if run.fid is not None:
+            metrics.update(run.fid(x.clamp(-1, 1)))     # scored as images: clipped to the pixel range
+    if e.bpd_n > 0:
+        from adaptive_sched.likelihood import vlb
+        bound = vlb(model, run.config.train.target, run.eval_data.x[:e.bpd_n].float(), n_lambda=e.bpd_points,
+                    discrete_bins=e.bpd_bins or None)
+        metrics["eval_bpd"] = bound["bpd"]
     return metrics
 
 
