@@ -10,12 +10,19 @@ from adaptive_sched.diffusion import to_x0_eps
 from adaptive_sched.errors import UsageError
 
 
-def sampling_grid(name: str, steps: int, logsnr_min: float, logsnr_max: float, **params) -> torch.Tensor:
+def sampling_grid(name: str, steps: int | None, logsnr_min: float, logsnr_max: float, **params) -> torch.Tensor:
     """Increasing λ grid of steps + 1 points, λ_i = schedule.logsnr(1 − i/steps) for schedule `name`.
 
     Hang & Gu (2024) sample every training schedule on the cosine grid; that is the default elsewhere.
+    A name ending in .csv is a grid file (`adaptive-sched sampling-grid`, read by grids.read_grid): its points
+    must lie in the window, and steps must be its point count − 1, or None to take the file's own count.
     """
-    if steps < 1:
+    if str(name).lower().endswith(".csv"):
+        from adaptive_sched.grids import read_grid   # deferred: grids builds its cosine grid through here
+        if params:
+            raise UsageError(f"a grid file takes no parameters, got {', '.join(params)}")
+        return read_grid(name, steps, logsnr_min, logsnr_max)
+    if steps is None or steps < 1:
         raise UsageError(f"sampling steps must be >= 1, got {steps}")
     grid_schedule = schedules.build(name, logsnr_min=logsnr_min, logsnr_max=logsnr_max, **params)
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)

@@ -35,9 +35,11 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     dev = resolve_device(device)
     config, model, snap = load_snapshot(run_dir, dev)
     sampler = sampler or config.eval.sampler
-    steps = config.eval.sample_steps if steps is None else steps
     grid_name = grid or config.eval.grid
+    if steps is None and not grid_name.lower().endswith(".csv"):   # a grid file brings its own step count
+        steps = config.eval.sample_steps
     lam_grid = sampling_grid(grid_name, steps, config.eval.sample_logsnr_min, config.eval.sample_logsnr_max)
+    steps = len(lam_grid) - 1
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev)
     if out.suffix == ".npz":
         tmp = out.with_name(out.stem + ".tmp.npz")

@@ -9,16 +9,18 @@ import difflib
 import inspect
 from typing import Callable
 
+from adaptive_sched.config import suggest
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule
 from adaptive_sched.schedules.fixed import (EDM, Cauchy, Cosine, Flow, Laplace, Linear, Logistic, LogitNormal,
                                             Normal, Uniform)
 from adaptive_sched.schedules.binned import BinnedAdaptiveSchedule
 from adaptive_sched.schedules.learned import LearnedSchedule
+from adaptive_sched.schedules.polynomial import Polynomial
 from adaptive_sched.schedules.table import Table, read_table, write_table
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    cls.name: cls for cls in (Cosine, Laplace, Cauchy, Normal, EDM, LogitNormal, Logistic, Flow, Linear, Uniform, Table,
+    cls.name: cls for cls in (Cosine, Laplace, Cauchy, Normal, EDM, LogitNormal, Logistic, Flow, Linear, Uniform, Polynomial, Table,
                                        LearnedSchedule, BinnedAdaptiveSchedule)
 }
 
@@ -52,7 +54,8 @@ def build(name: str, **params) -> Schedule:
     valid = parameters(name)
     unknown = [k for k in params if k not in valid]
     if unknown:
-        raise UsageError(f"schedule {name!r} has no parameter {unknown[0]!r}; its parameters are: {', '.join(valid)}")
+        raise UsageError(f"schedule {name!r} has no parameter {unknown[0]!r}{suggest(unknown[0], list(valid))}; "
+                         f"its parameters are: {', '.join(valid)}")
     return factory(**params)
 
 

@@ -1,0 +1,90 @@
+"""`adaptive-sched sampling-grid RUN_DIR --steps N --method M --out FILE.csv`: a sampling grid for a trained run.
+
+Writes the increasing λ grid (N + 1 points, in the run's sampling window [eval] sample_logsnr_min..max) as
+CSV with a JSON sidecar FILE.csv.json (method, steps, run, window, method settings, AYS's KLUB estimates).
+Any sampler then takes it: `adaptive-sched sample RUN --grid FILE.csv`, or `grid = "FILE.csv"` in [eval].
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from adaptive_sched import grids
+from adaptive_sched.errors import UsageError
+
+
+def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
+                 seed: int = 0, ays_samples: int = 64, ays_sweeps: int = 3, ays_candidates: int = 12,
+                 ays_coarse: int = 10, ays_data: int = 1000) -> tuple[torch.Tensor, dict]:
+    """(grid, provenance) for a run: `method` in grids.METHODS, in the run's sampling window; steps=None: the run's."""
+    from adaptive_sched import checkpoint, config as cfg
+    if method not in grids.METHODS:
+        raise UsageError(f"unknown grid method {method!r}; choose one of: {', '.join(grids.METHODS)}")
+    snap = checkpoint.load_ema_snapshot(run_dir)
+    config = cfg.from_dict(snap["config"])
+    e = config.eval
+    steps = e.sample_steps if steps is None else steps
+    lo, hi = e.sample_logsnr_min, e.sample_logsnr_max
+    meta = {"method": method, "steps": steps, "run_dir": str(Path(run_dir).resolve()), "run_step": int(snap["step"]),
+            "window": [lo, hi], "training_schedule": config.schedule.name}
+    if method == "cosine":
+        return grids.cosine_grid(steps, lo, hi), meta
+    if method == "karras":
+        return grids.karras_grid(steps, lo, hi, rho=rho), {**meta, "rho": rho}
+    if method == "quantile":
+        from adaptive_sched.export import load_run_schedule
+        _, schedule, _ = load_run_schedule(run_dir)
+        meta.update(training_params=config.schedule.params,
+                    training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
+        return grids.quantile_grid(schedule, steps, lo, hi), meta
+    from adaptive_sched.generate import x0_denoiser
+    from adaptive_sched.sample_run import load_snapshot
+    from adaptive_sched.train import load_data, resolve_device
+    dev = resolve_device(device)
+    config, model, _ = load_snapshot(run_dir, dev)
+    held_out = load_data(config.data, "test")
+    x0 = held_out.x[:ays_data].to(dev)                                                  # (n, ...)
+    grid, info = grids.ays_grid(x0_denoiser(model, config.train.target), x0, steps, lo, hi,
+                                coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
+                                samples=ays_samples, seed=seed)
+    return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0)}}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `sampling-grid` on the CLI's subparsers."""
+    p = subparsers.add_parser("sampling-grid", help="write an optimised sampling λ-grid for a run "
+                                                    "(ays, quantile, karras, cosine) as CSV + JSON sidecar")
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, help="sampler steps N; the grid has N + 1 points (default: the run's)")
+    p.add_argument("--method", choices=list(grids.METHODS), default="ays")
+    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json)")
+    p.add_argument("--rho", type=float, default=7.0, help="karras: ρ of the noise-level spacing")
+    p.add_argument("--seed", type=int, default=0, help="ays: seed of the Monte Carlo draws")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ays-samples", type=int, default=64, help="ays: data rows per KLUB estimate")
+    p.add_argument("--ays-sweeps", type=int, default=3, help="ays: refinement sweeps per stage")
+    p.add_argument("--ays-candidates", type=int, default=12, help="ays: candidate positions per point and sweep")
+    p.add_argument("--ays-coarse", type=int, default=10, help="ays: steps of the first (coarse) stage")
+    p.add_argument("--ays-data", type=int, default=1000, help="ays: held-out examples to draw the rows from")
+    p.set_defaults(func=cmd_sampling_grid)
+    return p
+
+
+def cmd_sampling_grid(args) -> int:
+    """Build the grid for args.run_dir and write it to args.out."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".csv":
+        raise UsageError(f"--out must end in .csv, got {out.name}")
+    if not out.parent.exists():
+        raise UsageError(f"output folder does not exist: {out.parent}")
+    grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=args.rho, device=args.device,
+                              seed=args.seed, ays_samples=args.ays_samples, ays_sweeps=args.ays_sweeps,
+                              ays_candidates=args.ays_candidates, ays_coarse=args.ays_coarse,
+                              ays_data=args.ays_data)
+    path = grids.write_grid(out, grid, meta)
+    shown = ", ".join(f"{v:.4g}" for v in grid.tolist())
+    extra = f"; KLUB {meta['ays']['klub_final']:.4g} (cosine {meta['ays']['klub_cosine']:.4g})" if "ays" in meta else ""
+    print(f"wrote {path}: {args.method} grid, {len(grid) - 1} steps: [{shown}]{extra}")
+    return 0
