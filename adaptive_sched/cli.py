@@ -1,4 +1,6 @@
-"""The `adaptive-sched` command: train, sample, schedules, compare. Bad input exits 2 with one line."""
+"""The `adaptive-sched` command: train, sample, export, schedules, compare, sweep, sampling-grid, bench.
+
+Bad input exits 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -133,7 +135,8 @@ def make_parser() -> Parser:
     p.add_argument("--out", required=True, help="FILE.npz or FILE.png")
     p.add_argument("--sampler", help="ddim, euler, heun, dpmpp-2m (default: the run's [eval] sampler)")
     p.add_argument("--sample-steps", type=int, help="number of sampler steps (default: the run's)")
-    p.add_argument("--grid", help="schedule whose λ(t) spaces the sampling grid (default: the run's, cosine)")
+    p.add_argument("--grid", help="schedule whose λ(t) spaces the sampling grid (default: the run's, cosine), "
+                                        "or a grid FILE.csv written by sampling-grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
@@ -156,6 +159,11 @@ def make_parser() -> Parser:
     p.add_argument("--jobs", type=int, help="runs at once as separate processes (default: [compare] jobs, 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    from adaptive_sched import grid_cli
+    from adaptive_sched.sweep import add_parser as add_sweep_parser
+    grid_cli.add_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

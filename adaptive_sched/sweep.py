@@ -1,0 +1,184 @@
+"""`adaptive-sched sweep`: an Optuna study of one fixed schedule's hyperparameters (TPE, pruning), resumable,
+parallel, on SQLite (default), a journal file or PostgreSQL.
+
+    sweep --schedule laplace --trials 30 --out DIR [--storage URL] [--study NAME] [--workers K]
+          [--config FILE.toml] [--metric eval_eps_mse] [--pruner median|hyperband|none] [run options]
+Each trial trains the base config with the trial's parameters into DIR/trials/<number>/. The objective is the
+eval metric at the last step (lower is better), reported at every eval for pruning. Running the same command
+again continues the study until it holds --trials trials (complete, pruned or failed); a failed trial (NaN,
+out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C marks the running trials FAIL.
+Storage URLs: sqlite:///PATH (default DIR/study.db), journal:PATH, postgresql://USER[:PW]@HOST:PORT/DB.
+The search spaces and the [sweep] TOML section are described in adaptive_sched.sweep_space.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from adaptive_sched import config as cfg
+from adaptive_sched import sweep_space as spaces
+from adaptive_sched.errors import UsageError
+from adaptive_sched.runlog import METRIC_COLUMNS
+from adaptive_sched.sweep_storage import (check_settings, claim_out_dir, counted, default_storage, fail_dead_trials,
+                                          mask, open_storage, quiet_optuna, settings_of)
+from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
+
+__all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_storage", "default_storage"]
+
+
+def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | None = None,
+              study: str | None = None, metric: str = "eval_eps_mse", pruner="median", workers: int = 1,
+              tune: list[str] | tuple = (), space: dict | None = None, report: bool = True):
+    """Create or continue the study of base.schedule's parameters until it holds `trials` trials; return it."""
+    import optuna
+    out, schedule = Path(out), base.schedule.name
+    eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
+    if metric not in eval_metrics:
+        raise UsageError(f"unknown metric {metric!r}{cfg.suggest(metric, eval_metrics)}; choose one of: "
+                         f"{', '.join(eval_metrics)}")
+    if metric == "eval_swd" and base.eval.sample_n <= 0:
+        raise UsageError("metric eval_swd needs samples at each eval: set [eval] sample_n > 0")
+    if not isinstance(trials, int) or trials < 1 or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--trials and --workers must be >= 1, got {trials} and {workers}")
+    make_pruner(pruner, base)
+    job = Job(storage or default_storage(out), study or schedule, base,
+              spaces.build_space(schedule, tune, space, fixed=base.schedule.params), metric, pruner, str(out), trials)
+    quiet_optuna()
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    store = open_storage(job.storage)
+    claim_out_dir(out, job.study, job.storage, schedule, metric)
+    found = optuna.create_study(study_name=job.study, storage=store, direction="minimize", load_if_exists=True)
+    if "sweep" in found.user_attrs:
+        check_settings(found.user_attrs["sweep"], settings_of(base, job.space, metric), job.study)
+    else:
+        found.set_user_attr("sweep", settings_of(base, job.space, metric))
+    dead = fail_dead_trials(found, store)
+    have = len(counted(found))
+    fixed = ", ".join(f"{k}={v}" for k, v in base.schedule.params.items()) or "nothing"
+    pruner_name = pruner if isinstance(pruner, str) else type(pruner).__name__
+    print(f"sweep {schedule}: tuning {spaces.describe(job.space)}; fixed {fixed}; objective {metric} at step "
+          f"{base.train.steps} (lower is better), pruner {pruner_name}")
+    print(f"study {job.study!r} in {mask(job.storage)}: {have} of {trials} trials there"
+          + (f" ({dead} stale marked FAIL)" if dead else "")
+          + (f"; running {trials - have} on {min(workers, trials - have)} worker(s)" if have < trials else ""),
+          flush=True)
+    if have < trials:
+        if workers == 1:
+            work(dataclasses.replace(job, quota=trials - have))
+        else:
+            run_workers(dataclasses.replace(job, workers=workers), trials - have)
+    if report:
+        from adaptive_sched.sweep_report import write_report
+        write_report(found, out)
+    return found
+
+
+def report_only(out: str | Path, storage: str | None = None, study: str | None = None) -> None:
+    """Re-render trials.csv, best.json, best.toml and the plots from storage, without training."""
+    import optuna
+    out = Path(out)
+    meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
+    if storage is None and "***" in meta.get("storage", ""):
+        raise UsageError(f"{out}/sweep.json names a storage with a password; pass --storage URL")
+    storage, study = storage or meta.get("storage") or default_storage(out), study or meta.get("study")
+    if not study:
+        raise UsageError(f"{out} has no sweep.json; pass --study NAME (and --storage URL)")
+    quiet_optuna()
+    store = open_storage(storage)
+    names = optuna.get_all_study_names(store)
+    if study not in names:
+        raise UsageError(f"no study {study!r} in {mask(storage)}{cfg.suggest(study, names)}; studies there: "
+                         f"{', '.join(names) or 'none'}")
+    from adaptive_sched.sweep_report import write_report
+    write_report(optuna.load_study(study_name=study, storage=store), out)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The `sweep` subcommand; returns 0, 1 when trials are missing, 130 on Ctrl-C."""
+    out = args.report or args.out
+    if not out:
+        raise UsageError("sweep needs --out DIR")
+    if args.report is not None:
+        report_only(out, args.storage, args.study)
+        return 0
+    run_raw, section = spaces.split_config(cfg.read_toml(args.config) if args.config else {})
+    cfg.from_dict(run_raw)                                  # a malformed file fails here, with the config's message
+    if not (args.schedule or run_raw.get("schedule", {}).get("name")):
+        raise UsageError(f"sweep needs --schedule NAME (one of: {', '.join(spaces.sweepable())})")
+    trials = args.trials or section.get("trials")
+    if not trials:
+        raise UsageError("sweep needs --trials N (or [sweep] trials in --config)")
+    tune = list(section.get("tune", [])) + ["lr"] * args.tune_lr + ["weighting"] * args.tune_weighting
+    try:
+        study = run_sweep(base_config(args, run_raw), out, trials, storage=args.storage, study=args.study,
+                          metric=args.metric or section.get("metric", "eval_eps_mse"),
+                          pruner=args.pruner or section.get("pruner", "median"), workers=args.workers,
+                          tune=list(dict.fromkeys(tune)), space=section.get("space"))
+    except KeyboardInterrupt:
+        print("interrupted: the running trials are marked FAIL; run the same command to continue the study, or "
+              "`sweep --report` to render it", file=sys.stderr)
+        return 130
+    missing = trials - len(counted(study))
+    if missing > 0:
+        print(f"warning: {missing} trials short of {trials}; run the same command again", file=sys.stderr)
+    return 1 if missing > 0 else 0
+
+
+def base_config(args: argparse.Namespace, run_raw: dict) -> cfg.RunConfig:
+    """Defaults, then the TOML file without its [sweep] section, then the run options given on the command line."""
+    import tempfile
+
+    from adaptive_sched.cli import resolve_config
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "base.toml"
+        path.write_text(cfg.dumps_toml(run_raw))
+        return resolve_config(argparse.Namespace(**{**vars(args), "config": str(path) if run_raw else None}))
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `sweep` to the CLI's subparsers (run options as in train: they set the base config of every trial)."""
+    from adaptive_sched.cli import add_run_options
+    p = subparsers.add_parser("sweep", help="tune a fixed schedule's parameters with Optuna (resumable, parallel)",
+                              description=__doc__.split("\n\n")[0])
+    add_run_options(p)
+    for flag, text in (("--config", "TOML file: a run config (the base of every trial) plus an optional [sweep] "
+                                    "section: trials, metric, pruner, tune, space (see adaptive_sched.sweep_space)"),
+                       ("--schedule", f"the schedule to tune: {', '.join(spaces.sweepable())}"),
+                       ("--seed", "training seed of every trial (the same for all), and TPE's seed")):
+        p._option_string_actions[flag].help = text      # the run options, read as a sweep's
+    p.add_argument("--trials", type=int, help="total trials in the study (the same command again adds up to it)")
+    p.add_argument("--out", help="sweep directory: trials/<n>/, trials.csv, best.json, best.toml, plots")
+    p.add_argument("--storage", help="sqlite:///PATH (default DIR/study.db), journal:PATH or postgresql://...")
+    p.add_argument("--study", help="study name (default: the schedule's name)")
+    p.add_argument("--workers", type=int, default=1, help="trial processes at once (CPU threads are split)")
+    p.add_argument("--metric", help="objective, lower is better (default eval_eps_mse)")
+    p.add_argument("--pruner", choices=PRUNERS, help="default median")
+    p.add_argument("--tune-lr", action="store_true", help="also tune the learning rate (log-uniform)")
+    p.add_argument("--tune-weighting", action="store_true", help="also tune the loss weighting (categorical)")
+    p.add_argument("--report", nargs="?", const="", metavar="DIR",
+                   help="only re-render tables and plots from storage (DIR or --out)")
+    p.set_defaults(func=cmd_sweep)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adaptive_sched.sweep ARGS` = `adaptive-sched sweep ARGS` (until the CLI lists it)."""
+    from adaptive_sched.cli import Parser
+    parser = Parser(prog="adaptive-sched")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    try:
+        args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
+        return args.func(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Where a sweep lives: Optuna storages from URLs (one-line errors), the study's settings, stale trials.
+
+sqlite:///PATH (WAL, a long lock timeout for concurrent workers), journal:PATH (JournalFileBackend),
+postgresql://USER[:PW]@HOST:PORT/DB (psycopg or psycopg2). RDB storages record heartbeats, so a trial whose
+machine died is failed by the next worker after 3 silent heartbeats; on one host, a trial whose worker process
+is gone is failed when the sweep starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+from adaptive_sched import config as cfg
+from adaptive_sched.errors import UsageError
+from adaptive_sched.sweep_space import space_to_dict
+
+HEARTBEAT_S = 60           # RDB storages: a RUNNING trial silent for 3 heartbeats is failed by the next worker
+IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every")}
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line, without SQLAlchemy's '(Background on this error ...)' tail."""
+    text = re.sub(r"^\([\w.]+\) ", "", str(err) or type(err).__name__)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("(Background")]
+    return "; ".join(lines)
+
+
+def open_storage(url: str):
+    """An Optuna storage for sqlite:///PATH, journal:PATH or postgresql://...; failures are one-line UsageErrors."""
+    import optuna
+    shown = mask(url)
+    scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            path = Path(url[len("journal:"):]).expanduser()
+            if not path.parent.is_dir():
+                raise UsageError(f"cannot open Optuna storage {shown}: no folder {path.parent}")
+            return JournalStorage(JournalFileBackend(str(path)))
+        if scheme == "sqlite":
+            engine = {"connect_args": {"timeout": 120}}          # concurrent workers wait for the write lock
+            path = url[len("sqlite:///"):]
+            if path and path != ":memory:":
+                import sqlite3
+                con = sqlite3.connect(path, timeout=120)
+                con.execute("PRAGMA journal_mode=WAL")            # readers do not block the writer
+                con.close()
+        elif scheme in ("postgresql", "postgres"):
+            url = postgres_driver(url)
+            engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        elif scheme == "mysql":
+            engine = {"pool_pre_ping": True}
+        else:
+            raise UsageError(f"unknown storage URL {shown!r}; use sqlite:///PATH, journal:PATH or "
+                             f"postgresql://USER@HOST:PORT/DB")
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=3 * HEARTBEAT_S)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the driver says, the user gets one line
+        message = one_line(err)
+        server = scheme in ("postgresql", "postgres", "mysql") and "server running" not in message
+        hint = "; is the server running and the URL right?" if server else ""
+        raise UsageError(f"cannot open Optuna storage {shown}: {message}{hint}") from None
+
+
+def postgres_driver(url: str) -> str:
+    """postgresql://... with an installed driver named (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    import importlib.util
+    url = re.sub(r"^postgres://", "postgresql://", url)
+    if not url.startswith("postgresql://"):
+        return url                                          # the user named a driver
+    for module, scheme in (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://")):
+        if importlib.util.find_spec(module) is not None:
+            return scheme + url[len("postgresql://"):]
+    raise UsageError("a PostgreSQL storage needs a driver: pip install psycopg2-binary")
+
+
+def quiet_optuna() -> None:
+    """Our own one line per trial replaces Optuna's log; its experimental-feature warnings are silenced."""
+    import warnings
+
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+
+
+def settings_of(base: cfg.RunConfig, space: dict, metric: str) -> dict:
+    """What makes trials comparable: stored in the study when created, checked when continued."""
+    sections = base.to_dict()
+    for section, key in IGNORED_CHANGES:
+        sections[section].pop(key, None)
+    return json.loads(json.dumps({"schedule": base.schedule.name, "metric": metric,
+                                  "space": space_to_dict(space), "base": sections}))
+
+
+def check_settings(saved: dict, current: dict, study: str) -> None:
+    """A continued study must have been created with the same schedule, metric, space and base config."""
+    pairs = [(k, saved.get(k), current[k]) for k in ("schedule", "metric", "space")]
+    for section in sorted(set(saved.get("base", {})) | set(current["base"])):
+        old, new = saved.get("base", {}).get(section, {}), current["base"].get(section, {})
+        pairs += [(f"[{section}] {k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+    for what, old, new in pairs:
+        if old != new:
+            raise UsageError(f"study {study!r} was created with {what} = {old!r}, now {new!r}; use the same "
+                             f"settings, or another --study")
+
+
+def counted(study) -> list:
+    """The trials that count towards --trials: finished (complete, pruned, failed) or running."""
+    from optuna.trial import TrialState
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                                    TrialState.RUNNING))
+
+
+def fail_dead_trials(study, storage) -> int:
+    """Mark FAIL the RUNNING trials whose worker process on this host is gone (killed, not interrupted)."""
+    from optuna.trial import TrialState
+    host, failed = socket.gethostname(), 0
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid_alive(pid):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "error", f"stale: its worker (pid {pid}) died")
+        study.tell(t.number, state=TrialState.FAIL)
+        failed += 1
+    return failed
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str) -> None:
+    """DIR/sweep.json names the study DIR belongs to (trial folders are numbered per study)."""
+    from adaptive_sched.sweep_report import atomic_write_text
+    path = out / "sweep.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("study") != study:
+            raise UsageError(f"{out} holds the sweep of study {old.get('study')!r}; pass --study "
+                             f"{old.get('study')} to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"study": study, "storage": mask(storage), "schedule": schedule,
+                                        "metric": metric}, indent=2) + "\n")
+
+
+def default_storage(out: Path) -> str:
+    """sqlite:////abs/DIR/study.db."""
+    return f"sqlite:///{(out / 'study.db').resolve()}"

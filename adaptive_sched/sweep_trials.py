@@ -1,0 +1,221 @@
+"""The trials of a sweep: the objective (one training run per trial, pruned at its evals), a worker that runs
+its share of a study's trials, and K worker processes that share the rest (`--workers K`).
+
+A trial trains the base config with its parameters into DIR/trials/<number>/; its user attributes hold
+run_dir, the resolved schedule table, the full config, host and pid (a dead pid on this host = a stale trial).
+Failures are recorded as FAIL with a one-line `error` (a crash also leaves error.txt with its traceback).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptive_sched import config as cfg
+from adaptive_sched import sweep_space as spaces
+from adaptive_sched.errors import UsageError
+from adaptive_sched.sweep_storage import counted, one_line, open_storage, quiet_optuna
+
+PRUNERS = ("median", "hyperband", "none")
+
+
+class MetricMissing(UsageError):
+    """The objective's metric is not in the eval row (e.g. eval_fid on vectors): a config error, not bad luck."""
+
+
+@dataclass
+class Job:
+    """What one worker needs: the study's address and settings, its share of the trials, its CPU threads."""
+
+    storage: str
+    study: str
+    base: cfg.RunConfig
+    space: dict
+    metric: str
+    pruner: object              # a name in PRUNERS or an optuna pruner
+    out: str
+    trials: int                 # the study's total
+    quota: int = 0              # how many this worker may run
+    worker: int = 0
+    workers: int = 1
+    threads: int = 0            # torch CPU threads (0: leave torch's default)
+
+
+def make_pruner(pruner, config: cfg.RunConfig):
+    """MedianPruner (default), HyperbandPruner over [eval every, steps], NopPruner, or a given pruner object."""
+    import optuna
+    if not isinstance(pruner, str):
+        return pruner
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=config.eval.every, max_resource=config.train.steps,
+                                              reduction_factor=3)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise UsageError(f"unknown pruner {pruner!r}{cfg.suggest(pruner, list(PRUNERS))}; choose one of: "
+                     f"{', '.join(PRUNERS)}")
+
+
+def metric_value(row: dict, metric: str, step) -> float:
+    """The objective from an eval row; missing → MetricMissing, non-finite → UsageError (the trial fails)."""
+    import math
+    value = row.get(metric)
+    if value is None or value == "":
+        logged = ", ".join(k for k in row if k.startswith("eval_"))
+        raise MetricMissing(f"{metric} was not logged at step {step} (this run logs: {logged or 'no eval metric'})")
+    if not math.isfinite(float(value)):
+        raise UsageError(f"{metric} is {value} at step {step} (training diverged)")
+    return float(value)
+
+
+def objective(trial, job: Job) -> float:
+    """Train one trial into DIR/trials/<number>/; the metric at the last eval, reported at every eval."""
+    import optuna
+
+    from adaptive_sched import checkpoint, train as trainer
+    params = spaces.suggest(trial, job.space)
+    config = spaces.trial_config(job.base, params)
+    run_dir = Path(job.out) / "trials" / str(trial.number)
+    for key, value in (("run_dir", str(run_dir)), ("schedule", spaces.schedule_table(config)),
+                       ("config", config.to_dict()), ("host", socket.gethostname()), ("pid", os.getpid())):
+        trial.set_user_attr(key, value)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)         # left by a same-numbered trial of a study that was deleted
+
+    def on_eval(step: int, row: dict) -> None:
+        value = metric_value(row, job.metric, step)
+        trial.report(value, step)
+        if step < config.train.steps and trial.should_prune():     # at the budget the trial is complete
+            raise optuna.TrialPruned(f"pruned at step {step} ({job.metric}={value:.4g})")
+
+    try:
+        final = trainer.train(config, run_dir, progress=False, on_eval=on_eval)
+        return metric_value(final, job.metric, final.get("step"))
+    except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted")
+        raise
+    except Exception as err:
+        trial.set_user_attr("error", one_line(err))
+        if isinstance(err, MetricMissing):
+            trial.set_user_attr("error_kind", "metric")
+        if not isinstance(err, UsageError):         # a crash (OOM, bug): keep the traceback with the run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+    finally:                # a trial is never resumed: keep its logs, config and EMA snapshot, drop the full states
+        for name in (checkpoint.STATE_NAME, checkpoint.PREVIOUS_NAME):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def work(job: Job) -> None:
+    """One worker: run up to job.quota trials of the study, fewer if it reaches job.trials first."""
+    import optuna
+
+    from adaptive_sched import sweep_report as report
+    quiet_optuna()
+    if job.threads:
+        import torch
+        torch.set_num_threads(job.threads)
+    storage = open_storage(job.storage)
+    have = len(counted(optuna.load_study(study_name=job.study, storage=storage)))
+    seed = (job.base.train.seed * 1_000_003 + have * 7919 + job.worker) % 2 ** 32   # a resumed study draws anew
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    study = optuna.load_study(study_name=job.study, storage=storage, sampler=sampler,
+                              pruner=make_pruner(job.pruner, job.base))
+    prefix = f"[worker {job.worker}] " if job.workers > 1 else ""
+
+    def after_trial(study, trial) -> None:
+        trials = counted(study)
+        finished = sum(t.state.is_finished() for t in trials)
+        print(f"{prefix}[{finished}/{job.trials}] {report.trial_line(trial, job.metric)} | "
+              f"{report.best_line(study, job.metric)}", flush=True)
+        if trial.user_attrs.get("error_kind") == "metric":
+            raise UsageError(trial.user_attrs["error"])
+        if trial.state.name == "FAIL" and "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()      # after an OOM, give the next trial the whole GPU
+        if len(trials) >= job.trials:         # another machine may be running the same study
+            study.stop()
+
+    if have < job.trials:
+        study.optimize(lambda trial: objective(trial, job), n_trials=job.quota, catch=(Exception,),
+                       callbacks=[after_trial], gc_after_trial=True)
+
+
+def worker_main() -> None:
+    """A worker process (`python -c ...`, its Job as JSON on stdin): exit 130 on Ctrl-C, 2 on a usage error."""
+    try:
+        raw = json.loads(sys.stdin.read())
+        work(Job(**{**raw, "base": cfg.from_dict(raw["base"]), "space": spaces.space_from_dict(raw["space"])}))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run_workers(job: Job, remaining: int) -> None:
+    """K worker processes share the remaining trials (exact quotas, so the study ends at --trials)."""
+    import subprocess
+
+    from adaptive_sched.train import resolve_device
+    if not isinstance(job.pruner, str):
+        raise UsageError(f"--workers > 1 needs a pruner by name ({', '.join(PRUNERS)}), not an object")
+    k = job.workers
+    cpu = resolve_device(job.base.train.device).type == "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // k) if cpu else 0
+    quotas = [remaining // k + (i < remaining % k) for i in range(k)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    procs = []
+    for i, quota in enumerate(quotas):
+        if quota == 0:
+            continue
+        spec = {**dataclasses.asdict(dataclasses.replace(job, quota=quota, worker=i, threads=threads)),
+                "base": job.base.to_dict(), "space": spaces.space_to_dict(job.space)}
+        entry = "from adaptive_sched.sweep_trials import worker_main; worker_main()"
+        proc = subprocess.Popen([sys.executable, "-c", entry], stdin=subprocess.PIPE, env=env, text=True)
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()
+        procs.append(proc)
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        stop_workers(procs)
+        raise
+    if any(c in (130, -2) for c in codes):
+        raise KeyboardInterrupt
+    if 2 in codes:
+        raise UsageError("a sweep worker stopped on the error above")
+    for i, code in enumerate(codes):
+        if code != 0:
+            print(f"warning: sweep worker {i} exited with status {code}; run the same command again for the "
+                  f"missing trials", file=sys.stderr)
+
+
+def stop_workers(procs: list) -> None:
+    """After Ctrl-C: give the workers time to mark their trials FAIL, then interrupt, then terminate them."""
+    import signal
+    import subprocess
+    for proc in procs:
+        for action in (None, lambda p: p.send_signal(signal.SIGINT), lambda p: p.terminate()):
+            if proc.poll() is not None:
+                break
+            if action is not None:
+                action(proc)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,304 @@
+"""`adaptive-sched sweep`: search spaces, resumable studies on SQLite / journal / PostgreSQL, failures, pruning,
+Ctrl-C, parallel workers, and the outputs (trials.csv, best.json, best.toml that `train --config` accepts)."""
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from adaptive_sched import cli, config as cfg, sweep, sweep_space as spaces
+from adaptive_sched.errors import UsageError
+
+TINY = {"data": {"name": "gmm", "n": 2000, "dim": 4},
+        "model": {"name": "mlp", "hidden": 64, "depth": 2},
+        "train": {"steps": 60, "batch_size": 64, "warmup": 10, "log_every": 20, "checkpoint_every": 60,
+                  "device": "cpu"},
+        "eval": {"every": 20, "n": 300, "sample_n": 0, "logsnr_points": 5}}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Trials here are tiny: one thread each avoids thread oversubscription on a shared CPU (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(schedule="laplace", **sections) -> cfg.RunConfig:
+    return cfg.from_dict({**TINY, "schedule": {"name": schedule}, **sections})
+
+
+def states(study) -> list[str]:
+    return [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    """A pruner that prunes at the first report."""
+
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def fake_train(fail: dict | None = None):
+    """A stand-in trainer: one eval at step 20 and a value from the params; trial k raises fail[k] if given."""
+    def train(config, out_dir, resume=False, progress=True, on_eval=None):
+        number = int(Path(out_dir).name)
+        if fail and number in fail:
+            raise fail[number]
+        value = (config.schedule.params["mu"] - 1) ** 2 + config.schedule.params["b"]
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        on_eval(20, {"step": 20, "eval_eps_mse": value})
+        return {"step": 60, "eval_eps_mse": float("nan") if number == 3 else value}
+    return train
+
+
+# --- search spaces --------------------------------------------------------------------------------------------
+
+def test_default_spaces_are_valid_at_their_ends():
+    for name in spaces.sweepable():
+        space = spaces.build_space(name)           # builds the schedule at every range end
+        assert len(space) == 2 and all(not d.choices and d.low < d.high for d in space.values())
+    laplace = spaces.build_space("laplace")
+    assert laplace["mu"] == spaces.Dim(-4.0, 4.0) and laplace["b"] == spaces.Dim(0.1, 4.0, log=True)
+    assert set(spaces.build_space("edm")) == {"p_mean", "p_std"}
+    assert set(spaces.build_space("cosine", tune=["lr", "weighting"])) == {"shift", "scale", "lr", "weighting"}
+
+
+def test_overrides_fixed_params_and_errors():
+    space = spaces.build_space("laplace", overrides={"b": {"low": 0.2, "high": 2}, "lr": {"low": 1e-4, "high": 1e-3,
+                                                                                        "log": True}})
+    assert space["b"] == spaces.Dim(0.2, 2.0, log=True) and space["lr"].high == 1e-3
+    assert set(spaces.build_space("laplace", fixed={"b": 0.5})) == {"mu"}
+    space = spaces.build_space("laplace", overrides={"weighting": {"choices": ["schedule", "min-snr"]}})
+    assert space["weighting"].choices == ("schedule", "min-snr")
+    for overrides, message in (({"bb": {"low": 0.1, "high": 1}}, "did you mean 'b'"),
+                               ({"b": {"low": 2, "high": 1}}, "low < high"),
+                               ({"b": {"low": 0.0, "log": False}}, "valid laplace parameter"),
+                               ({"b": {"lo": 0.1}}, "did you mean 'low'"),
+                               ({"weighting": {"choices": ["min_snr"]}}, "unknown weighting")):
+        with pytest.raises(UsageError, match=message):
+            spaces.build_space("laplace", overrides=overrides)
+    with pytest.raises(UsageError, match="fixed"):
+        spaces.build_space("laplace", overrides={"b": {"high": 2}}, fixed={"b": 0.5})
+    with pytest.raises(UsageError, match="no search space"):
+        spaces.build_space("uniform")
+    with pytest.raises(UsageError, match="did you mean 'trials'"):
+        spaces.split_config({"sweep": {"trails": 3}})
+
+
+def test_trial_config_applies_params():
+    config = spaces.trial_config(tiny(), {"mu": 1.5, "b": 0.25, "lr": 3e-4, "weighting": "min-snr"})
+    assert config.schedule.params == {"mu": 1.5, "b": 0.25} and config.train.lr == 3e-4
+    assert config.weighting.name == "min-snr" and config.data.n == 2000
+
+
+# --- studies ----------------------------------------------------------------------------------------------------
+
+def test_sqlite_study_resumes_writes_outputs_and_best_toml_trains(tmp_path, capsys):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(cfg.dumps_toml({**TINY, "sweep": {"trials": 3, "space": {"b": {"low": 0.2, "high": 2}}}}))
+    out = tmp_path / "sweep"
+    args = ["--schedule", "laplace", "--config", str(toml), "--out", str(out)]
+    assert sweep.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[3/3] trial 2" in printed and "best: trial" in printed
+    frame = pd.read_csv(out / "trials.csv")
+    assert list(frame["number"]) == [0, 1, 2] and set(frame["state"]) == {"COMPLETE"}
+    assert frame["param_b"].between(0.2, 2).all() and frame["param_mu"].between(-4, 4).all()
+    assert list(json.loads(frame["intermediate"][0])) == ["20", "40", "60"]
+    for n in range(3):                          # inspectable run dirs, without the (never resumed) full states
+        names = {p.name for p in (out / "trials" / str(n)).iterdir()}
+        assert {"metrics.csv", "config.toml", "ema.pt"} <= names and "checkpoint.pt" not in names, names
+    for name in ("optimization_history.png", "param_importances.png", "contour.png", "intermediate_values.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+    assert sweep.main(args + ["--trials", "5"]) == 0            # the same command, more trials: adds exactly 2
+    frame = pd.read_csv(out / "trials.csv")
+    assert list(frame["number"]) == [0, 1, 2, 3, 4]
+    assert sweep.main(args + ["--trials", "5"]) == 0            # nothing left to run
+    assert len(pd.read_csv(out / "trials.csv")) == 5
+
+    best = json.loads((out / "best.json").read_text())
+    winner = frame.loc[frame["value"].idxmin()]
+    assert best["trial"] == winner["number"] and best["value"] == pytest.approx(winner["value"])
+    assert best["config"]["schedule"]["name"] == "laplace"
+    assert best["config"]["schedule"]["b"] == best["params"]["b"]
+    assert best["schedule_params"] == [f"mu={best['params']['mu']!r}", f"b={best['params']['b']!r}"]
+    assert cfg.parse_assignments(best["schedule_params"], "--schedule-param") == best["params"]
+    assert best["compare_entry"] == {"name": "laplace", "label": "laplace (tuned)", **best["params"]}
+    run = tmp_path / "best_run"
+    assert cli.main(["train", "--config", str(out / "best.toml"), "--out", str(run), "--quiet"]) == 0
+    assert cfg.load_toml(run / "config.toml").schedule.params == best["params"]
+
+    for name in ("trials.csv", "best.json", "contour.png"):
+        (out / name).unlink()
+    assert sweep.main(["--report", str(out)]) == 0                # re-rendered from storage, no training
+    assert len(pd.read_csv(out / "trials.csv")) == 5 and (out / "best.json").exists() and (out / "contour.png").exists()
+    capsys.readouterr()
+    assert sweep.main(args + ["--trials", "6", "--steps", "80"]) == 2     # a different budget is another study
+    assert "[train] steps = 60, now 80" in capsys.readouterr().err
+
+
+def test_journal_storage_and_pruning(tmp_path):
+    out = tmp_path / "sweep"
+    url = f"journal:{tmp_path / 'journal.log'}"
+    study = sweep.run_sweep(tiny("cauchy"), out, trials=2, storage=url, pruner=AlwaysPrune())
+    assert states(study) == ["PRUNED", "PRUNED"]
+    assert all(t.last_step == 20 for t in study.trials)                 # stopped at the first eval
+    assert not (out / "best.json").exists()
+    study = sweep.run_sweep(tiny("cauchy"), out, trials=3, storage=url, pruner="none")
+    assert states(study) == ["PRUNED", "PRUNED", "COMPLETE"]
+    assert json.loads((out / "best.json").read_text())["trial"] == 2
+    assert set(pd.read_csv(out / "trials.csv")["state"]) == {"PRUNED", "COMPLETE"}
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    fail = {1: UsageError("training diverged: 20 non-finite losses in a row by step 40"),
+            2: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")}
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train(fail))
+    study = sweep.run_sweep(tiny(), tmp_path, trials=5)
+    assert states(study) == ["COMPLETE", "FAIL", "FAIL", "FAIL", "COMPLETE"]
+    frame = pd.read_csv(tmp_path / "trials.csv", keep_default_na=False)
+    assert "training diverged" in frame["error"][1] and "out of memory" in frame["error"][2]
+    assert "eval_eps_mse is nan" in frame["error"][3]
+    assert "RuntimeError" in (tmp_path / "trials" / "2" / "error.txt").read_text()     # a crash keeps its traceback
+    assert json.loads((tmp_path / "best.json").read_text())["trial"] in (0, 4)
+
+
+def test_ctrl_c_marks_the_running_trial_failed_and_exits_130(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train({1: KeyboardInterrupt()}))
+    args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm"]
+    assert sweep.main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    study = optuna.load_study(study_name="laplace", storage=sweep.open_storage(sweep.default_storage(tmp_path)))
+    assert states(study) == ["COMPLETE", "FAIL"] and study.trials[1].user_attrs["error"] == "interrupted"
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    assert sweep.main(args) == 0                                       # the same command continues
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+
+
+def test_a_metric_the_runs_never_log_stops_the_sweep(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm", "--metric", "eval_fid"]
+    assert sweep.main(args) == 2
+    assert "eval_fid was not logged at step 20 (this run logs: eval_eps_mse)" in capsys.readouterr().err
+    study = optuna.load_study(study_name="laplace", storage=sweep.open_storage(sweep.default_storage(tmp_path)))
+    assert states(study) == ["FAIL"]                                # one trial, not three
+
+
+def test_stale_running_trial_of_a_dead_worker_is_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    study = sweep.run_sweep(tiny(), tmp_path, trials=1)
+    stale = study.ask()                                 # as if its worker had been killed mid-trial
+    stale.set_user_attr("host", socket.gethostname())
+    stale.set_user_attr("pid", 2 ** 22 + 1)             # above pid_max: no such process
+    study = sweep.run_sweep(tiny(), tmp_path, trials=3, pruner="hyperband")
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "died" in study.trials[1].user_attrs["error"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--storage", "postgresql://nobody@127.0.0.1:1/nodb"], "cannot open Optuna storage postgresql://nobody@"),
+    (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "me:***@"),
+    (["--storage", "redis://localhost"], "unknown storage URL"),
+    (["--storage", "journal:/no/such/folder/j.log"], "no folder"),
+    (["--metric", "eval_fdi"], "did you mean 'eval_fid'"),
+    (["--schedule", "flow"], "no search space"),
+    (["--workers", "0"], "must be >= 1"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    base = ["--schedule", "laplace", "--trials", "1", "--out", str(tmp_path / "out"), "--data", "gmm"]
+    assert sweep.main(base + args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "secret" not in lines[0]
+
+
+def test_other_study_in_the_same_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    sweep.run_sweep(tiny(), tmp_path, trials=1)
+    with pytest.raises(UsageError, match="--study laplace"):
+        sweep.run_sweep(tiny(), tmp_path, trials=1, study="other")
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_share_the_trials(tmp_path):
+    study = sweep.run_sweep(tiny(), tmp_path, trials=3, workers=2, pruner="none")
+    assert states(study) == ["COMPLETE"] * 3
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2      # two processes ran them
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------------------------
+
+def postgres_bin() -> Path | None:
+    """The folder holding initdb and pg_ctl (PATH, or Debian's /usr/lib/postgresql/<version>/bin)."""
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(os.path.realpath(found)).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: p.parent.parent.name)
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free loopback port (as the `postgres` or `nobody` user when root)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl); install the Debian package postgresql")
+    psycopg2 = pytest.importorskip("psycopg2", reason="the psycopg2 driver is missing: pip install psycopg2-binary")
+    root = Path(tempfile.mkdtemp(prefix="adaptive-sched-pg-"))
+    prefix = []
+    if os.geteuid() == 0:                             # postgres refuses to run as root
+        users = [u for u in ("postgres", "nobody") if _user_exists(u)]
+        if not users or not shutil.which("runuser"):
+            pytest.skip("running as root without a `postgres`/`nobody` user or runuser to start PostgreSQL as")
+        entry = pwd.getpwnam(users[0])
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        prefix = [shutil.which("runuser"), "-u", users[0], "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    steps = [[str(bindir / "initdb"), "-D", str(data), "-U", "sweep", "-A", "trust", "--no-sync", "-E", "UTF8"],
+             [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+              f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]]
+    for command in steps:
+        result = subprocess.run(prefix + command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.skip(f"could not start PostgreSQL ({Path(command[0]).name}): {result.stderr.strip()[-300:]}")
+    try:
+        con = psycopg2.connect(host="127.0.0.1", port=port, user="sweep", dbname="postgres")
+        con.autocommit = True
+        con.cursor().execute("CREATE DATABASE optuna")
+        con.close()
+        yield f"postgresql://sweep@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def test_postgres_storage_with_two_workers(tmp_path, postgres_url):
+    study = sweep.run_sweep(tiny("normal"), tmp_path, trials=2, storage=postgres_url, workers=2, pruner="none")
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    again = optuna.load_study(study_name="normal", storage=sweep.open_storage(postgres_url))
+    assert len(again.trials) == 2 and {t.user_attrs["pid"] for t in again.trials} != {os.getpid()}
+    assert json.loads((tmp_path / "sweep.json").read_text())["storage"] == postgres_url
