@@ -99,6 +99,17 @@ def assert_identical(tensors: list[torch.Tensor], world: World, what: str) -> No
         raise RuntimeError(f"distributed training went out of sync: the ranks' {what} differ")
 
 
+def rank0_says(flag: bool, world: World) -> bool:
+    """Rank 0's `flag`, on every rank (a broadcast; just `flag` without torchrun)."""
+    if not world.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def rank_generator(seed: int, step: int, world: World, device: torch.device) -> torch.Generator:
     """The generator for this rank's noise and λ at `step`: seeded by (seed, step, rank)."""
     return torch.Generator(device).manual_seed((((seed << 32) + step) * 1_000_003 + world.rank) % (2 ** 63))

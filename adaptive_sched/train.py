@@ -400,10 +400,24 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
         is_checkpoint = done % t.checkpoint_every == 0 or done == t.steps
         if is_checkpoint or (is_eval and on_eval is not None):   # a callback may stop the run: save first
             save(run, out_dir, done, running)
-        if is_eval and on_eval is not None and main:
-            on_eval(done, last_row)
+        if is_eval and on_eval is not None:
+            call_on_eval(run, on_eval, done, last_row)
     bar.close()
     return last_row
+
+
+def call_on_eval(run: Run, on_eval: Callable[[int, dict], None], step: int, row: dict) -> None:
+    """on_eval on rank 0; when it raises, every other rank stops too instead of waiting in a collective."""
+    stop = None
+    if run.world.is_main:
+        try:
+            on_eval(step, row)
+        except BaseException as err:       # noqa: BLE001 - re-raised below, after the other ranks are told
+            stop = err
+    if distributed.rank0_says(stop is not None, run.world):
+        if stop is not None:
+            raise stop
+        raise RuntimeError(f"rank 0 stopped the run at step {step}")
 
 
 def train_step(run: Run, step: int, running: torch.Tensor) -> float:
