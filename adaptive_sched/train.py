@@ -362,7 +362,8 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
     metrics = CsvLog(out_dir / "metrics.csv", metric_columns(config)) if main else None
     if start >= t.steps:
         rows = metrics.rows() if main else []
-        return {k: v for k, v in rows[-1].items() if v != ""} if rows else {"step": start}
+        return {k: (int(v) if k in ("step", "skipped") else float(v)) for k, v in rows[-1].items() if v != ""} \
+            if rows else {"step": start}
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True,
                desc=f"{config.schedule.name} seed {t.seed}")
@@ -434,7 +435,8 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
     if run.config.schedule.curriculum:            # a dynamic schedule: its parameters at this step
         run.loss.schedule = schedule_at(run.config.schedule, step, t.steps)
     with autocast_for(run.device):
-        terms = run.loss.terms(run.train_model or run.model, run.train_data.x[idx], None, gen)
+        model = run.train_model if run.train_model is not None else run.model
+        terms = run.loss.terms(model, run.train_data.x[idx], None, gen)
         loss = terms.loss.mean() + terms.extra
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
