@@ -77,4 +77,8 @@ def load_ema_snapshot(run_dir: str | Path) -> dict:
     snap = load(path)
     if snap.get("kind") != "ema":
         raise UsageError(f"{path} is a {snap.get('kind')!r} checkpoint, not an EMA snapshot (ema.pt)")
+    missing = [k for k in ("step", "config", "model", "data_shape") if k not in snap]
+    if missing or not isinstance(snap["config"], dict) or not isinstance(snap["model"], dict):
+        raise UsageError(f"{path} is not a complete EMA snapshot (missing or malformed: "
+                         f"{', '.join(missing) or 'config/model'})")
     return snap

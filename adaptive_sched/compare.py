@@ -48,6 +48,8 @@ def run_label(entry: dict) -> str:
 def run_dir_of(out: Path, entry: dict, seed: int) -> Path:
     """DIR/runs/<slug>/seed<k>, the slug being the label with shell-unfriendly characters replaced."""
     slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_label(entry)).strip("_")
+    if not slug.strip("."):                  # "", "." or "..": would name runs/ itself or its parent
+        slug = "_" + slug
     return out / "runs" / slug / f"seed{seed}"
 
 

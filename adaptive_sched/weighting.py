@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from adaptive_sched.config import suggest
 from adaptive_sched.diffusion import log_target_weight
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import check_finite, check_positive
@@ -137,5 +138,6 @@ def build(name: str, **params) -> Weighting:
     unknown = [k for k in params if k not in sig.parameters]
     if unknown and not takes_any:
         valid = ", ".join(sig.parameters) or "none"
-        raise UsageError(f"weighting {name!r} has no parameter {unknown[0]!r}; its parameters are: {valid}")
+        raise UsageError(f"weighting {name!r} has no parameter {unknown[0]!r}"
+                         f"{suggest(unknown[0], list(sig.parameters))}; its parameters are: {valid}")
     return factory(**params)

@@ -9,6 +9,7 @@ from typing import Callable
 
 from torch import nn
 
+from adaptive_sched.config import suggest
 from adaptive_sched.errors import UsageError
 from adaptive_sched.models.embedding import LogSNREmbedding
 from adaptive_sched.models.mlp import MLPDenoiser
@@ -45,8 +46,13 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
     valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in shape_args and p != "num_classes"]
     for key in kwargs:
         if key not in valid:
-            raise UsageError(f"unknown option {key!r} for model {name!r}; valid options: {', '.join(valid)}")
-    return MODELS[name](**shape_args, num_classes=num_classes, **kwargs)
+            raise UsageError(f"unknown option {key!r} for model {name!r}{suggest(key, valid)}; "
+                             f"valid options: {', '.join(valid)}")
+    try:
+        return MODELS[name](**shape_args, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:     # e.g. hidden = -3 or "wide": torch refuses the size
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UsageError(f"model {name!r} cannot be built with {kwargs}: {first}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

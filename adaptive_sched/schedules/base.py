@@ -95,7 +95,7 @@ class Schedule:
             mass = cdf_hi - cdf_lo
         else:
             mass = 1.0 - cdf_lo - sf_hi
-        if not mass > 0:
+        if not mass >= torch.finfo(torch.float64).tiny:      # a subnormal Z has lost its precision
             raise UsageError(f"{self.name}: the window [{lo}, {hi}] holds no probability mass "
                              f"(it lies too far in a tail); widen it or move the schedule's location")
         self._cdf_lo, self._sf_hi, self._mass = cdf_lo, sf_hi, mass

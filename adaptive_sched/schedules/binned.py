@@ -49,6 +49,7 @@ class LossHistogram(torch.nn.Module):
         """q per bin (K,): (1 − floor)·value/Σ(value·Δ) + floor/(λ_max − λ_min); integrates to 1."""
         width = self.edges[1] - self.edges[0]
         shape = self.value.clamp(min=0)
+        shape = shape + (shape.sum() <= 0).to(shape.dtype)        # all bins zero: the uniform shape, not q = floor
         shape = shape / (shape.sum() * width).clamp(min=1e-300)
         return (1 - self.floor) * shape + self.floor / (self.logsnr_max - self.logsnr_min)
 
@@ -75,6 +76,7 @@ class BinnedAdaptiveSchedule(torch.nn.Module):
         lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
         if lo >= hi:
             raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        bins, decay, floor = (check_finite(k, v) for k, v in (("bins", bins), ("decay", decay), ("floor", floor)))
         if int(bins) < 2 or not 0 < decay < 1 or not 0 < floor < 1:
             raise UsageError("adaptive_binned needs bins >= 2, 0 < decay < 1 and 0 < floor < 1")
         self.logsnr_min, self.logsnr_max, self.floor = lo, hi, floor

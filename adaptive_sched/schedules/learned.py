@@ -71,7 +71,7 @@ class LearnedSchedule(nn.Module):
         t = self._as_float(t).clamp(0.0, 1.0)
         gam, dgam = self.gamma(t)
         width = self.logsnr_max - self.logsnr_min
-        lam = self.logsnr_max - width * gam.clamp(0.0, 1.0)
+        lam = (self.logsnr_max - width * gam.clamp(0.0, 1.0)).clamp(self.logsnr_min, self.logsnr_max)
         lam = torch.where(t <= 0, torch.full_like(lam, self.logsnr_max), lam)
         lam = torch.where(t >= 1, torch.full_like(lam, self.logsnr_min), lam)
         return lam, -width * dgam

@@ -1,0 +1,295 @@
+"""Every bad input named in issue 7, through the CLI: exit status 2, one line `error: ...` naming the problem,
+never a traceback, and nothing written. Plus: output paths stay inside the run directory asked for.
+
+Most cases call cli.main in-process (capsys) for speed; those marked SUBPROCESS run
+`python -m adaptive_sched.cli` as a user would, which also catches warnings printed to stderr.
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_sched import cli
+from adaptive_sched.compare import run_dir_of
+
+SUBPROCESS, MAIN = "subprocess", "main"
+RUN_OPTIONS = ["--data", "gmm", "--model", "mlp", "--model-param", "hidden=16", "--model-param", "depth=1",
+               "--steps", "5", "--device", "cpu"]                  # train's and sweep's
+TRAIN = ["train", *RUN_OPTIONS, "--quiet", "--out", "{d}/out"]
+SWEEP = ["sweep", *RUN_OPTIONS, "--schedule", "laplace", "--trials", "1", "--out", "{d}/sw"]
+
+
+def npz(**arrays):
+    """A file builder: an .npz archive of `arrays`."""
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+    return write
+
+
+def truncated_png(path: Path) -> None:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def torch_file(obj):
+    """A file builder: torch.save(obj) (a pickle, as any .pt file is)."""
+    return lambda path: torch.save(obj, path)
+
+
+class Payload:
+    """Unpickling this creates a file: a checkpoint carrying it must not run it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def payload_checkpoint(path: Path) -> None:
+    """A .pt that looks like an EMA snapshot and whose unpickling would create PWNED next to it."""
+    torch.save({"kind": "ema", "x": Payload(str(path.parent / "PWNED"))}, path)
+
+
+def toml(text: str) -> dict:
+    return {"c.toml": text}
+
+
+TABLE = {"t.csv": "t,logsnr\n0,5\n0.5,-1\n1,-5\n"}    # a valid table, for the cases that break something else
+RANDOM_BYTES = np.random.default_rng(0).bytes(512)
+
+# (id, argv with {d} = a fresh folder, files to create there (text, bytes, a builder, or None for a folder),
+#  substrings the error line must contain, how to run it)
+CASES = [
+    # unknown names: the message lists the valid ones
+    ("unknown-schedule", [*TRAIN, "--schedule", "laplase"], {}, ["unknown schedule 'laplase'", "cosine, laplace"],
+     SUBPROCESS),
+    ("unknown-data", [*TRAIN, "--data", "nosuch"], {}, ["unknown dataset 'nosuch'", "gmm", "npz:PATH"], MAIN),
+    ("unknown-target", [*TRAIN, "--target", "score"], {}, ["unknown target 'score'", "eps, x0, v"], MAIN),
+    ("unknown-weighting", [*TRAIN, "--weighting", "minsnr"], {}, ["unknown weighting 'minsnr'", "min-snr"], MAIN),
+    ("unknown-optimizer", [*TRAIN, "--optimizer", "adamz"], {}, ["unknown optimizer 'adamz'", "adamw"], MAIN),
+    ("unknown-model", [*TRAIN, "--model", "resnet"], {}, ["unknown model 'resnet'", "mlp, unet"], MAIN),
+    ("unknown-schedule-in-toml", [*TRAIN, "--config", "{d}/c.toml"], toml('[schedule]\nname = "cosin"\n'),
+     ["unknown schedule 'cosin'", "did you mean 'cosine'"], MAIN),
+    # invalid parameters
+    ("laplace-b-zero", [*TRAIN, "--schedule", "laplace", "--schedule-param", "b=0"], {}, ["b must be > 0"], MAIN),
+    ("laplace-b-negative", [*TRAIN, "--config", "{d}/c.toml"], toml('[schedule]\nname = "laplace"\nb = -0.5\n'),
+     ["b must be > 0", "-0.5"], MAIN),
+    ("cauchy-gamma", [*TRAIN, "--schedule", "cauchy", "--schedule-param", "gamma=0"], {}, ["gamma must be > 0"], MAIN),
+    ("normal-std", [*TRAIN, "--schedule", "normal", "--schedule-param", "std=-2"], {}, ["std must be > 0"], MAIN),
+    ("edm-p-std", [*TRAIN, "--schedule", "edm", "--schedule-param", "p_std=0"], {}, ["p_std must be > 0"], MAIN),
+    ("logistic-scale", [*TRAIN, "--schedule", "logistic", "--schedule-param", "scale=0"], {}, ["scale must be > 0"],
+     MAIN),
+    ("cosine-scale", [*TRAIN, "--schedule", "cosine", "--schedule-param", "scale=-1"], {}, ["scale must be > 0"],
+     MAIN),
+    ("weighting-gamma", [*TRAIN, "--weighting", "min-snr", "--weighting-param", "gamma=0"], {},
+     ["gamma must be > 0"], MAIN),
+    ("logsnr-min-equals-max", [*TRAIN, "--schedule-param", "logsnr_min=3", "--schedule-param", "logsnr_max=3"], {},
+     ["logsnr_min (3.0) must be < logsnr_max (3.0)"], MAIN),
+    ("logsnr-min-above-max", [*TRAIN, "--config", "{d}/c.toml"],
+     toml("[schedule]\nlogsnr_min = 5.0\nlogsnr_max = -5.0\n"), ["logsnr_min (5.0) must be < logsnr_max (-5.0)"], MAIN),
+    ("logsnr-nan", [*TRAIN, "--schedule-param", "logsnr_min=nan"], {}, ["logsnr_min must be finite"], MAIN),
+    ("steps-zero", [*TRAIN, "--steps", "0"], {}, ["steps must be > 0"], MAIN),
+    ("steps-negative", [*TRAIN, "--steps", "-3"], {}, ["steps must be > 0"], MAIN),
+    ("steps-negative-in-toml", ["train", "--config", "{d}/c.toml", "--out", "{d}/out"],
+     toml('[data]\nname = "gmm"\n[train]\nsteps = -3\ndevice = "cpu"\n'), ["steps must be > 0, got -3"], MAIN),
+    ("batch-larger-than-data", [*TRAIN, "--batch-size", "100000"], {}, ["batch_size must be in 1..", "100000"], MAIN),
+    ("batch-larger-than-npz", [*TRAIN, "--data", "npz:{d}/x.npz", "--model", "auto", "--batch-size", "64"],
+     {"x.npz": npz(x=np.zeros((20, 8, 8), np.uint8))}, ["batch_size must be in 1..18", "got 64"], MAIN),
+    ("adaptive-binned-bins-text", [*TRAIN, "--schedule", "adaptive_binned", "--schedule-param", "bins='many'"], {},
+     ["bins must be a number"], MAIN),
+    ("model-hidden-negative", [*TRAIN, "--model-param", "hidden=-3"], {}, ["model 'mlp' cannot be built"], MAIN),
+    # data files
+    ("npz-missing", [*TRAIN, "--data", "npz:/nope.npz"], {}, ["npz file not found: /nope.npz"], MAIN),
+    ("folder-missing", [*TRAIN, "--data", "folder:/nope"], {}, ["image folder not found: /nope"], MAIN),
+    ("npz-wrong-rank", [*TRAIN, "--data", "npz:{d}/x.npz"], {"x.npz": npz(x=np.zeros(5))},
+     ["shape (5,)", "expected N x H x W"], MAIN),
+    ("npz-nan", [*TRAIN, "--data", "npz:{d}/x.npz"], {"x.npz": npz(x=np.full((20, 8, 8), np.nan, np.float32))},
+     ["contains NaN"], MAIN),
+    ("npz-empty", [*TRAIN, "--data", "npz:{d}/x.npz"], {"x.npz": npz(x=np.zeros((0, 8, 8), np.uint8))},
+     ["array is empty"], MAIN),
+    ("npz-no-arrays", [*TRAIN, "--data", "npz:{d}/x.npz"], {"x.npz": npz()}, ["has no arrays"], MAIN),
+    ("npz-not-an-archive", [*TRAIN, "--data", "npz:{d}/x.npz"], {"x.npz": b"hello"}, ["cannot read"], MAIN),
+    ("png-garbage", [*TRAIN, "--data", "folder:{d}/img"], {"img/a.png": RANDOM_BYTES}, ["cannot read image"], MAIN),
+    ("png-truncated", [*TRAIN, "--data", "folder:{d}/img"], {"img/a.png": truncated_png}, ["cannot read image"],
+     MAIN),
+    ("folder-without-images", [*TRAIN, "--data", "folder:{d}/img"], {"img/": None}, ["no .png/.jpg/.jpeg"], MAIN),
+    # table CSVs
+    ("table-not-monotone", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/t.csv'"],
+     {"t.csv": "t,logsnr\n0,1\n0.5,2\n1,-1\n"}, ["not monotone"], SUBPROCESS),
+    ("table-lacks-column", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/t.csv'"],
+     {"t.csv": "t,lambda\n0,1\n1,-1\n"}, ["lacks column(s) logsnr"], MAIN),
+    ("table-nan", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/t.csv'"],
+     {"t.csv": "t,logsnr\n0,1\n0.5,nan\n1,-1\n"}, ["NaN"], MAIN),
+    ("table-text", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/t.csv'"],
+     {"t.csv": "t,logsnr\n0,high\n1,low\n"}, ["not a numeric CSV"], MAIN),
+    ("table-binary", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/t.csv'"],
+     {"t.csv": RANDOM_BYTES}, ["table"], MAIN),
+    ("table-missing", [*TRAIN, "--schedule", "table", "--schedule-param", "path='{d}/nope.csv'"], {},
+     ["table file not found"], MAIN),
+    ("table-window-outside", [*TRAIN, "--config", "{d}/c.toml"],
+     {**TABLE, **toml('[schedule]\nname = "table"\npath = "{d}/t.csv"\nlogsnr_min = 10.0\nlogsnr_max = 20.0\n')},
+     ["does not overlap"], MAIN),
+    # files that are not checkpoints, given to export and sample
+    ("export-text-file", ["export", "{d}/notes.txt", "--out", "{d}/x.csv"], {"notes.txt": "hello\n"},
+     ["not a readable adaptive_sched checkpoint"], MAIN),
+    ("export-random-bytes", ["export", "{d}/x.pt", "--out", "{d}/x.csv"], {"x.pt": RANDOM_BYTES},
+     ["not a readable adaptive_sched checkpoint"], SUBPROCESS),
+    ("export-empty-run-dir", ["export", "{d}/run", "--out", "{d}/x.csv"], {"run/": None}, ["no EMA snapshot"], MAIN),
+    ("export-empty-file", ["export", "{d}/run", "--out", "{d}/x.csv"], {"run/ema.pt": b""},
+     ["not a readable adaptive_sched checkpoint"], MAIN),
+    ("export-dict-without-kind", ["export", "{d}/x.pt", "--out", "{d}/x.json"], {"x.pt": torch_file({"a": 1})},
+     ["no 'kind' entry"], MAIN),
+    ("export-incomplete-snapshot", ["export", "{d}/x.pt", "--out", "{d}/x.csv"], {"x.pt": torch_file({"kind": "ema"})},
+     ["not a complete EMA snapshot"], MAIN),
+    ("export-training-state", ["export", "{d}/x.pt", "--out", "{d}/x.csv"],
+     {"x.pt": torch_file({"kind": "training_state", "step": 3})}, ["'training_state' checkpoint"], MAIN),
+    ("export-pickle-payload", ["export", "{d}/x.pt", "--out", "{d}/x.csv"],
+     {"x.pt": payload_checkpoint}, ["not a readable"], MAIN),
+    ("sample-text-file", ["sample", "{d}/notes.txt", "--out", "{d}/x.npz"], {"notes.txt": "hello\n"},
+     ["not a readable adaptive_sched checkpoint"], MAIN),
+    ("sample-random-bytes", ["sample", "{d}/x.pt", "--out", "{d}/x.npz"], {"x.pt": RANDOM_BYTES},
+     ["not a readable adaptive_sched checkpoint"], MAIN),
+    ("sample-empty-run-dir", ["sample", "{d}/run", "--out", "{d}/x.npz"], {"run/": None}, ["no EMA snapshot"], MAIN),
+    ("sample-incomplete-snapshot", ["sample", "{d}/run", "--out", "{d}/x.npz"],
+     {"run/ema.pt": torch_file({"kind": "ema", "step": 1})}, ["not a complete EMA snapshot"], MAIN),
+    ("sample-pickle-payload", ["sample", "{d}/run", "--out", "{d}/x.png"],
+     {"run/ema.pt": payload_checkpoint}, ["not a readable"], SUBPROCESS),
+    # unknown TOML keys: the closest valid key is suggested
+    ("toml-train-key", [*TRAIN, "--config", "{d}/c.toml"], toml("[train]\nsetps = 10\n"),
+     ["unknown key 'setps' in [train]", "did you mean 'steps'"], SUBPROCESS),
+    ("toml-section", [*TRAIN, "--config", "{d}/c.toml"], toml("[trian]\nsteps = 10\n"),
+     ["unknown config section [trian]", "did you mean 'train'"], MAIN),
+    ("toml-eval-key", [*TRAIN, "--config", "{d}/c.toml"], toml("[eval]\nevry = 10\n"), ["did you mean 'every'"], MAIN),
+    ("toml-data-key", [*TRAIN, "--config", "{d}/c.toml"], toml('[data]\nnmae = "gmm"\n'), ["did you mean 'name'"],
+     MAIN),
+    ("toml-learned-key", [*TRAIN, "--config", "{d}/c.toml"], toml('[learned]\nobjectve = "cvdm"\n'),
+     ["did you mean 'objective'"], MAIN),
+    ("toml-schedule-key", [*TRAIN, "--config", "{d}/c.toml"], toml("[schedule]\nshfit = 1.0\n"),
+     ["no parameter 'shfit'", "did you mean 'shift'"], MAIN),
+    ("toml-weighting-key", [*TRAIN, "--config", "{d}/c.toml"], toml('[weighting]\nname = "min-snr"\ngama = 5.0\n'),
+     ["no parameter 'gama'", "did you mean 'gamma'"], MAIN),
+    ("toml-model-key", [*TRAIN, "--config", "{d}/c.toml"], toml('[model]\nname = "mlp"\nhiden = 32\n'),
+     ["unknown option 'hiden'", "did you mean 'hidden'"], MAIN),
+    ("toml-compare-key", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nschedulez = [{ name = "cosine" }]\n'), ["did you mean 'schedules'"], MAIN),
+    ("toml-wrong-type", [*TRAIN, "--config", "{d}/c.toml"], toml('[train]\nsteps = "many"\n'), ["steps must be a int"],
+     MAIN),
+    ("toml-malformed", [*TRAIN, "--config", "{d}/c.toml"], toml("[train\nsteps = 1\n"), ["not valid TOML"], MAIN),
+    ("toml-missing", [*TRAIN, "--config", "{d}/nope.toml"], {}, ["config file not found"], MAIN),
+    # an unreachable Optuna storage (the password is not echoed)
+    ("sweep-storage-no-folder", [*SWEEP, "--storage", "sqlite:////nope/dir/study.db"], {},
+     ["cannot open Optuna storage"], MAIN),
+    ("sweep-storage-refused", [*SWEEP, "--storage", "postgresql://user:hunter2@127.0.0.1:1/db"], {}, ["storage"],
+     MAIN),
+    ("sweep-storage-unknown", [*SWEEP, "--storage", "redis://localhost"], {}, ["unknown storage URL", "sqlite:///PATH"],
+     MAIN),
+    # bad compare entries are refused before any run
+    ("compare-bad-parameter", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nschedules = [{ name = "cosine" }, { name = "laplace", b = -1.0 }]\n'), ["b must be > 0"], MAIN),
+]
+
+
+def create(folder: Path, files: dict) -> None:
+    for name, content in files.items():
+        path = folder / name
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content.replace("{d}", str(folder)))
+
+
+@pytest.mark.parametrize("argv,files,expected,via", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_error_line_and_no_traceback(tmp_path, capsys, argv, files, expected, via):
+    create(tmp_path, files)
+    argv = [a.replace("{d}", str(tmp_path)) for a in argv]
+    before = {p for p in tmp_path.rglob("*")}
+    if via == SUBPROCESS:
+        result = subprocess.run([sys.executable, "-m", "adaptive_sched.cli", *argv], capture_output=True, text=True,
+                                timeout=300)
+        status, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        status = cli.main(argv)
+        out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, (status, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > len("error: "), err
+    for text in expected:
+        assert text.replace("{d}", str(tmp_path)) in lines[0], (text, lines[0])
+    assert "hunter2" not in out + err
+    # refused up front: nothing written (no run, no export, no samples), and no payload ran
+    assert {p for p in tmp_path.rglob("*")} == before
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+NASTY_LABELS = ["../../evil", "..", ".", "", "/", "/etc/passwd", "../..", "..\\..", "a/../../b", "~", "$HOME",
+                "-rf", "...", ". .", "x/./../y", "\x00", "runs", "../runs/..", "é/../../ü"]
+
+
+def test_compare_run_dirs_stay_inside_runs_whatever_the_label(tmp_path):
+    out = tmp_path / "cmp"
+    runs = (out / "runs").resolve()
+    seen = set()
+    for label in NASTY_LABELS:
+        path = run_dir_of(out, {"name": "cosine", "label": label}, 3)
+        resolved = path.resolve()
+        assert resolved.parent.parent == runs and resolved.name == "seed3", (label, path)
+        assert path.relative_to(out / "runs").parts[0] not in ("", ".", ".."), label
+        seen.add(resolved)
+    assert len(seen) >= len(NASTY_LABELS) - 6          # distinct folders (labels that differ only in / . ~ may merge)
+
+
+@pytest.mark.slow
+def test_compare_with_escaping_labels_writes_only_under_its_out_dir(tmp_path, capsys):
+    config = tmp_path / "work" / "cmp.toml"
+    config.parent.mkdir()
+    config.write_text("""
+[data]
+name = "gmm"
+n = 400
+dim = 2
+[model]
+name = "mlp"
+hidden = 16
+depth = 1
+[train]
+steps = 4
+batch_size = 32
+log_every = 2
+checkpoint_every = 2
+device = "cpu"
+[eval]
+every = 4
+n = 50
+sample_n = 0
+logsnr_points = 3
+[compare]
+seeds = [0]
+schedules = [{ name = "cosine", label = "../../evil" }, { name = "laplace", label = ".." },
+             { name = "flow", label = "/tmp/evil" }]
+""")
+    out = tmp_path / "work" / "out"
+    assert cli.main(["compare", str(config), "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["cmp.toml", "out"]
+    assert not (out / "seed0").exists() and not Path("/tmp/evil").exists()
+    runs = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/seed0"))
+    assert runs == [".._.._evil/seed0", "_../seed0", "tmp_evil/seed0"]
+    assert all((out / "runs" / r / "metrics.csv").exists() for r in runs)
