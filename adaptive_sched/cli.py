@@ -173,15 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     try:
         args = make_parser().parse_args(argv)
-        return args.func(args)
+        status = args.func(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        status = 2
     except BrokenPipeError:      # output piped into `head` and the like
-        return 0
+        status = 0
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
-        return 130
+        status = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+        # A torchrun rank: leave without interpreter finalisation, where torch's process-group threads
+        # intermittently abort ("terminate called without an active exception") after the work is done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
