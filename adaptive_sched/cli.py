@@ -7,7 +7,6 @@ import argparse
 import inspect
 import os
 import sys
-from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched.errors import UsageError

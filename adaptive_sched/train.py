@@ -7,7 +7,6 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
@@ -17,15 +16,17 @@ from typing import Callable
 
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules, weighting
+from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules,
+                            weighting)
 from adaptive_sched.errors import UsageError
-from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
-from adaptive_sched.generate import autocast_for, generate, sampling_grid
+from adaptive_sched.generate import autocast_for, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, count_parameters
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
+from adaptive_sched.run_eval import ema_model, evaluate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
+from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
 # config keys that may change between a run and its resumption
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
@@ -245,13 +246,6 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     return start, state
 
 
-def ema_model(run: Run) -> torch.nn.Module:
-    """A copy of the model holding the EMA weights (for eval, sampling and the snapshot)."""
-    model = copy.deepcopy(run.model)
-    run.ema.copy_to(model)
-    return model.eval()
-
-
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     """Write the training state (atomically, keeping the previous one) and the EMA snapshot (rank 0).
 
@@ -278,52 +272,6 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     if learned:
         snapshot["schedule"] = run.loss.schedule.state_dict()
     checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
-
-
-def evaluate(run: Run, out_dir: Path, step: int) -> dict[str, float]:
-    """Held-out ε-MSE on the fixed λ grid, and sliced Wasserstein distance of samples to held-out data (EMA)."""
-    e = run.config.eval
-    model = ema_model(run)
-    profile = loss_profile(model, run.config.train.target, run.eval_data.x, None,
-                           eval_grid(e.logsnr_lo, e.logsnr_hi, e.logsnr_points), oracle=run.eval_data.oracle)
-    log = CsvLog(out_dir / "eval_profile.csv", PROFILE_COLUMNS)
-    for k, lam in enumerate(profile["logsnr"].tolist()):
-        log.append({"step": step, "logsnr": lam, "eps_mse": float(profile["eps_mse"][k]),
-                    "oracle_eps_mse": float(profile["oracle_eps_mse"][k]) if "oracle_eps_mse" in profile else None})
-    metrics = summarize(profile)
-    log_schedule_density(run, out_dir, step)
-    if e.sample_n > 0:
-        grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
-        n = min(e.sample_n, len(run.eval_data))
-        x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
-                     device=run.device)
-        metrics["eval_swd"] = sliced_wasserstein(x, run.eval_data.x[:n])
-        if run.fid is not None:
-            metrics.update(run.fid(x.clamp(-1, 1)))     # scored as images: clipped to the pixel range
-    if e.bpd_n > 0:
-        from adaptive_sched.likelihood import vlb
-        bound = vlb(model, run.config.train.target, run.eval_data.x[:e.bpd_n].float(), n_lambda=e.bpd_points,
-                    discrete_bins=e.bpd_bins or None)
-        metrics["eval_bpd"] = bound["bpd"]
-    return metrics
-
-
-def log_schedule_density(run: Run, out_dir: Path, step: int, points: int = 81) -> None:
-    """Append p(λ) of the training schedule on a fixed λ grid to schedule_density.csv (one row per eval)."""
-    s = run.config.schedule
-    grid = torch.linspace(s.logsnr_min, s.logsnr_max, points, dtype=torch.float64)
-    with torch.no_grad():
-        density = run.loss.schedule.density(grid.to(run.device)).cpu()
-    path = out_dir / "schedule_density.csv"
-    columns = ["step"] + [f"{v:.4g}" for v in grid.tolist()]
-    log = CsvLog(path, columns)
-    log.append({"step": step, **{c: float(d) for c, d in zip(columns[1:], density.tolist())}})
-    edges = run.loss_bins.edges.cpu()
-    centres = [f"{v:.4g}" for v in (0.5 * (edges[1:] + edges[:-1])).tolist()]
-    seen = run.loss_bins.seen.cpu() > 0
-    bins_log = CsvLog(out_dir / "loss_bins.csv", ["step"] + centres)
-    bins_log.append({"step": step, **{c: (float(v) if ok else None) for c, v, ok in
-                                      zip(centres, run.loss_bins.value.cpu().tolist(), seen.tolist())}})
 
 
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -453,43 +401,6 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
         run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
     update_running(running, terms.loss.mean().detach().float(), finite)
     return lr
-
-
-def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every entry of every tensor is finite (one fused norm; identical on all ranks)."""
-    if not tensors:
-        return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.nn.utils.get_total_norm(tensors))
-
-
-def new_running(device: torch.device) -> torch.Tensor:
-    """The on-device accumulator train_step fills: [loss sum, finite steps, skipped steps, non-finite streak]."""
-    return torch.zeros(4, device=device)
-
-
-def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
-    """Step the optimizer only when `finite` (a 0-d bool tensor) holds; return whether the caller should proceed.
-
-    Fused AdamW/Adam skip the update on the device (their found_inf input), so CUDA runs never sync here;
-    other optimizers read the flag on the host (free on CPU, one sync per step on CUDA).
-    """
-    if optimizer.param_groups[0].get("fused"):
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-        return True                 # the EMA of unchanged weights and the histogram are harmless to update
-    if bool(finite):
-        optimizer.step()
-        return True
-    return False
-
-
-def update_running(running: torch.Tensor, loss: torch.Tensor, finite: torch.Tensor) -> None:
-    """Accumulate [loss sum, finite count, skipped count, current non-finite streak] without a host sync."""
-    ok = finite.float()
-    running[0] += torch.where(finite, loss, torch.zeros_like(loss))
-    running[1] += ok
-    running[2] += 1.0 - ok
-    running[3] = (running[3] + 1.0) * (1.0 - ok)
 
 
 def model_summary(run: Run) -> str:
