@@ -45,7 +45,8 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
         raise UsageError(f"--trials and --workers must be >= 1, got {trials} and {workers}")
     make_pruner(pruner, base)
     job = Job(storage or default_storage(out), study or schedule, base,
-              spaces.build_space(schedule, tune, space, fixed=base.schedule.params), metric, pruner, str(out), trials)
+              spaces.build_space(schedule, tune, space, fixed=base.schedule.params,
+                                 curriculum=base.schedule.curriculum), metric, pruner, str(out), trials)
     quiet_optuna()
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)

@@ -102,20 +102,30 @@ def parse_dim(key: str, spec, default: Dim | None = None) -> Dim:
 
 
 def build_space(schedule: str, tune: list[str] | tuple = (), overrides: dict | None = None,
-                fixed: dict | None = None) -> dict[str, Dim]:
-    """The search space of `schedule`: its default ranges minus `fixed` params, plus `tune` extras and overrides."""
+                fixed: dict | None = None, curriculum: dict | None = None) -> dict[str, Dim]:
+    """The search space of `schedule`: its default ranges minus `fixed` params, plus `tune` extras and overrides.
+
+    With a curriculum in the base config, "P.start" and "P.end" (quoted TOML keys in [sweep.space]) tune the
+    START and END of parameter P's ramp; P then leaves the plain space (its value is the ramp's).
+    """
+    ramped = set(curriculum or {})
+    fixed = {**(fixed or {}), **{p: None for p in ramped}}
     from adaptive_sched import schedules
     schedules.lookup(schedule)                          # an unknown name gets the registry's suggestion
     if schedule not in SPACES and not overrides:
         raise UsageError(f"schedule {schedule!r} has no search space in code; give its ranges in [sweep.space], "
                          f"or sweep one of: {', '.join(SPACES)}")
     space = {k: v for k, v in SPACES.get(schedule, {}).items() if k not in (fixed or {})}
+    for param in sorted(ramped):                        # a ramped parameter: tune its START and END
+        if param in SPACES.get(schedule, {}):
+            space[f"{param}.start"] = space[f"{param}.end"] = SPACES[schedule][param]
     for name in tune:
         if name not in EXTRAS:
             raise UsageError(f"cannot tune {name!r}{cfg.suggest(str(name), list(EXTRAS))}; "
                              f"extras: {', '.join(EXTRAS)}")
         space[name] = EXTRAS[name]
-    valid = [k for k in schedules.parameters(schedule)] + list(EXTRAS)
+    valid = [k for k in schedules.parameters(schedule)] + list(EXTRAS) + \
+        [f"{p}.{end}" for p in sorted(ramped) for end in ("start", "end")]
     for key, spec in (overrides or {}).items():
         if key not in valid:
             raise UsageError(f"unknown key {key!r} in [sweep.space]{cfg.suggest(key, valid)}; "
@@ -123,10 +133,11 @@ def build_space(schedule: str, tune: list[str] | tuple = (), overrides: dict | N
         if key in (fixed or {}):
             raise UsageError(f"{key} is fixed by [schedule] or --schedule-param and also has a range in "
                              f"[sweep.space]; drop one of them")
-        space[key] = parse_dim(key, spec, space.get(key, SPACES.get(schedule, {}).get(key, EXTRAS.get(key))))
+        default = SPACES.get(schedule, {}).get(key.split(".")[0], EXTRAS.get(key))
+        space[key] = parse_dim(key, spec, space.get(key, default))
     if not space:
         raise UsageError(f"nothing to tune: every parameter of {schedule} is fixed by [schedule] or --schedule-param")
-    check_endpoints(schedule, space, fixed or {})
+    check_endpoints(schedule, space, {k: v for k, v in fixed.items() if k not in ramped})
     return space
 
 
@@ -138,7 +149,7 @@ def check_endpoints(schedule: str, space: dict[str, Dim], fixed: dict) -> None:
             continue
         for value in (dim.low, dim.high):
             try:
-                schedules.build(schedule, **{**fixed, key: value})
+                schedules.build(schedule, **{**fixed, key.split(".")[0]: value})
             except UsageError as err:
                 raise UsageError(f"[sweep.space] {key} = {value:g} is not a valid {schedule} parameter: {err}") \
                     from None
@@ -156,7 +167,16 @@ def suggest(trial, space: dict[str, Dim]) -> dict:
 
 def trial_config(base: cfg.RunConfig, params: dict) -> cfg.RunConfig:
     """`base` with the trial's schedule parameters, and its lr and weighting when tuned."""
-    overlay: dict[str, dict] = {"schedule": {k: v for k, v in params.items() if k not in EXTRAS}}
+    overlay: dict[str, dict] = {"schedule": {k: v for k, v in params.items() if k not in EXTRAS and "." not in k}}
+    ramps = {k: v for k, v in params.items() if "." in k}
+    if ramps:
+        curriculum = dict(base.schedule.curriculum)
+        for param in {k.split(".")[0] for k in ramps}:
+            spec = str(curriculum[param]).split(":")
+            start = ramps.get(f"{param}.start", spec[0])
+            end = ramps.get(f"{param}.end", spec[1])
+            curriculum[param] = ":".join([str(start), str(end)] + spec[2:])
+        overlay["schedule"]["curriculum"] = curriculum
     if "lr" in params:
         overlay["train"] = {"lr": params["lr"]}
     if "weighting" in params:

@@ -302,3 +302,27 @@ def test_postgres_storage_with_two_workers(tmp_path, postgres_url):
     again = optuna.load_study(study_name="normal", storage=sweep.open_storage(postgres_url))
     assert len(again.trials) == 2 and {t.user_attrs["pid"] for t in again.trials} != {os.getpid()}
     assert json.loads((tmp_path / "sweep.json").read_text())["storage"] == postgres_url
+
+
+def test_a_curriculum_sweep_tunes_start_and_end(tmp_path):
+    """With a curriculum in the base config, the ramp's START and END are the tuned dimensions."""
+    base = cfg.from_dict({**TINY, "schedule": {"name": "laplace", "curriculum": {"b": "0.3:1.5:cosine"}}})
+    space = spaces.build_space("laplace", curriculum=base.schedule.curriculum)
+    assert set(space) == {"mu", "b.start", "b.end"}
+    narrowed = spaces.build_space("laplace", overrides={"b.end": {"low": 1.0, "high": 2.0}},
+                                  curriculum=base.schedule.curriculum)
+    assert (narrowed["b.end"].low, narrowed["b.end"].high) == (1.0, 2.0)
+    config = spaces.trial_config(base, {"mu": 0.5, "b.start": 0.2, "b.end": 1.8})
+    assert config.schedule.curriculum == {"b": "0.2:1.8:cosine"} and config.schedule.params["mu"] == 0.5
+    with pytest.raises(UsageError, match="unknown key 'gamma.start'"):
+        spaces.build_space("laplace", overrides={"gamma.start": {"low": 1, "high": 2}},
+                           curriculum=base.schedule.curriculum)
+    out = tmp_path / "sweep"
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(cfg.dumps_toml({**TINY, "schedule": {"name": "laplace", "curriculum": {"b": "0.3:1.5"}},
+                                    "sweep": {"trials": 2}}))
+    assert sweep.main(["--schedule", "laplace", "--config", str(toml), "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "trials.csv")
+    assert {"param_b.start", "param_b.end"} <= set(frame.columns) and set(frame["state"]) == {"COMPLETE"}
+    metrics = pd.read_csv(out / "trials" / "0" / "metrics.csv")
+    assert metrics["schedule_b"].iloc[-1] == pytest.approx(frame["param_b.end"].iloc[0])
