@@ -31,6 +31,8 @@ class MLPDenoiser(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, num_classes: int = 0):
         super().__init__()
+        if not (isinstance(hidden, int) and isinstance(depth, int) and hidden >= 1 and depth >= 0):
+            raise ValueError(f"hidden must be an integer >= 1 and depth an integer >= 0, got {hidden!r} and {depth!r}")
         self.dim = dim
         self.embed = LogSNREmbedding(emb_dim, num_classes)
         self.inp = nn.Linear(dim, hidden)

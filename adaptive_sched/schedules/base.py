@@ -30,7 +30,9 @@ def check_positive(name: str, value: float) -> float:
 
 
 def check_finite(name: str, value: float) -> float:
-    """Return float(value) if it is a finite number, else raise UsageError naming the parameter."""
+    """Return float(value) if it is a finite number (not a bool), else raise UsageError naming the parameter."""
+    if isinstance(value, bool):
+        raise UsageError(f"parameter {name} must be a number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -38,6 +40,14 @@ def check_finite(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise UsageError(f"parameter {name} must be finite, got {value}")
     return value
+
+
+def check_count(name: str, value, low: int, high: int) -> int:
+    """Return int(value) if it is a whole number in [low, high], else raise UsageError naming the parameter."""
+    number = check_finite(name, value)
+    if number != int(number) or not low <= number <= high:
+        raise UsageError(f"parameter {name} must be a whole number in {low}..{high}, got {value!r}")
+    return int(number)
 
 
 def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.base import check_finite, sample_by_inverse_transform
+from adaptive_sched.schedules.base import check_count, check_finite, sample_by_inverse_transform
 from adaptive_sched.schedules.table import interp
 
 
@@ -76,9 +76,10 @@ class BinnedAdaptiveSchedule(torch.nn.Module):
         lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
         if lo >= hi:
             raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
-        bins, decay, floor = (check_finite(k, v) for k, v in (("bins", bins), ("decay", decay), ("floor", floor)))
-        if int(bins) < 2 or not 0 < decay < 1 or not 0 < floor < 1:
-            raise UsageError("adaptive_binned needs bins >= 2, 0 < decay < 1 and 0 < floor < 1")
+        bins = check_count("bins", bins, 2, 100_000)
+        decay, floor = check_finite("decay", decay), check_finite("floor", floor)
+        if not 0 < decay < 1 or not 0 < floor < 1:
+            raise UsageError("adaptive_binned needs 0 < decay < 1 and 0 < floor < 1")
         self.logsnr_min, self.logsnr_max, self.floor = lo, hi, floor
         self.histogram = LossHistogram(lo, hi, int(bins), decay, floor)
 

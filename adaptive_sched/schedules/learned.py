@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, check_finite, check_positive,
+from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, check_count, check_finite,
                                            sample_by_inverse_transform)
 
 BISECTION_STEPS = 64
@@ -37,7 +37,7 @@ class LearnedSchedule(nn.Module):
         lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
         if lo >= hi:
             raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
-        hidden = int(check_positive("hidden", hidden))
+        hidden = check_count("hidden", hidden, 1, 4096)
         floor = check_finite("floor", floor)
         if not 0 < floor < 1:
             raise UsageError(f"parameter floor must be in (0, 1), got {floor}")
