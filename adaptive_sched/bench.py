@@ -18,9 +18,7 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 from adaptive_sched import config as cfg
 from adaptive_sched.cli import Parser, add_run_options, resolve_config
+from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.errors import UsageError
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
@@ -136,14 +135,6 @@ def to_channels_last(run: Run) -> None:
     run.ema = type(run.ema)(run.model, run.config.train.ema_decay)
 
 
-def wait_barrier(folder: str, n: int, timeout: float = 900.0) -> None:
-    """Mark this process ready in `folder`, then wait until `n` processes are, or `timeout` s have passed."""
-    Path(folder, f"ready-{os.getpid()}").touch()
-    end = time.monotonic() + timeout
-    while len(list(Path(folder).glob("ready-*"))) < n and time.monotonic() < end:
-        time.sleep(0.005)
-
-
 def time_windows(run: Run, args: argparse.Namespace, mark_step: bool, bar) -> dict:
     """Warm up, then time `repeats` windows of `steps` train_steps; the device syncs only around windows."""
     import torch
@@ -164,7 +155,7 @@ def time_windows(run: Run, args: argparse.Namespace, mark_step: bool, bar) -> di
 
     window(args.warmup)
     if args.barrier:
-        wait_barrier(args.barrier, args.barrier_n)
+        wait_barrier(args.barrier, args.barrier_n)      # a --concurrent worker: start timing together
     began = time.time()
     times = [window(args.steps) for _ in range(args.repeats)]
     ended = time.time()
@@ -300,37 +291,6 @@ def bench_modes(args: argparse.Namespace, base: cfg.RunConfig, device: torch.dev
         if args.sample and run is not None:
             emit(measure_sample(run, mode, args))
         del run
-
-
-def bench_concurrent(args: argparse.Namespace, base: cfg.RunConfig, device: torch.device, peak_n: int,
-                     emit: Callable[[dict], None]) -> None:
-    """Aggregate eager img/s of K bench processes (seeds seed .. seed+K-1) timing at the same time, for each K."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    for k in parse_list(args.concurrent, int):
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "config.toml").write_text(cfg.dumps_toml(base.to_dict()))
-            Path(folder, "barrier").mkdir()
-            procs = [subprocess.Popen(
-                [sys.executable, "-m", "adaptive_sched.bench", "--config", str(Path(folder, "config.toml")),
-                 "--seed", str(base.train.seed + i), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                 "--repeats", str(args.repeats), "--modes", "eager", "--no-sample", "--peak-n", "0", "--quiet",
-                 "--barrier", str(Path(folder, "barrier")), "--barrier-n", str(k)],
-                stdout=subprocess.PIPE, text=True, env=env) for i in range(k)]
-            outs = [p.communicate()[0] for p in procs]
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"{sum(bool(p.returncode) for p in procs)} of {k} bench workers failed (see stderr)")
-        rows = [json.loads(out.splitlines()[-1]) for out in outs]
-        images = sum(r["batch_size"] * r["steps"] * r["repeats"] for r in rows)
-        agg = round(images / (max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)), 1)
-        peak = matmul_peak(device, peak_n) if peak_n > 0 else None
-        drop = {"seed", "step_ms", "img_s", "step_ms_windows", "loss", "skipped_steps", "t_start", "t_end",
-                "peak_mem_mb"}
-        emit({**{key: v for key, v in rows[0].items() if key not in drop}, "measure": "concurrent", "workers": k,
-              "img_s": agg, "img_s_sum": round(sum(r["img_s"] for r in rows), 1),
-              "img_s_each": [r["img_s"] for r in rows], "step_ms_each": [r["step_ms"] for r in rows],
-              "peak_mem_mb_each": [r["peak_mem_mb"] for r in rows], "peak_flops": peak and round(peak),
-              "mfu": mfu(rows[0]["flops_per_image"] * agg, peak)})
 
 
 def parse_list(text: str, kind: type = str) -> list:
