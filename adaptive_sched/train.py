@@ -134,6 +134,8 @@ class Run:
 def build(config: cfg.RunConfig, world: distributed.World = distributed.World(), device_name: str | None = None) -> Run:
     """Phase 1: data, schedule, loss, model, optimizer and EMA, all on the run's device (DDP when world > 1)."""
     device = resolve_device(device_name or config.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # fixed shapes every step: let cuDNN pick its fastest kernels
     train_data = load_data(config.data, "train")
     validate(config, len(train_data))
     if config.train.batch_size % world.size:
