@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from adaptive_sched import config as cfg
-from adaptive_sched.cli import Parser, add_run_options, resolve_config
+from adaptive_sched.cli import add_run_options, resolve_config
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.errors import UsageError
 
@@ -370,15 +370,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptive_sched.bench ...`: the bench alone, with the CLI's exit status (2 on bad input)."""
-    parser = Parser(prog="adaptive-sched")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
-    try:
-        args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-        return args.func(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`python -m adaptive_sched.bench ARGS` = `adaptive-sched bench ARGS` (the concurrency workers use it)."""
+    from adaptive_sched.cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def bench_concurrent(args: argparse.Namespace, base: cfg.RunConfig, device: torc
                      emit: Callable[[dict], None]) -> None:
     """Aggregate eager img/s of K bench processes (seeds seed .. seed+K-1) timing at the same time, for each K."""
     from adaptive_sched import bench
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    from adaptive_sched.jobs import child_env
+    env = child_env()
     for k in bench.parse_list(args.concurrent, int):
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "config.toml").write_text(cfg.dumps_toml(base.to_dict()))

@@ -20,6 +20,7 @@ import torch
 
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
+from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
 METHODS = ("ays", "quantile", "karras", "cosine")
@@ -229,11 +230,10 @@ def read_grid(path: str | Path, steps: int | None, lo: float, hi: float) -> torc
     if not path.is_file():
         raise UsageError(f"grid file not found: {path} (write one with `adaptive-sched sampling-grid RUN_DIR`)")
     try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(row for row in handle if not row.startswith("#"))
-            if "logsnr" not in (reader.fieldnames or []):
-                raise UsageError(f"grid file {path} lacks a logsnr column")
-            values = [float(row["logsnr"]) for row in reader]
+        fields, rows = read_csv_rows(path)
+        if "logsnr" not in fields:
+            raise UsageError(f"grid file {path} lacks a logsnr column")
+        values = [float(row["logsnr"]) for row in rows]
     except UsageError:
         raise
     except (ValueError, TypeError, UnicodeDecodeError) as err:

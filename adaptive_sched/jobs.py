@@ -25,15 +25,25 @@ class Job:
 
 
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
-    """Intra-op threads per process when `jobs` run at once on `cores` cores."""
-    cores = cores or os.cpu_count() or 1
+    """Intra-op threads per process when `jobs` run at once on `cores` cores (default: the cores we may use)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, jobs))
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of a child `python -m adaptive_sched...`: this checkout first on PYTHONPATH, and
+    OMP/MKL/OpenBLAS limited to `threads` when given."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    return env
 
 
 def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2) -> list[tuple[Job, int]]:
     """Run `jobs`, at most `parallel` at a time; return the (job, exit status) of those that failed."""
-    threads = str(threads_per_job(parallel))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    env = child_env(threads_per_job(parallel))
     pending, running, failed = list(jobs), [], []
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")

@@ -167,18 +167,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptive_sched.sweep ARGS` = `adaptive-sched sweep ARGS` (until the CLI lists it)."""
-    from adaptive_sched.cli import Parser
-    parser = Parser(prog="adaptive-sched")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
-    try:
-        args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-        return args.func(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """`python -m adaptive_sched.sweep ARGS` = `adaptive-sched sweep ARGS`."""
+    from adaptive_sched.cli import main as cli_main
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

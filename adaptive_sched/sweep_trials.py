@@ -166,16 +166,15 @@ def run_workers(job: Job, remaining: int) -> None:
     """K worker processes share the remaining trials (exact quotas, so the study ends at --trials)."""
     import subprocess
 
+    from adaptive_sched.jobs import child_env, threads_per_job
     from adaptive_sched.train import resolve_device
     if not isinstance(job.pruner, str):
         raise UsageError(f"--workers > 1 needs a pruner by name ({', '.join(PRUNERS)}), not an object")
     k = job.workers
     cpu = resolve_device(job.base.train.device).type == "cpu"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // k) if cpu else 0
+    threads = threads_per_job(k) if cpu else 0
     quotas = [remaining // k + (i < remaining % k) for i in range(k)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     procs = []
     for i, quota in enumerate(quotas):
         if quota == 0:

@@ -60,19 +60,20 @@ def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: in
     """The training schedule from its config, with any curriculum's parameter values at `step` of `steps`."""
     s = schedule_config
     ramps = curriculum.parse(s.curriculum)
-    if ramps and schedules.is_learned(schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
-                                                      **s.params)):
+    if ramps and schedules.is_learned(schedules.lookup(s.name)):      # the class tells; no need to build (and fit) it
         raise UsageError(f"a curriculum moves a fixed schedule's parameters; {s.name!r} learns its own, so drop --curriculum")
 
     curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
         cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
-    return schedule_at(s, step, steps)
+    return schedule_at(s, step, steps, ramps)
 
 
-def schedule_at(schedule_config: cfg.ScheduleConfig, step: int, steps: int):
-    """The (fixed) schedule with its curriculum parameters at `step` of `steps` (no validation)."""
+def schedule_at(schedule_config: cfg.ScheduleConfig, step: int, steps: int, ramps: dict | None = None):
+    """The (fixed) schedule with its curriculum parameters at `step` of `steps` (no validation); `ramps` is the
+    parsed curriculum when the caller already has it."""
     s = schedule_config
-    params = {**s.params, **curriculum.values_at(curriculum.parse(s.curriculum), step, steps)}
+    ramps = curriculum.parse(s.curriculum) if ramps is None else ramps
+    params = {**s.params, **curriculum.values_at(ramps, step, steps)}
     return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
 
 
@@ -125,6 +126,7 @@ class Run:
     train_model: torch.nn.Module | None = None   # what the step calls: the model, or its DDP wrapper
     fid: object | None = None                    # FidEvaluator for image data (rank 0), see eval_features
     fid_info: dict | None = None
+    ramps: dict | None = None                    # the parsed curriculum ({} for a static schedule)
 
     @property
     def schedule_params(self) -> list[torch.nn.Parameter]:
@@ -170,7 +172,8 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
         ids = [device.index] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
-               EMA(model, config.train.ema_decay), loss_bins, world, train_model, fid, fid_info)
+               EMA(model, config.train.ema_decay), loss_bins, world, train_model, fid, fid_info,
+               curriculum.parse(config.schedule.curriculum))
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -384,8 +387,8 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
         idx = idx[world.rank * share:(world.rank + 1) * share]
         gen = distributed.rank_generator(t.seed, step, world, run.device)
     lr = set_learning_rates(run, step)
-    if run.config.schedule.curriculum:            # a dynamic schedule: its parameters at this step
-        run.loss.schedule = schedule_at(run.config.schedule, step, t.steps)
+    if run.ramps:                                 # a dynamic schedule: its parameters at this step
+        run.loss.schedule = schedule_at(run.config.schedule, step, t.steps, run.ramps)
     with autocast_for(run.device):
         model = run.train_model if run.train_model is not None else run.model
         terms = run.loss.terms(model, run.train_data.x[idx], None, gen)

@@ -19,19 +19,24 @@ from adaptive_sched.schedules.base import Schedule
 REQUIRED_COLUMNS = ("t", "logsnr")
 
 
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
+    """(header, rows as dicts) of a CSV whose '#' lines are comments (the table and grid file formats)."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(row for row in handle if not row.startswith("#"))
+        return list(reader.fieldnames or []), list(reader)
+
+
 def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate columns t and logsnr from a CSV; raise UsageError naming what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"table file not found: {path} (write one with `adaptive-sched export RUN_DIR --out FILE.csv`)")
     try:
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(row for row in handle if not row.startswith("#"))
-            fields = reader.fieldnames or []
-            missing = [c for c in REQUIRED_COLUMNS if c not in fields]
-            if missing:
-                raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns t,logsnr")
-            rows = [(row["t"], row["logsnr"]) for row in reader]
+        fields, rows = read_csv_rows(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in fields]
+        if missing:
+            raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns t,logsnr")
+        rows = [(row["t"], row["logsnr"]) for row in rows]
         values = np.array(rows, dtype=np.float64)
     except (ValueError, TypeError, UnicodeDecodeError) as err:
         if isinstance(err, UsageError):
