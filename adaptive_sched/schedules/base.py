@@ -50,6 +50,12 @@ def check_count(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
+def as_float_tensor(x) -> torch.Tensor:
+    """x as a tensor; integers become the default float dtype (floats keep theirs)."""
+    x = torch.as_tensor(x)
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
 def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """n draws t ~ U(0, 1) at the midpoints of 2^24 equal bins, in float64: never exactly 0 or 1.
 
@@ -118,9 +124,7 @@ class Schedule:
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
         """λ(t): decreasing, λ(0) = logsnr_max, λ(1) = logsnr_min; exact inverse of the truncated CDF."""
-        t = torch.as_tensor(t)
-        if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
+        t = as_float_tensor(t)
         t = t.clamp(0.0, 1.0)
         upper = self._sf_hi + t * self._mass            # mass above λ
         lower = self._cdf_lo + (1.0 - t) * self._mass   # mass below λ
@@ -134,9 +138,7 @@ class Schedule:
 
     def t_of(self, logsnr: torch.Tensor) -> torch.Tensor:
         """t(λ) = (F(hi) − F(λ))/Z, the inverse of `logsnr`; 0 above logsnr_max, 1 below logsnr_min."""
-        lam = torch.as_tensor(logsnr)
-        if not lam.is_floating_point():
-            lam = lam.to(torch.get_default_dtype())
+        lam = as_float_tensor(logsnr)
         lam_in = lam.nan_to_num(nan=0.0).clamp(self.logsnr_min, self.logsnr_max)
         sf, cdf = self._sf(lam_in), self._cdf(lam_in)
         from_upper = (sf - self._sf_hi) / self._mass
@@ -145,9 +147,7 @@ class Schedule:
 
     def log_density(self, logsnr: torch.Tensor) -> torch.Tensor:
         """log p(λ) = log f(λ) − log Z inside the window, −inf outside."""
-        lam = torch.as_tensor(logsnr)
-        if not lam.is_floating_point():
-            lam = lam.to(torch.get_default_dtype())
+        lam = as_float_tensor(logsnr)
         inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
         lam_in = torch.where(inside, lam, torch.full_like(lam, 0.5 * (self.logsnr_min + self.logsnr_max)))
         log_p = self._log_pdf(lam_in) - self._log_mass

@@ -26,8 +26,8 @@ import math
 import torch
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule, check_finite,
-                                           check_positive)
+from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, Schedule, as_float_tensor,
+                                           check_finite, check_positive)
 from adaptive_sched.schedules.table import interp
 
 
@@ -131,9 +131,7 @@ class Polynomial(Schedule):
         """λ(t); with levels, the level whose cell holds the continuous draw (a step function of t)."""
         if not self.levels:
             return super().logsnr(t)
-        t = torch.as_tensor(t)
-        if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
+        t = as_float_tensor(t)
         rising = self._cell_t.flip(0)[1:-1].to(device=t.device, dtype=torch.float64)      # (K−1,) increasing
         k = torch.searchsorted(rising, t.to(torch.float64).clamp(0, 1).contiguous(), right=True)
         return self._level_logsnr.flip(0).to(t.device)[k].to(t.dtype)
@@ -142,18 +140,14 @@ class Polynomial(Schedule):
         """t(λ); with levels, the histogram CDF (mass above λ), piecewise linear between cell edges."""
         if not self.levels or not hasattr(self, "_cell_t"):
             return super().t_of(logsnr)
-        lam = torch.as_tensor(logsnr)
-        if not lam.is_floating_point():
-            lam = lam.to(torch.get_default_dtype())
+        lam = as_float_tensor(logsnr)
         return interp(lam.nan_to_num(nan=0.0), self._cell_edges, self._cell_t).clamp(0.0, 1.0)
 
     def log_density(self, logsnr: torch.Tensor) -> torch.Tensor:
         """log p(λ); with levels, log(mass of the level / width of its cell) inside the cell, −inf outside."""
         if not self.levels:
             return super().log_density(logsnr)
-        lam = torch.as_tensor(logsnr)
-        if not lam.is_floating_point():
-            lam = lam.to(torch.get_default_dtype())
+        lam = as_float_tensor(logsnr)
         edges = self._cell_edges.to(device=lam.device, dtype=lam.dtype)
         inside = (lam >= edges[0]) & (lam <= edges[-1])
         k = torch.searchsorted(edges[1:-1].contiguous(), lam.contiguous(), right=True)
