@@ -4,6 +4,12 @@ CSV: columns t, logsnr, density, alpha, sigma at N points (endpoints included), 
 schedules.build("table", path=FILE), plus a JSON sidecar FILE.json with the provenance. JSON: the same
 columns as arrays with the provenance. Either can carry a diffusers-style `alphas_cumprod` for K
 discrete steps: alphas_cumprod[i] = sigmoid(λ((i + 1)/K)), i = 0..K−1 (index 0 the least noisy).
+
+A class-conditional run (its schedule has num_classes = C > 0) exports the marginal Σ_k w_k p(λ | k) as
+FILE.csv (a plain table), each class as FILE.class<k>.csv (plain tables), and all of them as the long-format
+multi-class table FILE.classes.csv (reloads with `table` as a C-class schedule); the JSON sidecar lists the
+files and the class weights w. The JSON format carries the marginal's columns plus a `classes` list of
+per-class columns.
 """
 from __future__ import annotations
 
@@ -15,43 +21,67 @@ import numpy as np
 import torch
 
 from adaptive_sched import checkpoint, config as cfg, schedules
+from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.table import write_table
+from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
 
 def load_run_schedule(run_dir: str | Path):
-    """(config, schedule, snapshot) of a run, with a learned schedule's trained state restored."""
+    """(config, schedule, snapshot) of a run, with a learned schedule's trained state restored.
+
+    A snapshot with schedule_num_classes = C > 0 rebuilds a learned schedule with num_classes=C; the rebuilt
+    schedule must have C classes (a table run's C comes from its file when the snapshot does not say).
+    """
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
     s = config.schedule
     params = dict(s.params)
+    classes = snap.get("schedule_num_classes", 0)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+        raise UsageError(f"{run_dir}: the snapshot's schedule_num_classes must be a whole number >= 0, got {classes!r}")
     if s.name == "learned":
         params["init"] = "none"           # the trained weights replace the init fit
+        if classes:
+            params["num_classes"] = classes
     schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
     if "schedule" in snap:
         schedule.load_state_dict(snap["schedule"])
+    if classes and num_classes(schedule) != classes:
+        raise UsageError(f"{run_dir}: the snapshot's schedule has {classes} classes but the rebuilt "
+                         f"{s.name} schedule has {num_classes(schedule)}")
     return config, schedule, snap
 
 
-def schedule_columns(schedule, points: int) -> dict[str, np.ndarray]:
-    """t, λ(t), p(λ(t)) at `points` evenly spaced t in [0, 1]."""
+def run_class_weights(snap: dict, classes: int) -> np.ndarray:
+    """The run's class weights w (C,), normalised: snap["class_weights"] when present, else uniform."""
+    return class_weights(classes, snap.get("class_weights"))
+
+
+def schedule_columns(schedule, points: int, y: int | None = None) -> dict[str, np.ndarray]:
+    """t, λ(t), p(λ(t)) at `points` evenly spaced t in [0, 1] (of class y for a conditional schedule)."""
     if points < 2:
         raise UsageError(f"--points must be >= 2, got {points}")
+    args = () if y is None else (y,)
     t = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
     with torch.no_grad():
-        lam = schedule.logsnr(t)
-        density = schedule.density(lam)
+        lam = schedule.logsnr(t, *args)
+        density = schedule.density(lam, *args)
     return {"t": t.numpy(), "logsnr": lam.numpy(), "density": density.numpy()}
 
 
-def alphas_cumprod(schedule, steps: int) -> np.ndarray:
+def alphas_cumprod(schedule, steps: int, y: int | None = None) -> np.ndarray:
     """ᾱ_i = sigmoid(λ((i + 1)/K)) for i = 0..K−1: DDPM's discrete cumulative products, least noisy first."""
     if steps < 1:
         raise UsageError(f"--alphas-cumprod must be >= 1, got {steps}")
     t = torch.arange(1, steps + 1, dtype=torch.float64) / steps
     with torch.no_grad():
-        return torch.sigmoid(schedule.logsnr(t)).numpy()
+        return torch.sigmoid(schedule.logsnr(t, *(() if y is None else (y,)))).numpy()
+
+
+def class_path(out: Path, k: int | None = None) -> Path:
+    """FILE.class<k>.csv beside FILE.csv; k = None gives FILE.classes.csv, the long-format multi-class table."""
+    return out.with_name(f"{out.stem}.{'classes' if k is None else f'class{k}'}{out.suffix}")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -70,19 +100,48 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
     if not out.parent.exists():
         raise UsageError(f"output folder does not exist: {out.parent}")
     config, schedule, snap = load_run_schedule(run_dir)
-    columns = schedule_columns(schedule, points)
+    classes = num_classes(schedule)
     meta = {"schedule": config.schedule.name, "params": config.schedule.params,
             "logsnr_min": config.schedule.logsnr_min, "logsnr_max": config.schedule.logsnr_max,
             "objective": config.learned.objective if config.schedule.name == "learned" else None,
             "step": int(snap["step"]), "data": config.data.name, "target": config.train.target,
             "source_run": str(Path(run_dir).resolve()), "points": points}
-    if discrete_steps:
-        meta["alphas_cumprod"] = alphas_cumprod(schedule, discrete_steps).tolist()
+    if not classes:
+        columns = schedule_columns(schedule, points)
+        if discrete_steps:
+            meta["alphas_cumprod"] = alphas_cumprod(schedule, discrete_steps).tolist()
+    else:
+        weights = run_class_weights(snap, classes)
+        columns = marginal_columns(schedule, points, weights)
+        per_class = [schedule_columns(schedule, points, k) for k in range(classes)]
+        medians = class_medians(schedule)
+        meta.update(num_classes=classes, class_weights=weights.tolist(), class_medians=medians.tolist(),
+                    median_spread=median_spread(medians), marginal="sum_k w_k p(logsnr | k)")
+        if discrete_steps:
+            meta["alphas_cumprod"] = alphas_cumprod(Table(t=columns["t"], logsnr=columns["logsnr"]),
+                                                    discrete_steps).tolist()
+            meta["alphas_cumprod_per_class"] = [alphas_cumprod(schedule, discrete_steps, k).tolist()
+                                                for k in range(classes)]
     if fmt == "csv":
         write_table(out, columns["t"], columns["logsnr"], density=columns["density"])
+        if classes:
+            for k, col in enumerate(per_class):
+                write_table(class_path(out, k), col["t"], col["logsnr"], density=col["density"])
+            tables = {k: (c["t"], c["logsnr"], c["density"]) for k, c in enumerate(per_class)}
+            write_class_table(class_path(out), {**tables, "all": (columns["t"], columns["logsnr"],
+                                                                        columns["density"])})
+            meta["files"] = {"marginal": out.name, "classes": [class_path(out, k).name for k in range(classes)],
+                             "class_table": class_path(out).name}
         _write_json(out.with_suffix(out.suffix + ".json"), meta)
     else:
-        alpha, sigma = alpha_sigma(torch.from_numpy(columns["logsnr"]))
-        columns.update(alpha=alpha.numpy(), sigma=sigma.numpy())
-        _write_json(out, {**meta, **{k: v.tolist() for k, v in columns.items()}})
+        data = {**meta, **_with_alpha_sigma(columns)}
+        if classes:
+            data["classes"] = [_with_alpha_sigma(col) for col in per_class]
+        _write_json(out, data)
     return out
+
+
+def _with_alpha_sigma(columns: dict[str, np.ndarray]) -> dict[str, list]:
+    """The columns plus alpha, sigma of their logsnr, as lists for JSON."""
+    alpha, sigma = alpha_sigma(torch.from_numpy(columns["logsnr"]))
+    return {k: v.tolist() for k, v in {**columns, "alpha": alpha.numpy(), "sigma": sigma.numpy()}.items()}

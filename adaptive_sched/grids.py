@@ -3,7 +3,8 @@
 Methods (all return N + 1 float64 points with λ_0 = lo and λ_N = hi, the sampling window's ends):
   cosine   : the default grid, λ_i = λ_cos(1 − i/N) of the cosine schedule truncated to [lo, hi].
   karras   : EDM's ρ-spaced noise levels (Karras et al. 2022, eq. 5) between σ_max = e^{−lo/2} and σ_min = e^{−hi/2}.
-  quantile : equal-mass quantiles of a training density p(λ) restricted to the window (see `quantile_grid`).
+  quantile : equal-mass quantiles of a training density p(λ) restricted to the window (see `quantile_grid`);
+             `class_grid` does the same for one class k of a class-conditional schedule, p(λ | k).
   ays      : Align Your Steps (Sabour, Fidler & Kreis 2024): minimise a Monte Carlo KLUB (see `klub`, `ays_grid`).
 A grid file is a CSV with a `logsnr` column (rows noisiest first; `#` lines are comments), written by
 `write_grid` with the extra columns alpha, sigma (VP) and edm_sigma = σ/α = e^{−λ/2}, and read by `read_grid`.
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.table import read_csv_rows
@@ -61,21 +63,33 @@ def karras_grid(steps: int, lo: float, hi: float, rho: float = 7.0) -> torch.Ten
     return _pin(grid, lo, hi, "karras")
 
 
-def quantile_grid(schedule, steps: int, lo: float, hi: float) -> torch.Tensor:
+def quantile_grid(schedule, steps: int, lo: float, hi: float, y: int | None = None) -> torch.Tensor:
     """Equal training mass per step inside the window: λ_i = λ(t_lo + (i/N)(t_hi − t_lo)), t_x = schedule.t_of(x).
 
     This is λ_i = schedule.logsnr(1 − i/N) for the training density conditioned on [lo, hi]: when the
     training window is wider, the mass outside the sampling window is dropped (clipping instead would stack
     points on the ends); when it is narrower, the interior points stay where training put mass and the ends
     are pinned to lo and hi, because the sampler must start at λ_0 = lo (pure noise) and finish at hi.
+    With a class label y (a conditional schedule), the same for class y's own schedule λ(t | y).
     """
     _check(steps, lo, hi)
+    args = () if y is None else (y,)
     with torch.no_grad():
-        t_lo, t_hi = schedule.t_of(torch.tensor([lo, hi], dtype=F64)).to(F64).tolist()
+        t_lo, t_hi = schedule.t_of(torch.tensor([lo, hi], dtype=F64), *args).to(F64).tolist()
         if not t_lo > t_hi:
-            raise UsageError(f"the training schedule puts no mass in the sampling window [{lo}, {hi}]")
+            which = "training schedule" if y is None else f"training schedule of class {y}"
+            raise UsageError(f"the {which} puts no mass in the sampling window [{lo}, {hi}]")
         t = t_lo + torch.arange(steps + 1, dtype=F64) / steps * (t_hi - t_lo)
-        return _pin(schedule.logsnr(t).to(F64), lo, hi, "quantile")
+        return _pin(schedule.logsnr(t, *args).to(F64), lo, hi, "quantile" if y is None else f"class {y}")
+
+
+def class_grid(schedule, k: int, steps: int, logsnr_min: float, logsnr_max: float) -> torch.Tensor:
+    """(steps + 1,) float64 increasing λ grid for class k of a conditional schedule: uniform in class k's own t
+    between t(logsnr_max | k) and t(logsnr_min | k), ends pinned to the window (`quantile_grid` of p(λ | k))."""
+    k = check_label(k, int(getattr(schedule, "num_classes", 0)))
+    if k is None:
+        raise UsageError("class_grid needs a class label k, got None")
+    return quantile_grid(schedule, steps, float(logsnr_min), float(logsnr_max), y=k)
 
 
 def loglinear_interp(grid: torch.Tensor, steps: int) -> torch.Tensor:

@@ -98,3 +98,35 @@ def schedule_over_training(csv_path: str | Path, path: str | Path, schedule_conf
         ax.plot(lam, schedules.build(name, **window).density(grid).numpy(), "k" + style, lw=1, label=name)
     finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)", legend_size=7)
     return Path(path)
+
+
+def per_class_densities(csv_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """p(λ | k) per class at the last step of a long-format CSV (step, class, logsnr, density), the marginal
+    (class "all") bold, with the spread of the class medians in the title; None if the CSV has no rows."""
+    from adaptive_sched.class_schedules import median_of_density, median_spread
+    from adaptive_sched.schedules.table import read_csv_rows
+    _, rows = read_csv_rows(Path(csv_path))
+    if not rows:
+        return None
+    last = max(int(row["step"]) for row in rows)
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if int(row["step"]) == last:
+            curves.setdefault(row["class"], []).append((float(row["logsnr"]), float(row["density"])))
+    classes = sorted((k for k in curves if k != "all"), key=int)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    medians = []
+    for i, k in enumerate(classes):
+        lam, dens = np.array(sorted(curves[k])).T
+        medians.append(median_of_density(lam, dens))
+        ax.plot(lam, dens, lw=1, color=plt.cm.viridis(i / max(1, len(classes) - 1)),
+                label=f"class {k}" if len(classes) <= 12 else None)
+    if "all" in curves:
+        lam, dens = np.array(sorted(curves["all"])).T
+        ax.plot(lam, dens, "k", lw=2.5, label="marginal")
+    spread = median_spread(medians) if medians else {"range": float("nan"), "std": float("nan")}
+    ax.set_title(f"{title + ', ' if title else ''}step {last}: class medians of λ spread "
+                 f"{spread['range']:.3g} (max − min), std {spread['std']:.3g}", fontsize=9)
+    finish_line_plot(fig, ax, png_path, "logSNR λ", "p(λ | class)", legend_size=7)
+    return Path(png_path)

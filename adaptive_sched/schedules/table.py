@@ -2,6 +2,10 @@
 
 Between grid points t_i < t_{i+1}, λ(t) is linear, so the density is piecewise constant in λ:
 p(λ) = (t_{i+1} − t_i) / (λ_i − λ_{i+1}) on [λ_{i+1}, λ_i]. Exact at the grid points, monotone between.
+
+A CSV with a `class` column is a multi-class table (long format: class,t,logsnr[,density,...], classes
+0..K−1 and optionally `all` for the marginal); `Table(path=...)` then returns a `ClassTable`, one Table per
+class, following the conditional-schedule protocol of adaptive_sched.class_schedules.
 """
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaptive_sched.class_schedules import check_label, class_weights, marginal_table
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.base import Schedule
+from adaptive_sched.schedules.base import Schedule, as_float_tensor, uniform_t
 
 REQUIRED_COLUMNS = ("t", "logsnr")
+CLASS_COLUMN = "class"
+MARGINAL = "all"
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -26,25 +33,64 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate columns t and logsnr from a CSV; raise UsageError naming what is wrong."""
-    path = Path(path)
+def _table_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of table CSV `path`, which must exist and have `columns`; UsageError otherwise."""
     if not path.is_file():
         raise UsageError(f"table file not found: {path} (write one with `adaptive-sched export RUN_DIR --out FILE.csv`)")
     try:
         fields, rows = read_csv_rows(path)
-        missing = [c for c in REQUIRED_COLUMNS if c not in fields]
-        if missing:
-            raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns t,logsnr")
-        rows = [(row["t"], row["logsnr"]) for row in rows]
-        values = np.array(rows, dtype=np.float64)
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        if isinstance(err, UsageError):
-            raise
+    except UnicodeDecodeError as err:
+        raise UsageError(f"table {path} is not a text CSV ({err})") from None
+    missing = [c for c in columns if c not in fields]
+    if missing:
+        raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns {','.join(columns)}")
+    return rows
+
+
+def _numeric(path: Path, rows: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Columns t and logsnr of `rows` as float64, validated by `validate_table`."""
+    try:
+        values = np.array([(row["t"], row["logsnr"]) for row in rows], dtype=np.float64)
+    except (ValueError, TypeError) as err:
         raise UsageError(f"table {path} is not a numeric CSV with columns t,logsnr ({err})") from None
     if values.ndim != 2 or len(values) < 2:
-        raise UsageError(f"table {path} needs at least 2 rows of t,logsnr")
-    return validate_table(values[:, 0], values[:, 1], str(path))
+        raise UsageError(f"{where} needs at least 2 rows of t,logsnr")
+    return validate_table(values[:, 0], values[:, 1], where)
+
+
+def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate columns t and logsnr from a CSV; raise UsageError naming what is wrong."""
+    path = Path(path)
+    return _numeric(path, _table_rows(path, REQUIRED_COLUMNS), f"table {path}")
+
+
+def has_class_column(path: str | Path) -> bool:
+    """True if `path` is a readable CSV whose header (first line that is not a '#' comment) has a class column."""
+    try:
+        with Path(path).open(newline="") as handle:
+            header = next((line for line in handle if not line.startswith("#")), "")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return CLASS_COLUMN in next(csv.reader([header]), [])
+
+
+def read_class_table(path: str | Path) -> dict:
+    """{k: (t, λ)} for classes 0..K−1 (and "all" if present) from a long-format CSV; UsageError naming the file."""
+    path = Path(path)
+    groups: dict = {}
+    for row in _table_rows(path, (CLASS_COLUMN,) + REQUIRED_COLUMNS):
+        label = (row[CLASS_COLUMN] or "").strip()
+        if label != MARGINAL:
+            if not (label.isascii() and label.lstrip("+").isdecimal()):
+                raise UsageError(f"table {path}: class {label!r} is not an integer 0..K-1 or {MARGINAL!r}")
+            label = int(label)
+        groups.setdefault(label, []).append(row)
+    labels = sorted(k for k in groups if k != MARGINAL)
+    if not labels or labels != list(range(len(labels))):
+        missing = sorted(set(range(max(labels, default=-1) + 1)) - set(labels))
+        raise UsageError(f"table {path}: the classes must be 0..K-1 with none missing; it has "
+                         f"{', '.join(map(str, labels)) or 'none'}" + (f" (missing {missing[0]})" if missing else ""))
+    return {k: _numeric(path, rows, f"table {path} class {k}") for k, rows in groups.items()}
 
 
 def validate_table(t: np.ndarray, logsnr: np.ndarray, where: str = "table") -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +123,13 @@ class Table(Schedule):
     """λ(t) piecewise-linear through a table (t_i, λ_i); `path` is a CSV with columns t,logsnr."""
 
     name = "table"
+
+    def __new__(cls, path: str | None = None, logsnr_min: float | None = None, logsnr_max: float | None = None,
+                *, t: np.ndarray | None = None, logsnr: np.ndarray | None = None):
+        """A `ClassTable` instead when `path` is a multi-class CSV (it has a class column)."""
+        if cls is Table and isinstance(path, (str, Path)) and has_class_column(path):
+            return ClassTable(read_class_table(path), logsnr_min, logsnr_max, path=str(path))
+        return super().__new__(cls)
 
     def __init__(self, path: str | None = None, logsnr_min: float | None = None, logsnr_max: float | None = None,
                  *, t: np.ndarray | None = None, logsnr: np.ndarray | None = None):
@@ -124,29 +177,132 @@ class Table(Schedule):
         return torch.log(slope)
 
 
+def _table_columns(t: np.ndarray, logsnr: np.ndarray, density: np.ndarray | None, where: str) -> dict:
+    """Validated columns t, logsnr, density, alpha, sigma; the density defaults to the table's own."""
+    t, logsnr = validate_table(t, logsnr, where)
+    lam = torch.from_numpy(logsnr)
+    if density is None:
+        density = Table(t=t, logsnr=logsnr).density(lam).numpy()
+    alpha, sigma = alpha_sigma(lam)
+    return {"t": t, "logsnr": logsnr, "density": np.asarray(density, dtype=np.float64),
+            "alpha": alpha.numpy(), "sigma": sigma.numpy()}
+
+
+def _write_csv(path: str | Path, header: list[str], rows) -> None:
+    """Write header and rows to a temp file beside `path`, fsync, then os.replace onto it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def write_table(path: str | Path, t: np.ndarray, logsnr: np.ndarray, density: np.ndarray | None = None,
                 extra: dict | None = None) -> None:
     """Write a table CSV with columns t, logsnr, density, alpha, sigma (+extra), atomically.
 
     `density` defaults to the piecewise-constant density of the table itself.
     """
-    t, logsnr = validate_table(t, logsnr)
-    lam = torch.from_numpy(logsnr)
-    if density is None:
-        density = Table(t=t, logsnr=logsnr).density(lam).numpy()
-    alpha, sigma = alpha_sigma(lam)
-    columns = {"t": t, "logsnr": logsnr, "density": np.asarray(density, dtype=np.float64),
-               "alpha": alpha.numpy(), "sigma": sigma.numpy()}
+    columns = _table_columns(t, logsnr, density, "table")
     columns.update(extra or {})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(list(columns))
-        for i in range(len(t)):
-            writer.writerow([repr(float(columns[k][i])) for k in columns])
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    rows = ([repr(float(columns[k][i])) for k in columns] for i in range(len(columns["t"])))
+    _write_csv(path, list(columns), rows)
 
 
+def write_class_table(path: str | Path, tables: dict) -> None:
+    """Write a long-format multi-class table CSV (class, t, logsnr, density, alpha, sigma), atomically.
+
+    `tables` maps class k = 0..K−1 (and optionally "all", the marginal) to (t, logsnr) or (t, logsnr, density);
+    each density defaults to that table's own. Classes are written in order, then "all".
+    """
+    labels = sorted(k for k in tables if k != MARGINAL)
+    if not labels or labels != list(range(len(labels))):
+        raise UsageError(f"write_class_table needs classes 0..K-1 (and optionally {MARGINAL!r}), got {list(tables)}")
+    rows = []
+    for k in labels + ([MARGINAL] if MARGINAL in tables else []):
+        t, logsnr, *density = tables[k]
+        columns = _table_columns(t, logsnr, density[0] if density else None, f"class {k} table")
+        rows += [[str(k)] + [repr(float(v[i])) for v in columns.values()] for i in range(len(columns["t"]))]
+    _write_csv(path, [CLASS_COLUMN, "t", "logsnr", "density", "alpha", "sigma"], rows)
+
+
+class ClassTable:
+    """K per-class tables λ(t | k) and the marginal for y = None: the conditional-schedule protocol over tables.
+
+    `tables` maps k = 0..K−1 (and optionally "all") to (t, λ); each becomes a `Table` truncated to the window.
+    Without "all", the marginal is the mixture with `weights` (default uniform), built exactly: t_marg(λ) =
+    Σ_k w_k t(λ | k) is piecewise linear between the union of the class tables' knots, so the marginal is the
+    table through those knots. A tensor y is served class by class on the rows holding it (one Table call per
+    class present, after one torch.unique).
+    """
+
+    name = "table"
+
+    def __init__(self, tables: dict, logsnr_min: float | None = None, logsnr_max: float | None = None,
+                 weights=None, path: str | None = None):
+        labels = sorted(k for k in tables if k != MARGINAL)
+        if not labels or labels != list(range(len(labels))):
+            raise UsageError(f"a class table needs classes 0..K-1 (and optionally {MARGINAL!r}), got {list(tables)}")
+        self.path, self.num_classes = path, len(labels)
+        self.classes = [Table(t=tables[k][0], logsnr=tables[k][1], logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+                        for k in labels]
+        self.logsnr_min = min(c.logsnr_min for c in self.classes)
+        self.logsnr_max = max(c.logsnr_max for c in self.classes)
+        if MARGINAL in tables:
+            t, lam = tables[MARGINAL][:2]
+            self.class_weights = None
+        else:                          # t_of(λ, k) below uses only self.classes and the window just set
+            self.class_weights = class_weights(self.num_classes, weights)
+            knots = np.concatenate([c._lam.numpy() for c in self.classes])
+            t, lam = marginal_table(self, knots, self.class_weights)
+        self.marginal = Table(t=t, logsnr=lam, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+        self.logsnr_min, self.logsnr_max = self.marginal.logsnr_min, self.marginal.logsnr_max
+
+    def params(self) -> dict:
+        return {"path": self.path, "num_classes": self.num_classes}
+
+    def _by_class(self, method: str, x, y) -> torch.Tensor:
+        """Table.<method>(x) of the marginal (y None), of class y (int), or of class y[i] at each x[i]."""
+        x = as_float_tensor(x)
+        y = check_label(y, self.num_classes, x.shape)
+        if y is None:
+            return getattr(self.marginal, method)(x)
+        if isinstance(y, int):
+            return getattr(self.classes[y], method)(x)
+        y = y.to(x.device)
+        out = torch.empty_like(x)
+        for k in torch.unique(y).tolist():
+            rows = y == k
+            out[rows] = getattr(self.classes[k], method)(x[rows])
+        return out
+
+    def logsnr(self, t: torch.Tensor, y=None) -> torch.Tensor:
+        """λ(t | y): decreasing in t, piecewise linear through class y's table (the marginal for y = None)."""
+        return self._by_class("logsnr", t, y)
+
+    def t_of(self, logsnr: torch.Tensor, y=None) -> torch.Tensor:
+        """t(λ | y) = P(Λ > λ | y), the inverse of `logsnr`."""
+        return self._by_class("t_of", logsnr, y)
+
+    def log_density(self, logsnr: torch.Tensor, y=None) -> torch.Tensor:
+        """log p(λ | y), piecewise constant; −inf outside the class's window."""
+        return self._by_class("log_density", logsnr, y)
+
+    def density(self, logsnr: torch.Tensor, y=None) -> torch.Tensor:
+        """p(λ | y)."""
+        return self._by_class("density", logsnr, y)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None,
+               dtype: torch.dtype = torch.float32, y=None) -> torch.Tensor:
+        """n draws λ ~ p(λ | y) by inverse transform λ(t | y), t from `uniform_t`; y None, an int, or (n,)."""
+        if device is None and generator is not None:
+            device = generator.device
+        return self.logsnr(uniform_t(n, generator, device), y).to(dtype)
+
+    def __repr__(self) -> str:
+        return (f"table(path={self.path!r}, num_classes={self.num_classes}, logsnr_min={self.logsnr_min}, "
+                f"logsnr_max={self.logsnr_max})")
