@@ -44,6 +44,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--log-every", type=int)
+    p.add_argument("--conditional", action="store_true", default=None,
+                   help="class-conditional denoiser with classifier-free guidance (labelled data)")
+    p.add_argument("--p-uncond", type=float, help="conditional: label dropout probability (default 0.1)")
+    p.add_argument("--schedule-condition", help="learned schedules: none (default), class, or stats:K")
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
@@ -60,6 +64,9 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     put("schedule", "name", args.schedule)
     put("weighting", "name", args.weighting)
     put("learned", "objective", args.schedule_objective)
+    put("learned", "condition", args.schedule_condition)
+    put("train", "conditional", args.conditional)
+    put("train", "p_uncond", args.p_uncond)
     if args.curriculum:
         put("schedule", "curriculum", {k: str(v) for k, v in cfg.parse_assignments(args.curriculum,
                                                                                    "--curriculum").items()})
@@ -91,7 +98,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from adaptive_sched.sample_run import sample_run
     path = sample_run(args.run_dir, args.n, args.out, sampler=args.sampler, steps=args.sample_steps, grid=args.grid,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, label=args.label, guidance=args.guidance)
     print(f"wrote {path}")
     return 0
 
@@ -135,7 +142,12 @@ def make_parser() -> Parser:
     p.add_argument("--sampler", help="ddim, euler, heun, dpmpp-2m (default: the run's [eval] sampler)")
     p.add_argument("--sample-steps", type=int, help="number of sampler steps (default: the run's)")
     p.add_argument("--grid", help="schedule whose λ(t) spaces the sampling grid (default: the run's, cosine), "
-                                        "or a grid FILE.csv written by sampling-grid")
+                                        "a grid FILE.csv written by sampling-grid, or per-class (each class on "
+                                        "its own learned schedule's grid)")
+    p.add_argument("--class", dest="label", metavar="K", help="conditional runs: all (default, balanced), none "
+                                                                "(unconditional branch) or one class K")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: the run's "
+                                                                 "first [eval] guidance, 1 = conditional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 from adaptive_sched import config as cfg
+from adaptive_sched.conditioning import GUIDED_METRICS
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
@@ -91,11 +92,11 @@ def parse(path: str | Path) -> Plan:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
-    eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
+    from adaptive_sched.train import build_schedule, metric_columns
+    eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
                          f"{', '.join(eval_metrics)}")
-    from adaptive_sched.train import build_schedule
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
@@ -187,6 +188,7 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
             params = json.dumps({k: v for k, v in entry.items() if k not in ("name", "label")}, sort_keys=True)
             for name, columns, sink in (("metrics.csv", METRIC_COLUMNS, frames),
                                         ("eval_profile.csv", PROFILE_COLUMNS, profiles)):
+                columns = header_of(run_dir / name, columns)   # conditional runs add per-guidance columns
                 rows = CsvLog(run_dir / name, columns).rows()
                 frame = pd.DataFrame(rows, columns=columns).replace("", float("nan")).astype(float)
                 frame.insert(0, "seed", seed)
@@ -197,6 +199,13 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
     if not frames:
         raise UsageError(f"no finished runs under {out / 'runs'}")
     return pd.concat(frames, ignore_index=True), pd.concat(profiles, ignore_index=True)
+
+
+def header_of(path: Path, default: list[str]) -> list[str]:
+    """The column names on a CSV log's first line (`default` for an empty file)."""
+    with path.open() as handle:
+        first = handle.readline().strip()
+    return first.split(",") if first else default
 
 
 def mean_ci(values) -> tuple[float, float, int]:
@@ -220,7 +229,7 @@ def report(out: Path, plan: Plan) -> Path:
     summary, profiles = collect(out, entries, seeds)
     summary.to_csv(out / "summary.csv", index=False)
     rows = []
-    for name in [c for c in METRIC_COLUMNS if c.startswith("eval_") and summary[c].notna().any()]:
+    for name in [c for c in summary.columns if c.startswith("eval_") and summary[c].notna().any()]:
         for (label, step), group in summary.dropna(subset=[name]).groupby(["label", "step"], sort=False):
             mean, half, n = mean_ci(group[name])
             rows.append({"label": label, "step": int(step), "metric": name, "mean": mean, "ci95": half, "seeds": n})
@@ -250,6 +259,23 @@ def budget_table(curve, metric: str, order) -> list[str]:
              "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for label in order:
         lines.append(f"| {label} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
+    return lines
+
+
+def guidance_table(final, metric: str, order) -> list[str]:
+    """Markdown lines: the sample metric (FID for images, else SWD) at every guidance scale, one row per schedule
+    (the paper's table layout: Hang & Gu 2024, Table 1)."""
+    base = metric.split("@")[0] if metric.split("@")[0] in GUIDED_METRICS else "eval_fid"
+    if not (final["metric"].str.startswith(base + "@w")).any():
+        base = "eval_swd"
+    scales = sorted({m.split("@w")[1] for m in final["metric"] if m.startswith(base + "@w")}, key=float)
+    if len(scales) < 2:
+        return []
+    cells = {(r["label"], r["metric"]): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in final.iterrows()}
+    lines = ["", f"## {base} by classifier-free guidance scale w (final step)", "",
+             "| schedule | " + " | ".join(f"w = {w}" for w in scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    for label in order:
+        lines.append(f"| {label} | " + " | ".join(cells.get((label, f"{base}@w{w}"), "") for w in scales) + " |")
     return lines
 
 
@@ -288,7 +314,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
-    names = [metric] + [m for m in final["metric"].unique() if m != metric]
+    names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
     table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
     order = table[("mean", metric)].sort_values().index
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
@@ -301,6 +327,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
         cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
+    lines += guidance_table(final, metric, order)
     if reached is not None and len(reached):
         reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
         lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",

@@ -55,6 +55,8 @@ class LearnedConfig:
     freeze_steps: int = 0           # the schedule stays at its init for this many steps
     weight_like: str = "laplace"    # `schedule` weighting with the variance objective = this schedule's weighting
     smoothness: float = 0.0         # cvdm: weight of E[(d²λ/dt²)²]/(λ_max − λ_min)²
+    condition: str = "none"         # none | class (λ(t, y) per class label) | stats:K (K quantile bins of each
+                                    # example's pixel standard deviation, MuLAN-style input conditioning)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     max_nonfinite: int = 20       # stop after this many non-finite losses in a row (each one is skipped)
+    conditional: bool = False     # class-conditional denoiser (labels from the data) for classifier-free guidance
+    p_uncond: float = 0.1         # conditional: probability of replacing a label by the null class in training
 
 
 @dataclass
@@ -114,6 +118,8 @@ class EvalConfig:
     bpd_n: int = 0                # held-out examples for the VLB in bits/dim at each eval (0: skip)
     bpd_points: int = 16          # stratified λ points per example
     bpd_bins: int = 0             # 0: continuous decoder; 256: 8-bit images (VDM's categorical decoder)
+    guidance: list = field(default_factory=lambda: [1.0])   # CFG scales w (conditional runs): samples and
+                                  # FID/KID/SWD at each; the first also gives the plain eval_fid/eval_kid/eval_swd
 
 
 @dataclass
@@ -165,6 +171,11 @@ def _coerce(section: str, key: str, value, default):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, str):
         ok = isinstance(value, str)
+    elif isinstance(default, list) and all(isinstance(v, float) for v in default):
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = [float(v) for v in value] if ok else value
+        if not ok:
+            raise UsageError(f"[{section}] {key} must be a list of numbers, got {value!r}")
     else:
         ok = True
     if not ok:

@@ -6,8 +6,10 @@ import contextlib
 import torch
 
 from adaptive_sched import samplers, schedules
+from adaptive_sched.conditioning import guided_prediction
 from adaptive_sched.diffusion import to_x0_eps
 from adaptive_sched.errors import UsageError
+from adaptive_sched.models import num_classes_of
 
 
 def sampling_grid(name: str, steps: int | None, logsnr_min: float, logsnr_max: float, **params) -> torch.Tensor:
@@ -36,11 +38,16 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def x0_denoiser(model, target: str, y: torch.Tensor | None = None):
-    """Wrap a network predicting `target` as denoise(x, λ) -> x̂0 (in float32)."""
+def x0_denoiser(model, target: str, y: torch.Tensor | None = None, guidance: float = 1.0):
+    """Wrap a network predicting `target` as denoise(x, λ) -> x̂0 (in float32); with labels y (N,) and scale w,
+    the classifier-free-guided prediction pred_u + w·(pred_c − pred_u) (adaptive_sched.conditioning)."""
+    null_class = num_classes_of(model)
+    if y is not None and null_class == 0:
+        raise UsageError("class labels were given, but the model is unconditional (trained without [train] conditional)")
+
     def denoise(x: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         with autocast_for(x.device):
-            pred = model(x, logsnr, y)
+            pred = guided_prediction(model, x, logsnr, y, guidance, null_class)
         return to_x0_eps(pred.float(), x, logsnr, target)[0]
     return denoise
 
@@ -48,20 +55,38 @@ def x0_denoiser(model, target: str, y: torch.Tensor | None = None):
 @torch.no_grad()
 def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Tensor, sampler: str = "ddim",
              seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 1000,
-             progress: bool = False) -> torch.Tensor:
-    """n samples of per-example `shape`, in batches, from noise seeded by `seed`; returns float32 on CPU."""
+             progress: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """n samples of per-example `shape`, in batches, from noise seeded by `seed`; returns float32 on CPU.
+
+    labels (n,) int64 condition a class-conditional model (guidance scale w); None samples unconditionally.
+    `grid` is one increasing λ grid, or a dict {class: grid} to sample each class on its own grid.
+    """
     if n < 1:
         raise UsageError(f"number of samples must be >= 1, got {n}")
     if sampler not in samplers.names():
         raise UsageError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.names())}")
+    if labels is not None and labels.shape != (n,):
+        raise UsageError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if isinstance(grid, dict) and labels is None:
+        raise UsageError("a per-class grid needs class labels")
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(seed)
     model.eval()
     out = []
-    denoise = x0_denoiser(model, target)
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         x_init = torch.randn((count, *shape), generator=generator, device=device)
+        y = None if labels is None else labels[start:start + count].to(device)
+        if isinstance(grid, dict):                 # each class on its own grid: one sampler call per class present
+            x = torch.empty_like(x_init)
+            for k in torch.unique(y).tolist():
+                rows = y == k
+                denoise = x0_denoiser(model, target, y[rows], guidance)
+                x[rows] = samplers.sample(sampler, denoise, x_init[rows],
+                                          grid[k].to(device=device, dtype=torch.float32), progress=progress)
+            out.append(x.cpu())
+            continue
+        denoise = x0_denoiser(model, target, y, guidance)
         out.append(samplers.sample(sampler, denoise, x_init, grid.to(device=device, dtype=torch.float32),
                                    progress=progress).cpu())
     return torch.cat(out)

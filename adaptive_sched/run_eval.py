@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sched.conditioning import balanced_labels, guidance_suffix
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
@@ -23,7 +24,8 @@ def evaluate(run, out_dir: Path, step: int) -> dict[str, float]:
     """Held-out ε-MSE on the fixed λ grid, and sliced Wasserstein distance of samples to held-out data (EMA)."""
     e = run.config.eval
     model = ema_model(run)
-    profile = loss_profile(model, run.config.train.target, run.eval_data.x, None,
+    labels = run.eval_data.y if run.num_classes else None          # a conditional model: its conditional loss
+    profile = loss_profile(model, run.config.train.target, run.eval_data.x, labels,
                            eval_grid(e.logsnr_lo, e.logsnr_hi, e.logsnr_points), oracle=run.eval_data.oracle)
     log = CsvLog(out_dir / "eval_profile.csv", PROFILE_COLUMNS)
     for k, lam in enumerate(profile["logsnr"].tolist()):
@@ -32,18 +34,33 @@ def evaluate(run, out_dir: Path, step: int) -> dict[str, float]:
     metrics = summarize(profile)
     log_schedule_density(run, out_dir, step)
     if e.sample_n > 0:
-        grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
-        n = min(e.sample_n, len(run.eval_data))
-        x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
-                     device=run.device)
-        metrics["eval_swd"] = sliced_wasserstein(x, run.eval_data.x[:n])
-        if run.fid is not None:
-            metrics.update(run.fid(x.clamp(-1, 1)))     # scored as images: clipped to the pixel range
+        metrics.update(sample_metrics(run, model))
     if e.bpd_n > 0:
         from adaptive_sched.likelihood import vlb
         bound = vlb(model, run.config.train.target, run.eval_data.x[:e.bpd_n].float(), n_lambda=e.bpd_points,
                     discrete_bins=e.bpd_bins or None)
         metrics["eval_bpd"] = bound["bpd"]
+    return metrics
+
+
+def sample_metrics(run, model) -> dict[str, float]:
+    """Sliced Wasserstein (and FID/KID for images) of EMA samples against held-out data, at every guidance scale
+    of a conditional run (class-balanced labels, same noise); the first scale also gives the unsuffixed names."""
+    e = run.config.eval
+    grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
+    n = min(e.sample_n, len(run.eval_data))
+    labels = balanced_labels(n, run.num_classes) if run.num_classes else None
+    metrics = {}
+    for i, w in enumerate(e.guidance):
+        x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
+                     device=run.device, labels=labels, guidance=w)
+        scores = {"eval_swd": sliced_wasserstein(x, run.eval_data.x[:n])}
+        if run.fid is not None:
+            scores.update(run.fid(x.clamp(-1, 1)))      # scored as images: clipped to the pixel range
+        if i == 0:
+            metrics.update(scores)
+        if run.num_classes:
+            metrics.update({name + guidance_suffix(w): value for name, value in scores.items()})
     return metrics
 
 

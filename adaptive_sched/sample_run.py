@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from adaptive_sched import checkpoint, config as cfg
+from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.models import build_model
@@ -17,14 +18,46 @@ def load_snapshot(run_dir: str | Path, device: torch.device):
     """(config, EMA model, snapshot) from RUN_DIR/ema.pt, loaded without running code."""
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
-    model = build_model(config.model.name, tuple(snap["data_shape"]), **config.model.params)
+    model = build_model(config.model.name, tuple(snap["data_shape"]), snap.get("num_classes", 0),
+                        **config.model.params)
     model.load_state_dict(snap["model"])
     return config, model.to(device).eval(), snap
 
 
+def sample_labels(label: str | None, n: int, num_classes: int) -> torch.Tensor | None:
+    """--class: "all" (default; balanced over the classes), "none" (the unconditional branch), or one class K."""
+    if num_classes == 0:
+        if label not in (None, "none"):
+            raise UsageError("--class needs a class-conditional run (trained with [train] conditional = true)")
+        return None
+    if label in (None, "all"):
+        return balanced_labels(n, num_classes)
+    if label == "none":
+        return None
+    if not label.isdigit() or not 0 <= int(label) < num_classes:
+        raise UsageError(f"--class must be all, none or a class in 0..{num_classes - 1}, got {label!r}")
+    return torch.full((n,), int(label), dtype=torch.long)
+
+
+def per_class_grids(run_dir, labels: torch.Tensor | None, steps: int, lo: float, hi: float) -> dict:
+    """{class: its own λ grid} from the run's class-conditional schedule (`--grid per-class`)."""
+    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.grids import class_grid
+    config, schedule, _ = load_run_schedule(run_dir)
+    if labels is None or getattr(schedule, "num_classes", 0) == 0 or config.learned.condition != "class":
+        raise UsageError("--grid per-class needs a run whose schedule is conditioned on the class "
+                         "([learned] condition = \"class\") and class labels to sample")
+    return {k: class_grid(schedule, k, steps, lo, hi) for k in torch.unique(labels).tolist()}
+
+
 def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None = None, steps: int | None = None,
-               grid: str | None = None, seed: int = 0, device: str = "auto") -> Path:
-    """Draw n samples and write them to `out` (.npz with x and the sampler settings, or a .png picture)."""
+               grid: str | None = None, seed: int = 0, device: str = "auto", label: str | None = None,
+               guidance: float | None = None) -> Path:
+    """Draw n samples and write them to `out` (.npz with x and the sampler settings, or a .png picture).
+
+    A class-conditional run samples balanced classes (label "all"), one class, or unconditionally ("none"), at
+    guidance scale w (default: the run's first [eval] guidance); grid "per-class" samples each class on its own
+    schedule's grid."""
     out = Path(out)
     if not 0 <= seed < 2 ** 63:
         raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
@@ -38,15 +71,28 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     grid_name = grid or config.eval.grid
     if steps is None and not grid_name.lower().endswith(".csv"):   # a grid file brings its own step count
         steps = config.eval.sample_steps
-    lam_grid = sampling_grid(grid_name, steps, config.eval.sample_logsnr_min, config.eval.sample_logsnr_max)
-    steps = len(lam_grid) - 1
-    x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev)
+    labels = sample_labels(label, n, snap.get("num_classes", 0))
+    w = config.eval.guidance[0] if guidance is None else guidance
+    check_guidance([w], labels is not None)
+    lo, hi = config.eval.sample_logsnr_min, config.eval.sample_logsnr_max
+    if grid_name == "per-class":
+        lam_grid = per_class_grids(run_dir, labels, steps, lo, hi)
+        steps = len(next(iter(lam_grid.values()))) - 1
+    else:
+        lam_grid = sampling_grid(grid_name, steps, lo, hi)
+        steps = len(lam_grid) - 1
+    x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev,
+                 labels=labels, guidance=w)
     if out.suffix == ".npz":
         tmp = out.with_name(out.stem + ".tmp.npz")
-        np.savez(tmp, x=x.numpy(), logsnr_grid=lam_grid.numpy(), sampler=sampler, grid=grid_name, step=snap["step"])
+        grids = torch.stack([lam_grid[k] for k in sorted(lam_grid)]) if isinstance(lam_grid, dict) else lam_grid
+        extra = {} if labels is None else {"y": labels.numpy()}
+        np.savez(tmp, x=x.numpy(), logsnr_grid=grids.numpy(), sampler=sampler, grid=grid_name, step=snap["step"],
+                 guidance=w, **extra)
         tmp.replace(out)
     else:
         from adaptive_sched.plots import save_samples_png
+        guided = "" if labels is None else f", guidance {w:g}"
         save_samples_png(x, out, f"{config.schedule.name}, step {snap['step']}, {sampler} {steps} steps "
-                                 f"on {grid_name} grid")
+                                 f"on {grid_name} grid{guided}")
     return out

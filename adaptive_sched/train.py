@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,8 @@ import torch
 
 from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules,
                             weighting)
+from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, drop_labels,
+                                         guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import autocast_for, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
@@ -56,9 +58,12 @@ def load_data(data_config: cfg.DataConfig, split: str) -> datasets.Dataset:
                          n=d.n or None, dim=d.dim or None, seed=d.seed)
 
 
-def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: int = 1):
-    """The training schedule from its config, with any curriculum's parameter values at `step` of `steps`."""
+def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: int = 1, num_conditions: int = 0):
+    """The training schedule from its config, with any curriculum's parameter values at `step` of `steps`;
+    `num_conditions` > 0 builds a learned schedule λ(t, c) conditioned on that many classes or bins."""
     s = schedule_config
+    if num_conditions:
+        return conditional_schedule(s, num_conditions)
     ramps = curriculum.parse(s.curriculum)
     if ramps and schedules.is_learned(schedules.lookup(s.name)):      # the class tells; no need to build (and fit) it
         raise UsageError(f"a curriculum moves a fixed schedule's parameters; {s.name!r} learns its own, so drop --curriculum")
@@ -66,6 +71,23 @@ def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: in
     curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
         cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
     return schedule_at(s, step, steps, ramps)
+
+
+def conditional_schedule(schedule_config: cfg.ScheduleConfig, num_conditions: int):
+    """A learned schedule with `num_conditions` classes, or a multi-class table with exactly that many."""
+    s = schedule_config
+    kind = schedules.lookup(s.name)
+    if s.curriculum:
+        raise UsageError("[learned] condition and a curriculum do not combine; drop one of them")
+    if schedules.is_learned(kind) and s.name == "learned":
+        return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
+                               **{**s.params, "num_classes": num_conditions})
+    schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **s.params)
+    if getattr(schedule, "num_classes", 0) != num_conditions:
+        raise UsageError(f"[learned] condition needs a schedule conditioned on {num_conditions} classes: the learned "
+                         f"schedule, or a table with a class column; {s.name!r} has "
+                         f"{getattr(schedule, 'num_classes', 0)}")
+    return schedule
 
 
 def schedule_at(schedule_config: cfg.ScheduleConfig, step: int, steps: int, ramps: dict | None = None):
@@ -78,8 +100,11 @@ def schedule_at(schedule_config: cfg.ScheduleConfig, step: int, steps: int, ramp
 
 
 def metric_columns(config: cfg.RunConfig) -> list[str]:
-    """metrics.csv's columns: the standard ones plus schedule_<param> for every curriculum parameter."""
-    return METRIC_COLUMNS + [f"schedule_{p}" for p in config.schedule.curriculum]
+    """metrics.csv's columns: the standard ones, schedule_<param> for every curriculum parameter, and
+    eval_swd/fid/kid@w<scale> for every guidance scale of a conditional run."""
+    guided = [f"{name}{guidance_suffix(w)}" for w in config.eval.guidance for name in GUIDED_METRICS] \
+        if config.train.conditional else []
+    return METRIC_COLUMNS + [f"schedule_{p}" for p in config.schedule.curriculum] + guided
 
 
 def validate(config: cfg.RunConfig, n_train: int) -> None:
@@ -107,6 +132,9 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
         raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")
     if not 0 <= t.ema_decay < 1:
         raise UsageError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not (math.isfinite(t.p_uncond) and 0 <= t.p_uncond < 1):
+        raise UsageError(f"p_uncond must be in [0, 1), got {t.p_uncond}")
+    check_guidance(e.guidance, t.conditional)
 
 
 @dataclass
@@ -127,6 +155,8 @@ class Run:
     fid: object | None = None                    # FidEvaluator for image data (rank 0), see eval_features
     fid_info: dict | None = None
     ramps: dict | None = None                    # the parsed curriculum ({} for a static schedule)
+    num_classes: int = 0                         # the denoiser's classes (0: unconditional); index K = null class
+    condition: ScheduleCondition = field(default_factory=lambda: ScheduleCondition("none"))   # what λ(t, c) sees
 
     @property
     def schedule_params(self) -> list[torch.nn.Parameter]:
@@ -147,11 +177,13 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     eval_data = datasets.Dataset(eval_data.name, eval_data.x[:n_eval],
                                  None if eval_data.y is None else eval_data.y[:n_eval], eval_data.num_classes,
                                  eval_data.oracle)
-    schedule = build_schedule(config.schedule, 0, config.train.steps)
+    num_classes = denoiser_classes(config, train_data)
+    condition = parse_condition(config.learned.condition, train_data.x, train_data.y, train_data.num_classes)
+    schedule = build_schedule(config.schedule, 0, config.train.steps, condition.num_classes)
     loss = DiffusionLoss(schedule, config.train.target, build_weighting(config, schedules.is_learned(schedule)),
                          config.learned.objective, config.learned.smoothness)
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model.name, train_data.shape, **config.model.params).to(device)
+    model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)
     groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]
     if schedules.is_learned(schedule):
         schedule.to(device)
@@ -173,7 +205,17 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
                EMA(model, config.train.ema_decay), loss_bins, world, train_model, fid, fid_info,
-               curriculum.parse(config.schedule.curriculum))
+               curriculum.parse(config.schedule.curriculum), num_classes, condition)
+
+
+def denoiser_classes(config: cfg.RunConfig, train_data: datasets.Dataset) -> int:
+    """The number of classes of a conditional denoiser ([train] conditional), 0 otherwise; refuses unlabelled data."""
+    if not config.train.conditional:
+        return 0
+    if train_data.y is None or train_data.num_classes < 1:
+        raise UsageError(f"[train] conditional needs class labels, and dataset {config.data.name!r} has none; use "
+                         f"digits, mnist5k, fashion-mnist, cifar10 or an npz file with a y array")
+    return train_data.num_classes
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -278,7 +320,19 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
                 "data_shape": list(run.train_data.shape)}
     if learned:
         snapshot["schedule"] = run.loss.schedule.state_dict()
+    if run.num_classes:
+        snapshot["num_classes"] = run.num_classes
+    if run.condition.num_classes:
+        snapshot["schedule_num_classes"] = run.condition.num_classes
+        snapshot["class_weights"] = condition_weights(run).tolist()
     checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
+
+
+def condition_weights(run: Run) -> torch.Tensor:
+    """How often each condition occurs in the training set (sums to 1): the weights of the marginal schedule."""
+    cond = run.condition(run.train_data.x, run.train_data.y)
+    counts = torch.bincount(cond.cpu(), minlength=run.condition.num_classes).double()
+    return counts / counts.sum()
 
 
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -389,9 +443,13 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
     lr = set_learning_rates(run, step)
     if run.ramps:                                 # a dynamic schedule: its parameters at this step
         run.loss.schedule = schedule_at(run.config.schedule, step, t.steps, run.ramps)
+    x0 = run.train_data.x[idx]
+    labels = None if run.train_data.y is None else run.train_data.y[idx]
+    y = drop_labels(labels, t.p_uncond, run.num_classes, gen) if run.num_classes else None   # CFG label dropout
+    cond = run.condition(x0, labels)               # the schedule's condition: the true class (or an input bin)
     with autocast_for(run.device):
         model = run.train_model if run.train_model is not None else run.model
-        terms = run.loss.terms(model, run.train_data.x[idx], None, gen)
+        terms = run.loss.terms(model, x0, y, gen, **({} if cond is None else {"cond": cond}))
         loss = terms.loss.mean() + terms.extra
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

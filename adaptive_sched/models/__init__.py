@@ -15,7 +15,7 @@ from adaptive_sched.models.embedding import LogSNREmbedding
 from adaptive_sched.models.mlp import MLPDenoiser
 from adaptive_sched.models.unet import UNet
 
-__all__ = ["MODELS", "names", "build_model", "count_parameters", "LogSNREmbedding", "MLPDenoiser", "UNet"]
+__all__ = ["MODELS", "names", "build_model", "count_parameters", "num_classes_of", "LogSNREmbedding", "MLPDenoiser", "UNet"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet}
 
@@ -53,6 +53,12 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
     except (TypeError, ValueError, RuntimeError) as err:     # e.g. hidden = -3 or "wide": torch refuses the size
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UsageError(f"model {name!r} cannot be built with {kwargs}: {first}") from None
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The number of classes a denoiser was built for (0: unconditional); its null class has this index."""
+    embed = getattr(getattr(model, "module", model), "embed", None)     # DDP wraps the model as .module
+    return int(getattr(embed, "num_classes", 0))
 
 
 def count_parameters(model: nn.Module) -> int:

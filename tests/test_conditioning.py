@@ -1,0 +1,207 @@
+"""Class-conditional training and classifier-free guidance (adaptive_sched.conditioning, generate, train)."""
+import numpy as np
+import pytest
+import torch
+
+from adaptive_sched import config as cfg
+from adaptive_sched.conditioning import (balanced_labels, check_guidance, drop_labels, guided_prediction,
+                                         parse_condition)
+from adaptive_sched.diffusion import to_x0_eps
+from adaptive_sched.errors import UsageError
+from adaptive_sched.generate import generate, x0_denoiser
+from adaptive_sched.models import MLPDenoiser, num_classes_of
+
+TARGETS = ["eps", "x0", "v", "flow"]
+
+
+def _model(num_classes=3, seed=0):
+    torch.manual_seed(seed)
+    model = MLPDenoiser(dim=4, hidden=32, depth=2, emb_dim=16, num_classes=num_classes)
+    for p in model.parameters():                 # the output layer starts at zero: give it real weights
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def _inputs(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g), torch.linspace(-5, 5, n), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_guidance_one_is_the_conditional_model(target):
+    model, (x, lam, y) = _model(), _inputs()
+    with torch.no_grad():
+        got = x0_denoiser(model, target, y, 1.0)(x, lam)
+        want = to_x0_eps(model(x, lam, y), x, lam, target)[0]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_guidance_zero_is_the_unconditional_branch(target):
+    model, (x, lam, y) = _model(), _inputs()
+    null = torch.full_like(y, 3)
+    with torch.no_grad():
+        got = x0_denoiser(model, target, y, 0.0)(x, lam)
+        want = to_x0_eps(model(x, lam, null), x, lam, target)[0]
+        unlabelled = to_x0_eps(model(x, lam, None), x, lam, target)[0]    # y=None means the null class too
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, unlabelled)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("w", [0.5, 2.0, 3.0])
+def test_guidance_in_any_target_space_is_guidance_on_eps_and_x0(target, w):
+    """The combination is written in the target's own space; since every target is affine in ε̂ at fixed (x, λ),
+    the guided x̂0 and ε̂ are the same combination of the two branches' x̂0 and ε̂."""
+    model, (x, lam, y) = _model(), _inputs()
+    null = torch.full_like(y, 3)
+    with torch.no_grad():
+        x0_c, eps_c = to_x0_eps(model(x, lam, y), x, lam, target)
+        x0_u, eps_u = to_x0_eps(model(x, lam, null), x, lam, target)
+        x0_w, eps_w = to_x0_eps(guided_prediction(model, x, lam, y, w, 3), x, lam, target)
+    torch.testing.assert_close(x0_w, x0_u + w * (x0_c - x0_u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_w, eps_u + w * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
+
+
+def test_label_dropout_rate_and_null_class():
+    y = torch.randint(0, 10, (200_000,), generator=torch.Generator().manual_seed(0))
+    dropped = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(1))
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 4 * (0.1 * 0.9 / len(y)) ** 0.5      # 4 standard errors
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], y[kept])                     # the rest are untouched
+    assert torch.equal(drop_labels(y, 0.0, 10), y)
+
+
+def test_balanced_labels():
+    counts = torch.bincount(balanced_labels(103, 10), minlength=10)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 103
+
+
+def test_check_guidance():
+    assert check_guidance([1, 1.5], True) == [1.0, 1.5]
+    for bad, conditional in (([2.0], False), ([], True), ([-1.0], True), ([1.0, 1.0], True), ([float("nan")], True)):
+        with pytest.raises(UsageError):
+            check_guidance(bad, conditional)
+
+
+def test_stats_condition_has_equal_mass_bins():
+    x = torch.randn(4000, 8) * torch.linspace(0.1, 3.0, 4000)[:, None]
+    cond = parse_condition("stats:4", x, None, 0)
+    counts = torch.bincount(cond(x, None), minlength=4)
+    assert cond.num_classes == 4 and counts.min() >= 990 and counts.max() <= 1010
+    for spec in ("stats:1", "stats:x", "weird", "class"):
+        with pytest.raises(UsageError):
+            parse_condition(spec, x, None, 0)
+
+
+def _two_class_npz(path, n=400):
+    """8x8 images: class 0 dark (−0.6), class 1 bright (+0.6), with pixel noise 0.1."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 2
+    x = np.where(y[:, None, None] == 1, 0.6, -0.6) + 0.1 * rng.standard_normal((n, 8, 8))
+    np.savez(path, x=((x + 1) * 127.5).clip(0, 255).astype(np.uint8)[:, None], y=y)
+    return path
+
+
+def _conditional_config(data, steps=300, p_uncond=0.2):
+    return cfg.from_dict({
+        "data": {"name": f"npz:{data}"},
+        "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+        "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "warmup": 20, "ema_decay": 0.9, "seed": 0,
+                  "device": "cpu", "log_every": steps, "checkpoint_every": steps, "conditional": True,
+                  "p_uncond": p_uncond, "target": "v"},
+        "eval": {"every": steps, "n": 40, "sample_n": 40, "sample_steps": 10, "features": "none",
+                 "guidance": [1.0, 0.0, 2.0]}})
+
+
+def test_trainer_drops_labels_at_the_configured_rate(tmp_path):
+    from adaptive_sched.train import build, train_step
+    from adaptive_sched.step_guard import new_running
+    config = _conditional_config(_two_class_npz(tmp_path / "two.npz"), p_uncond=0.25)
+    run = build(config)
+    seen = []
+    run.model.embed.classes.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    running = new_running(run.device)
+    for step in range(40):
+        train_step(run, step, running)
+    labels = torch.cat(seen)
+    rate = (labels == 2).float().mean().item()                 # class 2 is the null class of a 2-class model
+    assert num_classes_of(run.model) == 2 and len(labels) == 40 * 32
+    assert abs(rate - 0.25) < 4 * (0.25 * 0.75 / len(labels)) ** 0.5
+
+
+def test_conditional_training_learns_the_classes_and_guidance_is_logged(tmp_path):
+    from adaptive_sched.sample_run import load_snapshot
+    from adaptive_sched.train import train
+    config = _conditional_config(_two_class_npz(tmp_path / "two.npz"))
+    row = train(config, tmp_path / "run", progress=False)
+    for w in ("1", "0", "2"):
+        assert np.isfinite(row[f"eval_swd@w{w}"])
+    assert row["eval_swd"] == row["eval_swd@w1"]            # the first scale also gives the plain name
+    _, model, snap = load_snapshot(tmp_path / "run", torch.device("cpu"))
+    assert snap["num_classes"] == 2
+    grid = torch.linspace(-10, 12, 21)
+    means = {}
+    for k in (0, 1):
+        x = generate(model, "v", (1, 8, 8), 64, grid, seed=3, labels=torch.full((64,), k))
+        means[k] = x.mean(dim=(1, 2, 3))
+    assert (means[0] < 0).float().mean() > 0.9 and (means[1] > 0).float().mean() > 0.9
+    uncond = generate(model, "v", (1, 8, 8), 200, grid, seed=3).mean(dim=(1, 2, 3))   # the null class: both modes
+    assert 0.2 < (uncond > 0).float().mean() < 0.8
+
+
+def test_conditional_needs_labels_and_guidance_needs_conditional(tmp_path):
+    from adaptive_sched.train import build
+    base = {"train": {"steps": 10, "batch_size": 8, "device": "cpu"}, "eval": {"features": "none"}}
+    with pytest.raises(UsageError, match="needs class labels"):
+        build(cfg.from_dict({**base, "data": {"name": "checkerboard"}, "train": {**base["train"], "conditional": True}}))
+    with pytest.raises(UsageError, match="conditional"):
+        build(cfg.from_dict({**base, "data": {"name": "gmm"}, "eval": {"guidance": [2.0]}}))
+    with pytest.raises(UsageError, match="p_uncond"):
+        build(cfg.from_dict({**base, "data": {"name": "digits"},
+                             "train": {**base["train"], "conditional": True, "p_uncond": 1.0}}))
+    with pytest.raises(UsageError, match="list of numbers"):
+        cfg.from_dict({"eval": {"guidance": ["big"]}})
+
+
+def test_compare_reports_the_metric_at_every_guidance_scale(tmp_path):
+    from adaptive_sched.compare import compare
+    data = _two_class_npz(tmp_path / "two.npz", n=200)
+    (tmp_path / "c.toml").write_text(f'''
+[data]
+name = "npz:{data}"
+[model]
+name = "unet"
+channels = [8]
+emb_dim = 16
+mid_blocks = 0
+[train]
+steps = 20
+batch_size = 16
+device = "cpu"
+log_every = 10
+checkpoint_every = 20
+conditional = true
+[eval]
+every = 20
+n = 20
+sample_n = 20
+sample_steps = 4
+features = "none"
+guidance = [1.0, 2.0, 3.0]
+[compare]
+seeds = [0, 1]
+metric = "eval_swd@w2"
+samples = 0
+schedules = [{{ name = "cosine" }}, {{ name = "laplace" }}]
+''')
+    out = compare(tmp_path / "c.toml", tmp_path / "out", progress=False)
+    text = (out / "results.md").read_text()
+    assert "eval_swd by classifier-free guidance scale" in text and "| w = 1 | w = 2 | w = 3 |" in text
+    import pandas as pd
+    agg = pd.read_csv(out / "aggregates.csv")
+    final = agg[(agg["step"] == 20) & (agg["label"] == "cosine")].set_index("metric")
+    summary = pd.read_csv(out / "summary.csv")
+    want = summary[(summary["label"] == "cosine") & (summary["step"] == 20)]["eval_swd@w3"].mean()
+    assert final.loc["eval_swd@w3", "seeds"] == 2 and abs(final.loc["eval_swd@w3", "mean"] - want) < 1e-9
