@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptive_sched.adaptive import fit_loss
+from adaptive_sched.adaptive import class_histograms, fit_loss, update_histogram
 from adaptive_sched.diffusion import add_noise, check_target, log_target_weight, target_value
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules import is_learned
 from adaptive_sched.schedules.base import uniform_t
-from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.weighting import Weighting, schedule_weighting
 
 
@@ -48,6 +47,9 @@ class DiffusionLoss:
                 density ∝ that EMA (adaptive_sched.adaptive); the denoiser's loss uses p_φ with no gradient.
       cvdm:     the training loss itself, E_t[c(λ_φ(t))·ℓ], with a relative weighting (CVDM-style), plus
                 `smoothness`·E[(d²λ/dt²)²]/(λ_max − λ_min)²; the endpoints are pinned exactly by construction.
+    A conditional schedule (num_classes = K > 0) draws λ ~ p(λ | cond) for each example's condition `cond`;
+    variance and cvdm then apply per example as they are, and adaptive keeps one histogram per class and fits
+    each class's λ_φ(t, k) to its own.
     """
 
     def __init__(self, schedule, target: str = "eps", weighting: Weighting | None = None,
@@ -63,27 +65,37 @@ class DiffusionLoss:
         if self.learned and hasattr(schedule, "histogram"):          # adaptive_binned: the histogram is the schedule
             self.histogram, self.objective = schedule.histogram, "adaptive"
         elif self.learned and objective == "adaptive":
-            self.histogram = LossHistogram(schedule.logsnr_min, schedule.logsnr_max, floor=schedule.floor)
+            self.histogram = class_histograms(schedule)      # one LossHistogram, or one per class (nn.ModuleList)
         if self.learned and self.objective in ("variance", "adaptive") and self.weighting.relative:
             raise UsageError(f"the {self.objective} objective needs an absolute weighting (like, sigmoid, elbo), not "
                              f"{self.weighting.name!r}: with a relative one the objective itself would move with "
                              f"the schedule")
 
     def terms(self, model, x0: torch.Tensor, y: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, logsnr: torch.Tensor | None = None) -> LossTerms:
-        """Draw λ and ε (from `generator`), run the model once, return the per-example loss terms."""
+              generator: torch.Generator | None = None, logsnr: torch.Tensor | None = None,
+              cond: torch.Tensor | None = None) -> LossTerms:
+        """Draw λ and ε (from `generator`), run the model once, return the per-example loss terms.
+
+        `y` is the denoiser's label (possibly the null class, for CFG); `cond` (N,) int64 is the schedule's
+        condition (the true class), required when the schedule has num_classes > 0 and ignored otherwise."""
         n = x0.shape[0]
+        classes = getattr(self.schedule, "num_classes", 0)
+        if classes and cond is None:
+            raise UsageError(f"the schedule is conditioned on {classes} classes: pass cond, each example's class (N,)")
+        on = {"y": cond} if classes else {}                                            # the schedule's condition
         log_density, slope, t = getattr(self.schedule, "log_density", None), None, None
+        if classes and log_density is not None:
+            log_density = lambda lam: self.schedule.log_density(lam, cond)            # noqa: E731
         if logsnr is None and self.learned:
             t = uniform_t(n, generator, x0.device)
-            logsnr, slope = self.schedule.logsnr_and_slope(t)                          # (N,), (N,) with grad to φ
+            logsnr, slope = self.schedule.logsnr_and_slope(t, **on)                    # (N,), (N,) with grad to φ
             logsnr, slope = logsnr.float(), slope.float()
             if self.objective == "adaptive":
                 logsnr, slope = logsnr.detach(), slope.detach()
             log_p = -torch.log(-slope)
             log_density = lambda lam: log_p                                            # noqa: E731
         elif logsnr is None:
-            logsnr = self.schedule.sample(n, generator=generator, device=x0.device)      # (N,)
+            logsnr = self.schedule.sample(n, generator=generator, device=x0.device, **on)      # (N,)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = add_noise(x0, eps, logsnr)
         pred = model(x_t, logsnr, y)
@@ -96,15 +108,15 @@ class DiffusionLoss:
             logsnr.register_hook(lambda grad: grad * factor)
             log_p.register_hook(lambda grad: grad * factor)
         elif slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
-            curvature = self.schedule.curvature(t) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
+            curvature = self.schedule.curvature(t, **on) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
             loss = loss + self.smoothness * curvature.square()
         extra = 0.0
         if self.histogram is not None and slope is not None and torch.is_grad_enabled():
-            self.histogram.update(logsnr, loss.detach() / (-slope))          # w·ℓ = f·p with p = 1/|dλ/dt|
+            update_histogram(self.histogram, logsnr, loss.detach() / (-slope), cond)   # w·ℓ = f·p, p = 1/|dλ/dt|
             if self.histogram is not getattr(self.schedule, "histogram", None):
                 extra = fit_loss(self.schedule, self.histogram)
         return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse, extra=extra)
 
-    def __call__(self, model, x0, y=None, generator=None) -> torch.Tensor:
+    def __call__(self, model, x0, y=None, generator=None, cond=None) -> torch.Tensor:
         """The mean training loss over the batch."""
-        return self.terms(model, x0, y, generator).loss.mean()
+        return self.terms(model, x0, y, generator, cond=cond).loss.mean()

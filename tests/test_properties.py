@@ -341,10 +341,6 @@ def test_sample_lies_in_the_window(name, data, folder):
     assert torch.isfinite(x32).all() and x32.min().item() >= lo32 and x32.max().item() <= hi32
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known defect: the learned schedule clamps logit(t) to t in [sqrt(tiny), 1 − eps], so a "
-                          "unit with a small slope and a far centre has not reached 1 by t = 1 − eps: λ(t) jumps at "
-                          "t = 1 and density() is positive on a λ range that no t reaches")
 def test_learned_unit_parked_beyond_float64_reach_of_t():
     """Minimal example: one unit with slope u = 0.05 and centre c = −40 is still ~0 at t = 1 − 1e-16.
 
