@@ -60,6 +60,7 @@ def loss_profiles(profiles, path: Path) -> None:
 def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) -> None:
     """One panel of n samples per schedule (seed `seed`'s EMA weights, the runs' own sampler and grid)."""
     from adaptive_sched.compare import run_dir_of, run_label
+    from adaptive_sched.conditioning import balanced_labels
     from adaptive_sched.generate import generate, sampling_grid
     from adaptive_sched.plots import image_grid, show_image
     from adaptive_sched.sample_run import load_snapshot
@@ -71,8 +72,12 @@ def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) 
         config, model, snap = load_snapshot(run_dir, torch.device("cpu"))
         e = config.eval
         grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
-        x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, e.sampler, seed=0)
-        panels.append((f"{run_label(entry)}\n(step {snap['step']})", image_grid(x)))
+        classes = snap.get("num_classes", 0)          # conditional: balanced classes at the first guidance scale
+        labels = balanced_labels(n, classes) if classes else None
+        x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, e.sampler, seed=0,
+                     labels=labels, guidance=e.guidance[0])
+        guided = f", w = {e.guidance[0]:g}" if classes else ""
+        panels.append((f"{run_label(entry)}\n(step {snap['step']}{guided})", image_grid(x)))
     if not panels:
         return
     plt = _pyplot()

@@ -7,10 +7,21 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sched.class_schedules import marginal_density, num_classes, per_class_density_rows
 from adaptive_sched.conditioning import balanced_labels, guidance_suffix
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
+
+
+CLASS_DENSITY_CSV = "schedule_density_by_class.csv"   # conditional schedules: step, class, logsnr, density
+
+
+def condition_weights(run) -> torch.Tensor:
+    """How often each condition occurs in the training set (sums to 1): the weights of the marginal schedule."""
+    cond = run.condition(run.train_data.x, run.train_data.y)
+    counts = torch.bincount(cond.cpu(), minlength=run.condition.num_classes).double()
+    return counts / counts.sum()
 
 
 def ema_model(run) -> torch.nn.Module:
@@ -68,8 +79,17 @@ def log_schedule_density(run, out_dir: Path, step: int, points: int = 81) -> Non
     """Append p(λ) of the training schedule on a fixed λ grid to schedule_density.csv (one row per eval)."""
     s = run.config.schedule
     grid = torch.linspace(s.logsnr_min, s.logsnr_max, points, dtype=torch.float64)
+    schedule = run.loss.schedule
+    conditional = num_classes(schedule) > 0
+    weights = condition_weights(run).numpy() if conditional else None
     with torch.no_grad():
-        density = run.loss.schedule.density(grid.to(run.device)).cpu()
+        if conditional:                             # the marginal Σ_k w_k p(λ | k), then each class on its own
+            density = marginal_density(schedule, grid.to(run.device), weights).cpu()
+            by_class = CsvLog(out_dir / CLASS_DENSITY_CSV, ["step", "class", "logsnr", "density"])
+            for row in per_class_density_rows(schedule, grid.to(run.device), step, weights):
+                by_class.append(row)
+        else:
+            density = schedule.density(grid.to(run.device)).cpu()
     path = out_dir / "schedule_density.csv"
     columns = ["step"] + [f"{v:.4g}" for v in grid.tolist()]
     log = CsvLog(path, columns)

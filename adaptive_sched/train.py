@@ -26,7 +26,7 @@ from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, count_parameters
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
-from adaptive_sched.run_eval import ema_model, evaluate
+from adaptive_sched.run_eval import CLASS_DENSITY_CSV, condition_weights, ema_model, evaluate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
@@ -288,7 +288,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     write_info(out_dir, run.fid_info or {})
     for name, columns in (("metrics.csv", metric_columns(run.config)), ("eval_profile.csv", PROFILE_COLUMNS)):
         CsvLog(out_dir / name, columns).truncate_after(start)
-    for name in ("schedule_density.csv", "loss_bins.csv"):
+    for name in ("schedule_density.csv", "loss_bins.csv", CLASS_DENSITY_CSV):
         if (out_dir / name).exists():
             header = (out_dir / name).read_text().splitlines()[0].split(",")
             CsvLog(out_dir / name, header).truncate_after(start)
@@ -328,13 +328,6 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
 
 
-def condition_weights(run: Run) -> torch.Tensor:
-    """How often each condition occurs in the training set (sums to 1): the weights of the marginal schedule."""
-    cond = run.condition(run.train_data.x, run.train_data.y)
-    counts = torch.bincount(cond.cpu(), minlength=run.condition.num_classes).double()
-    return counts / counts.sum()
-
-
 def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
           on_eval: Callable[[int, dict], None] | None = None) -> dict:
     """Train as configured into `out_dir`; return the last metrics row (step, loss, eval metrics).
@@ -359,6 +352,10 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
             from adaptive_sched.plots import schedule_over_training
             schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png",
                                    config.schedule)
+        if world.is_main and run.condition.num_classes and start < config.train.steps:
+            from adaptive_sched.plots import per_class_densities
+            per_class_densities(out_dir / CLASS_DENSITY_CSV, out_dir / "schedule_density_by_class.png",
+                                f"{config.schedule.name}, conditioned on {config.learned.condition}")
     finally:
         distributed.teardown(world)
     return last_row

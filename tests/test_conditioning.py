@@ -205,3 +205,67 @@ schedules = [{{ name = "cosine" }}, {{ name = "laplace" }}]
     summary = pd.read_csv(out / "summary.csv")
     want = summary[(summary["label"] == "cosine") & (summary["step"] == 20)]["eval_swd@w3"].mean()
     assert final.loc["eval_swd@w3", "seeds"] == 2 and abs(final.loc["eval_swd@w3", "mean"] - want) < 1e-9
+
+
+def test_learned_conditional_run_logs_per_class_densities_exports_and_samples_per_class(tmp_path):
+    """End to end: a class-conditioned learned schedule trains with a conditional denoiser, logs p(λ | k) and the
+    marginal, exports one table per class plus the marginal, and samples each class on its own grid."""
+    from adaptive_sched import schedules
+    from adaptive_sched.cli import main
+    from adaptive_sched.class_schedules import marginal_density
+    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.train import train
+    config = _conditional_config(_two_class_npz(tmp_path / "two.npz"), steps=40)
+    config = cfg.from_dict({"schedule": {"name": "learned", "hidden": 8},
+                            "learned": {"condition": "class", "lr": 1e-2},
+                            "eval": {"every": 20, "guidance": [1.0]}}, config)
+    train(config, tmp_path / "run", progress=False)
+    rows = (tmp_path / "run" / "schedule_density_by_class.csv").read_text().splitlines()
+    assert rows[0] == "step,class,logsnr,density"
+    assert {r.split(",")[1] for r in rows[1:]} == {"0", "1", "all"}
+    assert {r.split(",")[0] for r in rows[1:]} == {"20", "40"}
+    assert (tmp_path / "run" / "schedule_density_by_class.png").exists()
+    _, schedule, snap = load_run_schedule(tmp_path / "run")
+    assert schedule.num_classes == 2 and snap["schedule_num_classes"] == 2
+    weights = snap["class_weights"]
+    assert abs(sum(weights) - 1) < 1e-12 and abs(weights[0] - 0.5) < 0.05
+
+    # the logged marginal is the weighted mixture of the classes' densities
+    last = [r.split(",") for r in rows[1:] if r.startswith("40,")]
+    lam = torch.tensor([float(r[2]) for r in last if r[1] == "all"], dtype=torch.float64)
+    logged = torch.tensor([float(r[3]) for r in last if r[1] == "all"], dtype=torch.float64)
+    with torch.no_grad():
+        mix = weights[0] * schedule.density(lam, 0) + weights[1] * schedule.density(lam, 1)
+        torch.testing.assert_close(logged, mix.double(), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(marginal_density(schedule, lam, weights).double(), mix.double())
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "s.csv")]) == 0
+    for k in (0, 1):
+        table = schedules.build("table", path=str(tmp_path / f"s.class{k}.csv"))
+        t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(table.logsnr(t), schedule.logsnr(t, k).double(), atol=0.05, rtol=0)
+    both = schedules.build("table", path=str(tmp_path / "s.classes.csv"))
+    assert both.num_classes == 2
+
+    out = tmp_path / "per_class.npz"
+    assert main(["sample", str(tmp_path / "run"), "--n", "6", "--out", str(out), "--grid", "per-class",
+                 "--sample-steps", "5"]) == 0
+    saved = np.load(out)
+    assert saved["logsnr_grid"].shape == (2, 6) and list(saved["y"]) == [0, 1, 0, 1, 0, 1]
+    assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", str(out), "--class", "7"]) == 2
+
+
+def test_sampling_options_are_refused_for_an_unconditional_run(tmp_path):
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "gmm", "n": 200}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                            "train": {"steps": 4, "batch_size": 8, "device": "cpu", "log_every": 4,
+                                      "checkpoint_every": 4},
+                            "eval": {"every": 4, "n": 20, "sample_n": 0}})
+    train(config, tmp_path / "run", progress=False)
+    out = str(tmp_path / "x.npz")
+    assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out, "--class", "1"]) == 2
+    assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out, "--guidance", "2"]) == 2
+    assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out, "--grid", "per-class"]) == 2
+    assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out]) == 0

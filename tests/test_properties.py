@@ -96,13 +96,12 @@ def table(draw) -> Spec:
 
 @st.composite
 def learned(draw) -> Spec:
-    """init="none", then every parameter re-drawn from N(0, scale²), scale ≤ 3.
-
-    Larger weights can park a unit's sigmoid beyond float64's reach of t (a known defect, see
-    test_learned_unit_parked_beyond_float64_reach_of_t below); up to 3 the endpoints are still pinned
-    for any weights, and the other properties hold.
+    """init="none", then every parameter re-drawn from N(0, scale²), scale ≤ 3, with 0–3 classes (the property
+    tests use the shared schedule, y = None). Larger scales hold too (tests/test_learned_conditional.py) but
+    integrate_density would need λ(sigmoid(±15)), where the units' logit window ends, as break points.
     """
-    spec = {"hidden": draw(st.integers(1, 16)), "floor": draw(log_uniform(1e-3, 0.9)), "init": "none"}
+    spec = {"hidden": draw(st.integers(1, 16)), "floor": draw(log_uniform(1e-3, 0.9)), "init": "none",
+            "num_classes": draw(st.integers(0, 3))}
     return Spec({**spec, **draw(windows())}, weights=(draw(st.integers(0, 2 ** 31 - 1)), draw(log_uniform(0.01, 3.0))))
 
 
@@ -342,11 +341,9 @@ def test_sample_lies_in_the_window(name, data, folder):
 
 
 def test_learned_unit_parked_beyond_float64_reach_of_t():
-    """Minimal example: one unit with slope u = 0.05 and centre c = −40 is still ~0 at t = 1 − 1e-16.
-
-    Today λ(1 − 1e-16) = 0.5 but λ(1) = 0: half of the window [0, 1] is never sampled, yet p = 1.99 there
-    and ∫p over the window ≈ 1.99. (Strict: once fixed, this passes and the xfail must go.)
-    """
+    """One unit with slope u = 0.05 and centre c = −40: unrenormalised it was still ~0 at t = 1 − 1e-16, so λ
+    jumped at t = 1 (λ(1 − 1e-16) = 0.5, λ(1) = 0) and ∫p over the window was ≈ 1.99 (issue 7). Each unit is
+    now renormalised over its logit window, so λ is continuous at the ends and p integrates to 1."""
     sched = schedules.build("learned", hidden=1, floor=0.5, init="none", logsnr_min=0.0, logsnr_max=1.0)
     with torch.no_grad():
         sched.raw_u.fill_(-100.0)
