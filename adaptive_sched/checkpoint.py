@@ -35,6 +35,12 @@ def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":              # torch.save writes a zip archive; anything else is not a checkpoint
+        what = "it is empty" if not magic else "it is not the zip archive torch.save writes"
+        raise UsageError(f"{path} is not a readable adaptive_sched checkpoint ({what}); pass a run directory "
+                         f"or its ema.pt / checkpoint.pt")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse an untrusted file is the same user error

@@ -22,6 +22,7 @@ SUBPROCESS, MAIN = "subprocess", "main"
 RUN_OPTIONS = ["--data", "gmm", "--model", "mlp", "--model-param", "hidden=16", "--model-param", "depth=1",
                "--steps", "5", "--device", "cpu"]                  # train's and sweep's
 TRAIN = ["train", *RUN_OPTIONS, "--quiet", "--out", "{d}/out"]
+TRAIN_TOY = [a.replace("gmm", "checkerboard") for a in TRAIN]    # a dataset without labels or a dim
 SWEEP = ["sweep", *RUN_OPTIONS, "--schedule", "laplace", "--trials", "1", "--out", "{d}/sw"]
 
 
@@ -177,6 +178,22 @@ CASES = [
     ("sample-pickle-payload", ["sample", "{d}/run", "--out", "{d}/x.png"],
      {"run/ema.pt": payload_checkpoint}, ["not a readable"], SUBPROCESS),
     # unknown TOML keys: the closest valid key is suggested
+    ("checkpoint-text-file-says-why", ["sample", "{d}/notes.txt", "--out", "{d}/x.npz"], {"notes.txt": "hello\n"},
+     ["not the zip archive torch.save writes"], MAIN),
+    ("data-dim-on-a-fixed-shape-dataset", [*TRAIN_TOY, "--config", "{d}/c.toml"], toml('[data]\ndim = 8\n'), ["dim sets the gmm's dimension only"], MAIN),
+    # class conditioning and guidance
+    ("conditional-without-labels", [*TRAIN_TOY, "--conditional"], {}, ["needs class labels"], MAIN),
+    ("guidance-without-conditional", [*TRAIN, "--config", "{d}/c.toml"], toml("[eval]\nguidance = [1.0, 2.0]\n"),
+     ["need a class-conditional model"], MAIN),
+    ("guidance-not-numbers", [*TRAIN, "--config", "{d}/c.toml"], toml('[eval]\nguidance = "high"\n'),
+     ["must be a list of numbers"], MAIN),
+    ("p-uncond-out-of-range", [*TRAIN, "--conditional", "--p-uncond", "1.5"], {}, ["p_uncond must be in [0, 1)"], MAIN),
+    ("schedule-condition-unknown", [*TRAIN, "--schedule", "learned", "--schedule-condition", "pixels"], {},
+     ["unknown [learned] condition"], MAIN),
+    ("schedule-condition-on-a-fixed-schedule", [*TRAIN, "--schedule", "laplace", "--schedule-condition", "class"],
+     {}, ["needs a schedule conditioned on"], MAIN),
+    ("stats-condition-one-bin", [*TRAIN, "--schedule", "learned", "--schedule-condition", "stats:1"], {},
+     ["use stats:K"], MAIN),
     ("toml-train-key", [*TRAIN, "--config", "{d}/c.toml"], toml("[train]\nsetps = 10\n"),
      ["unknown key 'setps' in [train]", "did you mean 'steps'"], SUBPROCESS),
     ("toml-section", [*TRAIN, "--config", "{d}/c.toml"], toml("[trian]\nsteps = 10\n"),

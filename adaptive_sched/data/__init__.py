@@ -77,6 +77,8 @@ def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: i
         loader = _NAMED[spec]
     else:
         raise UsageError(f"unknown dataset {spec!r}; valid: {', '.join(names())}")
+    if dim is not None and spec != "gmm":
+        raise UsageError(f"dim sets the gmm's dimension only; {spec!r} has a fixed shape (drop [data] dim)")
     opts = _Opts(data_dir=data_dir, resize=resize, n=n, dim=dim, seed=seed)
     ds = loader(arg, split, opts)
     if ds.kind == "image":
