@@ -245,8 +245,47 @@ def report(out: Path, plan: Plan) -> Path:
     compare_plots.loss_profiles(profiles, out / "loss_profile.png")
     if plan.samples > 0 and base.data.name not in ("gmm", "checkerboard", "swissroll"):
         compare_plots.sample_grids(entries, out, seeds[0], plan.samples, out / "samples.png")
-    write_results_md(out, aggregates, metric, base, data_floor(base), reached)
+    spread = class_spread(out, entries, seeds)
+    if len(spread):
+        spread.to_csv(out / "class_medians.csv", index=False)
+        panels = [(run_label(e), run_dir_of(out, e, seeds[0]) / "schedule_density_by_class.csv") for e in entries]
+        compare_plots.class_densities([(t, p) for t, p in panels if p.exists()], out / "densities_by_class.png")
+    write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread)
     return out
+
+
+def class_spread(out: Path, entries: list[dict], seeds: list[int]):
+    """Per conditional schedule and seed: each condition's median λ(0.5 | c) (a DataFrame, long form)."""
+    import pandas as pd
+    from adaptive_sched.class_schedules import class_medians, num_classes
+    from adaptive_sched.export import load_run_schedule
+    rows = []
+    for entry in entries:
+        for seed in seeds:
+            run_dir = run_dir_of(out, entry, seed)
+            if entry["name"] != "learned" or not (run_dir / "ema.pt").exists():
+                continue
+            schedule = load_run_schedule(run_dir)[1]
+            if num_classes(schedule):
+                rows += [{"label": run_label(entry), "seed": seed, "condition": c, "median_logsnr": float(m)}
+                         for c, m in enumerate(class_medians(schedule))]
+    return pd.DataFrame(rows, columns=["label", "seed", "condition", "median_logsnr"])
+
+
+def spread_lines(spread) -> list[str]:
+    """Markdown: do the per-condition schedules differ? The range of the condition medians (mean over seeds)
+    against the seed-to-seed standard deviation of one condition's median (the noise floor)."""
+    lines = ["", "## Per-condition schedules: spread of the medians λ(0.5 | c)", "",
+             "| schedule | conditions | range of medians (mean ± 95% CI over seeds) | seed-to-seed std of a "
+             "median (mean over conditions) | medians, seed mean (c = 0, 1, …) |", "|---|---|---|---|---|"]
+    for label, group in spread.groupby("label", sort=False):
+        ranges = group.groupby("seed")["median_logsnr"].agg(lambda m: m.max() - m.min())
+        mean, half, _ = mean_ci(ranges)
+        noise = group.groupby("condition")["median_logsnr"].std(ddof=1).mean()
+        medians = group.groupby("condition")["median_logsnr"].mean()
+        lines.append(f"| {label} | {len(medians)} | {mean:.3g} ± {half:.2g} | "
+                     f"{noise:.3g} | {', '.join(f'{m:.2f}' for m in medians)} |")
+    return lines
 
 
 def budget_table(curve, metric: str, order) -> list[str]:
@@ -310,7 +349,7 @@ def data_floor(base: cfg.RunConfig) -> float | None:
 
 
 def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, floor: float | None = None,
-                     reached=None) -> None:
+                     reached=None, spread=None) -> None:
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
@@ -337,6 +376,8 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
                 lines.append(f"| {r['label']} | {int(r['step'])} | {r['fraction_of_reference']:.2f} |")
             else:
                 lines.append(f"| {r['label']} | not reached | – |")
+    if spread is not None and len(spread):
+        lines += spread_lines(spread)
     if floor is not None:
         lines += ["", f"eval_swd floor (training data against held-out data, same n): {floor:.4g}"]
     lines += ["", "eval_excess_mse: held-out ε-MSE above the exact denoiser's (gmm only), mean over λ in "

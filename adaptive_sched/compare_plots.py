@@ -21,6 +21,7 @@ def metric_curves(aggregates, metric: str, path: Path) -> None:
 
 def densities(entries: list[dict], base, path: Path, out: Path | None = None, seed: int = 0) -> None:
     """p(λ) of every compared schedule on the run's window; a learned one as trained (seed `seed`'s run)."""
+    from adaptive_sched.class_schedules import marginal_density, num_classes
     from adaptive_sched.compare import run_config, run_dir_of, run_label
     from adaptive_sched.export import load_run_schedule
     from adaptive_sched.train import build_schedule
@@ -31,14 +32,44 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     for entry in entries:
         label = run_label(entry)
         run_dir = None if out is None else run_dir_of(out, entry, seed)
+        weights = None
         if entry["name"] == "learned" and run_dir is not None and (run_dir / "ema.pt").exists():
-            sched = load_run_schedule(run_dir)[1]
+            _, sched, snap = load_run_schedule(run_dir)
             label += f" (trained, seed {seed})"
+            if num_classes(sched):                   # a conditional schedule: its marginal Σ_c w_c p(λ | c)
+                weights, label = snap.get("class_weights"), label + ", marginal"
         else:
             sched = build_schedule(run_config(base, entry, seed).schedule)
         with torch.no_grad():
-            ax.plot(lam.numpy(), sched.density(lam).numpy(), label=label)
+            density = sched.density(lam) if weights is None else marginal_density(sched, lam, weights)
+            ax.plot(lam.numpy(), density.numpy(), label=label)
     finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)")
+
+
+def class_densities(panels: list[tuple[str, Path]], path: Path) -> None:
+    """One panel per conditional schedule: p(λ | c) of every condition at the final eval (seed 0's
+    schedule_density_by_class.csv), the marginal in black."""
+    from adaptive_sched.schedules.table import read_csv_rows
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, csv_path) in zip(axes.flat, panels):
+        _, rows = read_csv_rows(csv_path)
+        last = max(int(r["step"]) for r in rows)
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if int(r["step"]) == last:
+                curves.setdefault(r["class"], []).append((float(r["logsnr"]), float(r["density"])))
+        for name, points in curves.items():
+            xs, ys = zip(*sorted(points))
+            style = {"color": "black", "lw": 2.2, "label": "marginal"} if name == "all" else {"lw": 1, "alpha": 0.8}
+            ax.plot(xs, ys, **style)
+        ax.set_title(f"{title} (step {last})", fontsize=9)
+        ax.set_xlabel("logSNR λ")
+        ax.set_ylabel("p(λ | c)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def loss_profiles(profiles, path: Path) -> None:

@@ -269,3 +269,49 @@ def test_sampling_options_are_refused_for_an_unconditional_run(tmp_path):
     assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out, "--guidance", "2"]) == 2
     assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out, "--grid", "per-class"]) == 2
     assert main(["sample", str(tmp_path / "run"), "--n", "4", "--out", out]) == 0
+
+
+def test_compare_reports_the_spread_of_per_class_medians(tmp_path):
+    import pandas as pd
+    from adaptive_sched.class_schedules import class_medians
+    from adaptive_sched.compare import compare, run_dir_of
+    from adaptive_sched.export import load_run_schedule
+    data = _two_class_npz(tmp_path / "two.npz", n=200)
+    (tmp_path / "c.toml").write_text(f'''
+[data]
+name = "npz:{data}"
+[model]
+name = "unet"
+channels = [8]
+emb_dim = 16
+mid_blocks = 0
+[train]
+steps = 10
+batch_size = 16
+device = "cpu"
+log_every = 10
+checkpoint_every = 10
+conditional = true
+[eval]
+every = 10
+n = 20
+sample_n = 10
+sample_steps = 3
+features = "none"
+[compare]
+seeds = [0, 1]
+metric = "eval_swd"
+samples = 0
+schedules = [{{ name = "learned", hidden = 4, label = "shared" }},
+             {{ name = "learned", hidden = 4, condition = "class", lr = 0.05, label = "per-class" }}]
+''')
+    out = compare(tmp_path / "c.toml", tmp_path / "out", progress=False)
+    spread = pd.read_csv(out / "class_medians.csv")
+    assert set(spread["label"]) == {"per-class"} and len(spread) == 2 * 2       # 2 seeds x 2 classes
+    entry = {"name": "learned", "hidden": 4, "condition": "class", "lr": 0.05, "label": "per-class"}
+    medians = class_medians(load_run_schedule(run_dir_of(out, entry, 1))[1])
+    got = spread[spread["seed"] == 1].sort_values("condition")["median_logsnr"].to_numpy()
+    np.testing.assert_allclose(got, medians)
+    text = (out / "results.md").read_text()
+    assert "spread of the medians" in text and "| per-class | 2 |" in text
+    assert (out / "densities_by_class.png").exists()
