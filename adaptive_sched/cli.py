@@ -171,10 +171,11 @@ def make_parser() -> Parser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-    from adaptive_sched import grid_cli
+    from adaptive_sched import grid_cli, grid_eval
     from adaptive_sched.bench import add_parser as add_bench_parser   # torch loads only when bench runs
     from adaptive_sched.sweep import add_parser as add_sweep_parser
     grid_cli.add_parser(sub)
+    grid_eval.add_parser(sub)
     add_sweep_parser(sub)
     add_bench_parser(sub)
     return parser

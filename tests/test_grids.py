@@ -188,3 +188,38 @@ def test_sampling_grid_cli_on_a_trained_run(tmp_path):
     with pytest.raises(UsageError, match="must end in .csv"):
         args = parser.parse_args(["sampling-grid", str(tmp_path / "run"), "--out", str(tmp_path / "g.txt")])
         args.func(args)
+
+
+def test_grid_eval_scores_every_method_and_step_count_and_resumes(tmp_path, capsys):
+    """grid-eval on two trained image runs: one row per run × method × steps, the same noise for every grid
+    (so one grid method scored twice gives identical numbers), a resumed call adds only what is missing."""
+    import pandas as pd
+    from adaptive_sched import config as cfg
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    runs = []
+    for seed in (0, 1):
+        config = cfg.from_dict({"data": {"name": "digits"},
+                                "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                                "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10,
+                                          "seed": seed},
+                                "eval": {"every": 10, "n": 40, "sample_n": 24, "sample_steps": 3,
+                                         "features": "none"}})
+        train(config, tmp_path / f"run{seed}", progress=False)
+        runs.append(str(tmp_path / f"run{seed}"))
+    out = tmp_path / "ge"
+    assert main(["grid-eval", runs[0], "--steps", "3", "--methods", "cosine,karras", "--out", str(out),
+                 "--quiet"]) == 0
+    assert main(["grid-eval", *runs, "--steps", "3,5", "--methods", "cosine,karras,quantile", "--out", str(out),
+                 "--quiet"]) == 0
+    table = pd.read_csv(out / "grid_eval.csv")
+    assert len(table) == 2 * 2 * 3 and not table.duplicated(["run", "method", "steps"]).any()
+    assert table["eval_swd"].notna().all() and (out / "grid_eval.png").exists()
+    assert len(list((out / "grids").glob("*.csv"))) == 12
+    text = (out / "grid_eval.md").read_text()
+    assert "| cosine |" in text and "3 steps | 5 steps" in text
+    # the quantile grid of a cosine-trained run on the same window is the cosine grid: the same samples
+    same = table[table["method"].isin(["cosine", "quantile"])].groupby(["run", "steps"])["eval_swd"].nunique()
+    assert (same == 1).all()
+    assert main(["grid-eval", runs[0], "--methods", "cosine,magic", "--out", str(out)]) == 2
+    assert main(["grid-eval", str(tmp_path), "--out", str(out)]) == 2

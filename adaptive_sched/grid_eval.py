@@ -1,0 +1,147 @@
+"""`adaptive-sched grid-eval RUN [RUN ...] --steps 5,10,20 --methods cosine,karras,quantile,ays --out DIR`.
+
+Sample quality of each sampling-grid method at each step count, with the same trained model(s): for every run,
+method and N, the grid (grid_cli.grid_for_run, written to DIR/grids/) drives the run's sampler from the same
+noise, and the samples are scored like an in-training eval (eval_swd, and eval_fid / eval_kid on images with the
+run's feature network). Writes DIR/grid_eval.csv (one row per run × method × steps; a rerun skips the rows it
+has), DIR/grid_eval.md (mean ± 95% CI over runs) and DIR/grid_eval.png (the metric against N per method).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from adaptive_sched.errors import UsageError
+
+COLUMNS = ["run", "method", "steps", "eval_swd", "eval_fid", "eval_kid"]
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    """'5,10,20' → [5, 10, 20]; UsageError naming `what` on an empty or malformed list."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        values = [cast(s) for s in items]
+    except ValueError:
+        raise UsageError(f"--{what} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise UsageError(f"--{what} is empty")
+    return values
+
+
+def run_slug(run_dir: Path) -> str:
+    """A file-name-safe name for a run directory: its last two path parts."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(run_dir.resolve().parts[-2:])).strip("_")
+
+
+def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | None, device: str,
+              progress: bool) -> list[dict]:
+    """Rows {run, method, steps, metrics} for the (method, steps) pairs of one run."""
+    from adaptive_sched.conditioning import balanced_labels
+    from adaptive_sched.data import Dataset
+    from adaptive_sched.eval_features import build_evaluator
+    from adaptive_sched.evaluate import sliced_wasserstein
+    from adaptive_sched.generate import generate
+    from adaptive_sched.grid_cli import grid_for_run
+    from adaptive_sched.grids import write_grid
+    from adaptive_sched.sample_run import load_snapshot
+    from adaptive_sched.train import load_data, resolve_device
+    dev = resolve_device(device)
+    config, model, snap = load_snapshot(run_dir, dev)
+    train_data, held_out = load_data(config.data, "train"), load_data(config.data, "test")
+    n = min(n or config.eval.sample_n or config.eval.n, len(held_out))
+    held_out = Dataset(held_out.name, held_out.x[:n], None if held_out.y is None else held_out.y[:n],
+                       held_out.num_classes, held_out.oracle)
+    scorer, _ = build_evaluator(config.eval, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
+    classes = snap.get("num_classes", 0)
+    labels = balanced_labels(n, classes) if classes else None
+    rows = []
+    for method, steps in todo:
+        grid, meta = grid_for_run(run_dir, steps, method, device=device)
+        write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
+        x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, config.eval.sampler, seed=777,
+                     device=dev, labels=labels, guidance=config.eval.guidance[0])
+        row = {"run": str(run_dir), "method": method, "steps": steps,
+               "eval_swd": sliced_wasserstein(x, held_out.x.cpu())}
+        if scorer is not None:
+            row.update(scorer(x.clamp(-1, 1)))
+        rows.append(row)
+        if progress:
+            print(f"{run_dir} {method} {steps} steps: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                                    if k.startswith("eval_")), flush=True)
+    return rows
+
+
+def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out: str | Path, n: int | None = None,
+              device: str = "auto", progress: bool = True) -> Path:
+    """Score every run × method × steps (skipping rows already in DIR/grid_eval.csv); write the table and plot."""
+    from adaptive_sched.grids import METHODS
+    from adaptive_sched.runlog import CsvLog
+    out = Path(out)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UsageError(f"unknown grid method {bad[0]!r}; choose from: {', '.join(METHODS)}")
+    if any(s < 1 for s in steps):
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if n is not None and n < 2:
+        raise UsageError(f"--n must be >= 2 samples, got {n}")
+    run_dirs = [Path(r) for r in runs]
+    for run_dir in run_dirs:
+        if not (run_dir / "ema.pt").exists():
+            raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    log = CsvLog(out / "grid_eval.csv", COLUMNS)
+    done = {(r["run"], r["method"], int(r["steps"])) for r in log.rows()}
+    for run_dir in run_dirs:
+        todo = [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
+        if todo:
+            for row in score_run(run_dir, todo, out, n, device, progress):
+                log.append(row)
+    report(out, [str(r) for r in run_dirs], methods, steps)
+    return out
+
+
+def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:
+    """grid_eval.md (metric mean ± 95% CI over runs, rows = method, columns = steps) and grid_eval.png."""
+    import pandas as pd
+    from adaptive_sched.compare import mean_ci
+    from adaptive_sched.plots import _pyplot, finish_line_plot
+    table = pd.read_csv(out / "grid_eval.csv")
+    table = table[table["run"].isin(runs) & table["method"].isin(methods) & table["steps"].isin(steps)]
+    metric = "eval_fid" if table["eval_fid"].notna().any() else "eval_swd"
+    lines = [f"# {metric} by sampling grid and number of steps (mean ± 95% CI over {len(runs)} run(s))", "",
+             "Runs: " + ", ".join(f"`{r}`" for r in runs), "",
+             "| grid | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        cells, means = [], []
+        for s in steps:
+            mean, half, k = mean_ci(table[(table["method"] == method) & (table["steps"] == s)][metric])
+            cells.append(f"{mean:.4g} ± {half:.2g}" if k else "")
+            means.append(mean)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        ax.plot(steps, means, marker="o", label=method)
+    (out / "grid_eval.md").write_text("\n".join(lines) + "\n")
+    ax.set_xscale("log")
+    finish_line_plot(fig, ax, out / "grid_eval.png", "sampler steps", metric, logy=True)
+    print("\n".join(lines))
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `grid-eval` on the CLI's subparsers."""
+    p = subparsers.add_parser("grid-eval", help="sample quality of each sampling-grid method at several step counts, "
+                                                "same model(s)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN")
+    p.add_argument("--steps", default="5,10,20", help="comma-separated sampler step counts (default 5,10,20)")
+    p.add_argument("--methods", default="cosine,karras,quantile,ays", help="comma-separated grid methods")
+    p.add_argument("--n", type=int, help="samples per (run, method, steps) (default: the run's [eval] sample_n)")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=lambda args: grid_eval(args.run_dirs, parse_list(args.steps, "steps", int),
+                                               parse_list(args.methods, "methods"), args.out, args.n, args.device,
+                                               not args.quiet) and 0)
+    return p
