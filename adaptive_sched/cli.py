@@ -4,6 +4,7 @@ Bad input exits 2 with one line."""
 from __future__ import annotations
 
 import argparse
+import json
 import inspect
 import os
 import sys
@@ -120,7 +121,10 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from adaptive_sched.export import export
     path = export(args.run_dir, args.out, points=args.points, fmt=args.format, discrete_steps=args.alphas_cumprod)
-    print(f"wrote {path}")
+    sidecar = path.with_suffix(path.suffix + ".json")
+    files = json.loads(sidecar.read_text()).get("files") if path.suffix == ".csv" and sidecar.exists() else None
+    extra = f" (the marginal), {', '.join(files['classes'])} and {files['class_table']}" if files else ""
+    print(f"wrote {path}{extra}")
     return 0
 
 
