@@ -2,11 +2,15 @@
 parallel, on SQLite (default), a journal file or PostgreSQL.
 
     sweep --schedule laplace --trials 30 --out DIR [--storage URL] [--study NAME] [--workers K]
-          [--config FILE.toml] [--metric eval_eps_mse] [--pruner median|hyperband|none] [run options]
+          [--config FILE.toml] [--metric eval_eps_mse] [--pruner median|hyperband|none] [--target-value V]
+          [run options]
 Each trial trains the base config with the trial's parameters into DIR/trials/<number>/. The objective is the
-eval metric at the last step (lower is better), reported at every eval for pruning. Running the same command
-again continues the study until it holds --trials trials (complete, pruned or failed); a failed trial (NaN,
-out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C marks the running trials FAIL.
+eval metric at the last step (lower is better), reported at every eval for pruning. With --target-value V the
+study has a second objective, steps to target: the first eval step with metric <= V (steps + eval every when not
+reached within the budget); it is not pruned, and best.json holds its Pareto front (adaptive_sched.sweep_pareto).
+Running the same command again continues the study until it holds --trials trials (complete, pruned or failed);
+a failed trial (NaN, out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C marks the running
+trials FAIL.
 Storage URLs: sqlite:///PATH (default DIR/study.db), journal:PATH, postgresql://USER[:PW]@HOST:PORT/DB.
 The search spaces and the [sweep] TOML section are described in adaptive_sched.sweep_space.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,17 +27,22 @@ from adaptive_sched import config as cfg
 from adaptive_sched import sweep_space as spaces
 from adaptive_sched.errors import UsageError
 from adaptive_sched.runlog import METRIC_COLUMNS
-from adaptive_sched.sweep_storage import (check_settings, claim_out_dir, counted, default_storage, fail_dead_trials,
-                                          mask, open_storage, quiet_optuna, settings_of)
+from adaptive_sched.sweep_pareto import not_reached
+from adaptive_sched.sweep_storage import (check_out_dir, check_settings, claim_out_dir, counted, default_storage,
+                                          fail_dead_trials, mask, open_storage, quiet_optuna, settings_of)
 from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
 
 __all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_storage", "default_storage"]
 
 
 def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | None = None,
-              study: str | None = None, metric: str = "eval_eps_mse", pruner="median", workers: int = 1,
-              tune: list[str] | tuple = (), space: dict | None = None, report: bool = True):
-    """Create or continue the study of base.schedule's parameters until it holds `trials` trials; return it."""
+              study: str | None = None, metric: str = "eval_eps_mse", pruner=None, workers: int = 1,
+              tune: list[str] | tuple = (), space: dict | None = None, report: bool = True,
+              target: float | None = None):
+    """Create or continue the study of base.schedule's parameters until it holds `trials` trials; return it.
+
+    pruner None is median, or none with a `target` (two objectives: the metric, and steps to metric <= target).
+    """
     import optuna
     out, schedule = Path(out), base.schedule.name
     eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
@@ -43,26 +53,49 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
         raise UsageError("metric eval_swd needs samples at each eval: set [eval] sample_n > 0")
     if not isinstance(trials, int) or trials < 1 or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--trials and --workers must be >= 1, got {trials} and {workers}")
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+            raise UsageError(f"--target-value must be a finite number, got {target!r}")
+        target = float(target)
+        if pruner not in (None, "none"):
+            name = pruner if isinstance(pruner, str) else type(pruner).__name__
+            raise UsageError(f"pruner {name} cannot be used with a target value: Optuna cannot prune a "
+                             f"multi-objective study; leave the pruner out or set it to none")
+    pruner = pruner or ("median" if target is None else "none")
     make_pruner(pruner, base)
     job = Job(storage or default_storage(out), study or schedule, base,
               spaces.build_space(schedule, tune, space, fixed=base.schedule.params,
-                                 curriculum=base.schedule.curriculum), metric, pruner, str(out), trials)
+                                 curriculum=base.schedule.curriculum), metric, pruner, str(out), trials,
+              target=target)
     quiet_optuna()
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
     store = open_storage(job.storage)
-    claim_out_dir(out, job.study, job.storage, schedule, metric)
-    found = optuna.create_study(study_name=job.study, storage=store, direction="minimize", load_if_exists=True)
+    check_out_dir(out, job.study)
+    objectives = 1 if target is None else 2
+    found = optuna.create_study(study_name=job.study, storage=store, directions=["minimize"] * objectives,
+                                load_if_exists=True)
+    settings = settings_of(base, job.space, metric, target)
     if "sweep" in found.user_attrs:
-        check_settings(found.user_attrs["sweep"], settings_of(base, job.space, metric), job.study)
-    else:
-        found.set_user_attr("sweep", settings_of(base, job.space, metric))
+        check_settings(found.user_attrs["sweep"], settings, job.study)
+    if len(found.directions) != objectives:         # a study made outside `sweep` (no stored settings)
+        raise UsageError(f"study {job.study!r} has {len(found.directions)} objective(s), this sweep {objectives}; "
+                         f"use another --study")
+    if "sweep" not in found.user_attrs:
+        found.set_user_attr("sweep", settings)
+    # sweep.json is written after the checks, so a refused run leaves it as it was
+    claim_out_dir(out, job.study, job.storage, schedule, metric, target)
     dead = fail_dead_trials(found, store)
     have = len(counted(found))
     fixed = ", ".join(f"{k}={v}" for k, v in base.schedule.params.items()) or "nothing"
     pruner_name = pruner if isinstance(pruner, str) else type(pruner).__name__
-    print(f"sweep {schedule}: tuning {spaces.describe(job.space)}; fixed {fixed}; objective {metric} at step "
-          f"{base.train.steps} (lower is better), pruner {pruner_name}")
+    if target is None:
+        print(f"sweep {schedule}: tuning {spaces.describe(job.space)}; fixed {fixed}; objective {metric} at step "
+              f"{base.train.steps} (lower is better), pruner {pruner_name}")
+    else:
+        print(f"sweep {schedule}: tuning {spaces.describe(job.space)}; fixed {fixed}; objectives {metric} at step "
+              f"{base.train.steps} and steps to {metric} <= {target:g} (both lower is better; not reached within "
+              f"the budget = {not_reached(base.train.steps, base.eval.every)}), no pruning")
     print(f"study {job.study!r} in {mask(job.storage)}: {have} of {trials} trials there"
           + (f" ({dead} stale marked FAIL)" if dead else "")
           + (f"; running {trials - have} on {min(workers, trials - have)} worker(s)" if have < trials else ""),
@@ -117,8 +150,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         study = run_sweep(base_config(args, run_raw), out, trials, storage=args.storage, study=args.study,
                           metric=args.metric or section.get("metric", "eval_eps_mse"),
-                          pruner=args.pruner or section.get("pruner", "median"), workers=args.workers,
-                          tune=list(dict.fromkeys(tune)), space=section.get("space"))
+                          pruner=args.pruner or section.get("pruner"), workers=args.workers,
+                          tune=list(dict.fromkeys(tune)), space=section.get("space"),
+                          target=section.get("target") if args.target_value is None else args.target_value)
     except KeyboardInterrupt:
         print("interrupted: the running trials are marked FAIL; run the same command to continue the study, or "
               "`sweep --report` to render it", file=sys.stderr)
@@ -147,7 +181,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     add_run_options(p)
     for flag, text in (("--config", "TOML file: a run config (the base of every trial) plus an optional [sweep] "
-                                    "section: trials, metric, pruner, tune, space (see adaptive_sched.sweep_space)"),
+                                    "section: trials, metric, pruner, target, tune, space (see "
+                                    "adaptive_sched.sweep_space)"),
                        ("--schedule", f"the schedule to tune: {', '.join(spaces.sweepable())}"),
                        ("--seed", "training seed of every trial (the same for all), and TPE's seed")):
         p._option_string_actions[flag].help = text      # the run options, read as a sweep's
@@ -157,7 +192,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--study", help="study name (default: the schedule's name)")
     p.add_argument("--workers", type=int, default=1, help="trial processes at once (CPU threads are split)")
     p.add_argument("--metric", help="objective, lower is better (default eval_eps_mse)")
-    p.add_argument("--pruner", choices=PRUNERS, help="default median")
+    p.add_argument("--pruner", choices=PRUNERS, help="default median (none with --target-value, which refuses others)")
+    p.add_argument("--target-value", type=float, metavar="V",
+                   help="multi-objective: also minimise the steps until the metric first is <= V (steps + eval "
+                        "every when not reached within the budget); no pruning; best.json holds the Pareto front")
     p.add_argument("--tune-lr", action="store_true", help="also tune the learning rate (log-uniform)")
     p.add_argument("--tune-weighting", action="store_true", help="also tune the loss weighting (categorical)")
     p.add_argument("--report", nargs="?", const="", metavar="DIR",

@@ -2,7 +2,10 @@
 
 Writes into the sweep directory: trials.csv (one row per trial), best.json and best.toml (the best trial in
 the forms `train --config` and `--schedule-param` accept), optimization_history.png, param_importances.png,
-contour.png (over the schedule's two parameters) and intermediate_values.png.
+contour.png (over the schedule's two parameters) and intermediate_values.png. A multi-objective study (a sweep
+with a target, see adaptive_sched.sweep_pareto) adds both objective values to trials.csv, holds the Pareto front
+in best.json and its lowest-metric trial in best.toml, adds pareto_front.png, and draws the other plots over the
+metric objective.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 from pathlib import Path
 
 from adaptive_sched import config as cfg
+from adaptive_sched import sweep_pareto as pareto
 from adaptive_sched.plots import _pyplot, finish_line_plot
 from adaptive_sched.sweep_space import EXTRAS, Dim, space_from_dict
 
@@ -26,38 +30,65 @@ def atomic_write_text(path: Path, text: str) -> None:
 def trial_line(trial, metric: str) -> str:
     """'trial 3 COMPLETE eval_eps_mse=0.0312 mu=0.51 b=1.2 (41.0 s)', with the error of a failed trial."""
     state = trial.state.name
-    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-    value = trial.value
-    if state == "PRUNED" and trial.intermediate_values:
-        step = max(trial.intermediate_values)
-        state, value = f"PRUNED at step {step}", trial.intermediate_values[step]
-    shown = f" {metric}={value:.5g}" if value is not None else ""
+    params = params_text(trial.params)
+    if trial.values is not None and len(trial.values) > 1:       # multi-objective: never pruned
+        shown = f" {pareto.values_text(trial, metric)}"
+    else:
+        value = trial.value
+        if state == "PRUNED" and trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            state, value = f"PRUNED at step {step}", trial.intermediate_values[step]
+        shown = f" {metric}={value:.5g}" if value is not None else ""
     duration = f" ({trial.duration.total_seconds():.1f} s)" if trial.duration is not None else ""
     error = f": {trial.user_attrs['error']}" if state == "FAIL" and "error" in trial.user_attrs else ""
     return f"trial {trial.number} {state}{shown} {params}{duration}{error}"
 
 
 def best_line(study, metric: str) -> str:
-    """'best: trial 1 eval_eps_mse=0.0301 mu=... b=...' or 'best: none yet'."""
+    """'best: trial 1 eval_eps_mse=0.0301 mu=... b=...' or 'best: none yet'; with two objectives,
+    'front: 3 trials; lowest eval_eps_mse: trial 1 eval_eps_mse=0.0301 steps_to_target=40 mu=... b=...'."""
+    if pareto.is_multi(study):
+        front = pareto.by_metric(study.best_trials)
+        if not front:
+            return "front: none yet"
+        return (f"front: {len(front)} trial{'s' * (len(front) > 1)}; lowest {metric}: trial {front[0].number} "
+                f"{pareto.values_text(front[0], metric)} {params_text(front[0].params)}")
     try:
         best = study.best_trial
     except ValueError:
         return "best: none yet"
-    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-    return f"best: trial {best.number} {metric}={best.value:.5g} {params}"
+    return f"best: trial {best.number} {metric}={best.value:.5g} {params_text(best.params)}"
+
+
+def params_text(params: dict) -> str:
+    """'mu=0.51 b=1.2 weighting=eps'."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def evals_of(trial) -> dict[int, float]:
+    """The metric at each eval: Optuna's intermediate values, or the `evals` user attribute of a multi-objective
+    trial (which cannot report them)."""
+    return trial.intermediate_values or {int(s): v for s, v in trial.user_attrs.get("evals", {}).items()}
 
 
 def trials_frame(study):
-    """One row per trial: number, state, value, duration_s, params, last_step, intermediate (JSON), error, run_dir."""
+    """One row per trial: number, state, value, duration_s, params, last_step, intermediate (JSON), error, run_dir;
+    with two objectives, value (the metric) is followed by value_metric and value_steps_to_target."""
     import pandas as pd
-    rows = []
+    rows, multi = [], pareto.is_multi(study)
     for t in study.get_trials(deepcopy=False):
-        steps = sorted(t.intermediate_values)
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+        evals = evals_of(t)
+        steps = sorted(evals)
+        if multi:
+            metric, reached = t.values if t.values is not None else (None, None)
+            values = {"value": metric, pareto.OBJECTIVES[0]: metric, pareto.OBJECTIVES[1]: reached}
+        else:
+            values = {"value": t.value}
+        rows.append({"number": t.number, "state": t.state.name, **values,
                      "duration_s": round(t.duration.total_seconds(), 3) if t.duration is not None else None,
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "last_step": steps[-1] if steps else None,
-                     "intermediate": json.dumps({str(s): t.intermediate_values[s] for s in steps}),
+                     "intermediate": json.dumps({str(s): evals[s] for s in steps}),
                      "error": t.user_attrs.get("error", ""), "run_dir": t.user_attrs.get("run_dir", ""),
                      "host": t.user_attrs.get("host", ""),
                      "datetime_start": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
@@ -72,8 +103,15 @@ def best_record(study, settings: dict) -> dict | None:
         best = study.best_trial
     except ValueError:
         return None
+    return {"study": study.study_name, "metric": settings["metric"], "trial": best.number, "value": best.value,
+            **trial_forms(best), "full_config": "best.toml"}
+
+
+def trial_forms(trial) -> dict:
+    """A complete trial's parameters as `--schedule-param` strings, a TOML-ready config section, a compare entry
+    and train arguments, with its resolved [schedule] table and run directory."""
     from adaptive_sched import schedules
-    full = best.user_attrs["config"]
+    full = trial.user_attrs["config"]
     window = ("logsnr_min", "logsnr_max")
     valid = [k for k in schedules.parameters(full["schedule"]["name"]) if k not in window]
     params = {k: v for k, v in full["schedule"].items() if k in valid}
@@ -82,17 +120,16 @@ def best_record(study, settings: dict) -> dict | None:
     args = ["--schedule", schedule["name"]]
     for key, value in params.items():
         args += ["--schedule-param", f"{key}={value!r}"]
-    if "lr" in best.params:
+    if "lr" in trial.params:
         section["train"] = {"lr": full["train"]["lr"]}
         args += ["--lr", repr(full["train"]["lr"])]
-    if "weighting" in best.params:
+    if "weighting" in trial.params:
         section["weighting"] = dict(full["weighting"])
         args += ["--weighting", full["weighting"]["name"]]
-    return {"study": study.study_name, "metric": settings["metric"], "trial": best.number, "value": best.value,
-            "params": best.params, "config": section, "schedule_params": [f"{k}={v!r}" for k, v in params.items()],
+    return {"params": trial.params, "config": section, "schedule_params": [f"{k}={v!r}" for k, v in params.items()],
             "compare_entry": {"name": schedule["name"], "label": f"{schedule['name']} (tuned)", **params},
-            "train_args": args, "resolved_schedule": best.user_attrs.get("schedule", schedule),
-            "run_dir": best.user_attrs.get("run_dir", ""), "full_config": "best.toml"}
+            "train_args": args, "resolved_schedule": trial.user_attrs.get("schedule", schedule),
+            "run_dir": trial.user_attrs.get("run_dir", "")}
 
 
 def write_report(study, out: str | Path, quiet: bool = False) -> list[str]:
@@ -101,21 +138,30 @@ def write_report(study, out: str | Path, quiet: bool = False) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     settings = study.user_attrs["sweep"]
     metric, space = settings["metric"], space_from_dict(settings["space"])
+    multi, target = pareto.is_multi(study), settings.get("target")
     frame = trials_frame(study)
     atomic_write_text(out / "trials.csv", frame.to_csv(index=False))
     notes = []
-    best = best_record(study, settings)
+    best = pareto.front_record(study, settings) if multi else best_record(study, settings)
     if best is None:
         notes.append("best.json, best.toml: no complete trial yet")
     else:
         atomic_write_text(out / "best.json", json.dumps(best, indent=2) + "\n")
-        header = (f"# best trial {best['trial']} of sweep study {study.study_name!r}: {metric} = {best['value']:.6g}\n"
-                  f"# train it again: adaptive-sched train --config best.toml --out DIR\n")
-        atomic_write_text(out / "best.toml", header + cfg.dumps_toml(study.best_trial.user_attrs["config"]))
-    for note in (plot_history(frame, metric, out / "optimization_history.png"),
-                 plot_importances(study, space, out / "param_importances.png"),
-                 plot_contour(frame, space, metric, out / "contour.png"),
-                 plot_intermediate(study, metric, out / "intermediate_values.png")):
+        if multi:
+            atomic_write_text(out / "best.toml", pareto.best_toml(study, best))
+        else:
+            header = (f"# best trial {best['trial']} of sweep study {study.study_name!r}: {metric} = "
+                      f"{best['value']:.6g}\n# train it again: adaptive-sched train --config best.toml --out DIR\n")
+            atomic_write_text(out / "best.toml", header + cfg.dumps_toml(study.best_trial.user_attrs["config"]))
+    plots = [plot_history(frame, metric, out / "optimization_history.png"),
+             plot_importances(study, space, out / "param_importances.png", multi),
+             plot_contour(frame, space, metric, out / "contour.png"),
+             plot_intermediate(study, metric, out / "intermediate_values.png", target if multi else None)]
+    if multi:
+        front = [t.number for t in study.best_trials]
+        plots.append(pareto.plot_front(frame, front, metric, target, pareto.penalty_of(settings["base"]),
+                                       out / "pareto_front.png"))
+    for note in plots:
         if note:
             notes.append(note)
     if not quiet:
@@ -153,8 +199,8 @@ def plot_history(frame, metric: str, path: Path) -> str | None:
     return None
 
 
-def plot_importances(study, space: dict[str, Dim], path: Path) -> str | None:
-    """Parameter importances (Optuna's default evaluator) as horizontal bars."""
+def plot_importances(study, space: dict[str, Dim], path: Path, multi: bool = False) -> str | None:
+    """Parameter importances (Optuna's default evaluator) for the metric objective, as horizontal bars."""
     import warnings
 
     import optuna
@@ -164,7 +210,8 @@ def plot_importances(study, space: dict[str, Dim], path: Path) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            importances = optuna.importance.get_param_importances(study)
+            importances = optuna.importance.get_param_importances(
+                study, target=(lambda t: t.values[0]) if multi else None)
     except Exception as err:  # noqa: BLE001 - too few or degenerate trials: a note, not a failure
         return f"{path.name}: {err}"
     plt = _pyplot()
@@ -222,9 +269,10 @@ def plot_contour(frame, space: dict[str, Dim], metric: str, path: Path) -> str |
     return None
 
 
-def plot_intermediate(study, metric: str, path: Path) -> str | None:
-    """The metric at every eval of every trial: complete solid, pruned dashed grey, failed dotted red."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+def plot_intermediate(study, metric: str, path: Path, target: float | None = None) -> str | None:
+    """The metric at every eval of every trial: complete solid, pruned dashed grey, failed dotted red; the target
+    of a multi-objective sweep as a dotted line."""
+    trials = [t for t in study.get_trials(deepcopy=False) if evals_of(t)]
     if not trials:
         return f"{path.name}: no trial reported a value"
     plt = _pyplot()
@@ -233,11 +281,14 @@ def plot_intermediate(study, metric: str, path: Path) -> str | None:
              "FAIL": {"color": "C3", "ls": ":"}, "RUNNING": {"color": "C2", "ls": "-."}}
     labelled, values = set(), []
     for t in trials:
-        steps = sorted(t.intermediate_values)
-        ys = [t.intermediate_values[s] for s in steps]
+        evals = evals_of(t)
+        steps = sorted(evals)
+        ys = [evals[s] for s in steps]
         values += ys
         kind = t.state.name if t.state.name in style else "RUNNING"
         ax.plot(steps, ys, marker=".", alpha=0.7, label=None if kind in labelled else kind.lower(), **style[kind])
         labelled.add(kind)
+    if target is not None:
+        ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
     finish_line_plot(fig, ax, path, "training step", metric, logy=_positive(values))
     return None

@@ -4,12 +4,16 @@ A sweep TOML file is a run config (see adaptive_sched.config) plus an optional [
     [sweep]
     trials = 30
     metric = "eval_eps_mse"        # any eval_* column of metrics.csv; lower is better
-    pruner = "median"              # median | hyperband | none
+    pruner = "median"              # median | hyperband | none (the default with a target)
+    target = 0.05                  # optional: a second objective, steps to target (see below)
     tune = ["lr"]                  # also tune these: lr (log-uniform), weighting (categorical)
     [sweep.space]                  # override or add ranges; keys are the schedule's parameters, lr, weighting
     b = { low = 0.2, high = 2, log = true }
     weighting = { choices = ["schedule", "min-snr"] }
 A parameter set in [schedule] (or by --schedule-param) is fixed and left out of the default space.
+`target` (or --target-value) makes the study multi-objective: the metric at the budget and the first eval step at
+which the metric is <= target (steps + eval.every when not reached within the budget), both minimised; Optuna
+cannot prune such trials, so pruner must be none or left out (see adaptive_sched.sweep_pareto).
 The schedule and weighting registries (torch) are imported where used, so the CLI's parser stays light.
 """
 from __future__ import annotations
@@ -66,7 +70,7 @@ EXTRAS: dict[str, Dim] = {
     "lr": Dim(1e-4, 1e-2, log=True),
     "weighting": Dim(choices=("schedule", "eps", "v", "min-snr", "soft-min-snr", "sigmoid", "edm")),
 }
-SWEEP_KEYS = ("trials", "metric", "pruner", "tune", "space")
+SWEEP_KEYS = ("trials", "metric", "pruner", "target", "tune", "space")
 DIM_KEYS = ("low", "high", "log", "choices")
 
 
@@ -208,6 +212,9 @@ def split_config(raw: dict) -> tuple[dict, dict]:
     for key in ("metric", "pruner"):
         if key in section and not isinstance(section[key], str):
             raise UsageError(f"[sweep] {key} must be a string, got {section[key]!r}")
+    target = section.get("target", 0.0)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise UsageError(f"[sweep] target must be a finite number, got {target!r}")
     if not isinstance(section.get("tune", []), list):
         raise UsageError(f"[sweep] tune must be a list such as [\"lr\"], got {section['tune']!r}")
     if not isinstance(section.get("space", {}), dict):

@@ -94,17 +94,22 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage")
 
 
-def settings_of(base: cfg.RunConfig, space: dict, metric: str) -> dict:
-    """What makes trials comparable: stored in the study when created, checked when continued."""
+def settings_of(base: cfg.RunConfig, space: dict, metric: str, target: float | None = None) -> dict:
+    """What makes trials comparable: stored in the study when created, checked when continued (target None: a
+    single-objective study, as a study stored before targets existed reads)."""
     sections = base.to_dict()
     for section, key in IGNORED_CHANGES:
         sections[section].pop(key, None)
-    return json.loads(json.dumps({"schedule": base.schedule.name, "metric": metric,
+    return json.loads(json.dumps({"schedule": base.schedule.name, "metric": metric, "target": target,
                                   "space": space_to_dict(space), "base": sections}))
 
 
 def check_settings(saved: dict, current: dict, study: str) -> None:
-    """A continued study must have been created with the same schedule, metric, space and base config."""
+    """A continued study must have been created with the same schedule, metric, target, space and base config."""
+    old, new = saved.get("target"), current["target"]
+    if old != new:
+        raise UsageError(f"study {study!r} was created {target_text(old)}, now {target_text(new)}; use the same "
+                         f"settings, or another --study")
     pairs = [(k, saved.get(k), current[k]) for k in ("schedule", "metric", "space")]
     for section in sorted(set(saved.get("base", {})) | set(current["base"])):
         old, new = saved.get("base", {}).get(section, {}), current["base"].get(section, {})
@@ -113,6 +118,11 @@ def check_settings(saved: dict, current: dict, study: str) -> None:
         if old != new:
             raise UsageError(f"study {study!r} was created with {what} = {old!r}, now {new!r}; use the same "
                              f"settings, or another --study")
+
+
+def target_text(target: float | None) -> str:
+    """'with target = 0.05', or 'without a target (single-objective)'."""
+    return "without a target (single-objective)" if target is None else f"with target = {target!r}"
 
 
 def counted(study) -> list:
@@ -149,18 +159,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str) -> None:
-    """DIR/sweep.json names the study DIR belongs to (trial folders are numbered per study)."""
-    from adaptive_sched.sweep_report import atomic_write_text
+def check_out_dir(out: Path, study: str) -> None:
+    """Refuse a DIR whose sweep.json names another study (trial folders are numbered per study)."""
     path = out / "sweep.json"
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("study") != study:
             raise UsageError(f"{out} holds the sweep of study {old.get('study')!r}; pass --study "
                              f"{old.get('study')} to continue it, or choose another --out")
+
+
+def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str,
+                  target: float | None = None) -> None:
+    """DIR/sweep.json names the study DIR belongs to, its storage, metric and target (when it has one)."""
+    from adaptive_sched.sweep_report import atomic_write_text
+    check_out_dir(out, study)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"study": study, "storage": mask(storage), "schedule": schedule,
-                                        "metric": metric}, indent=2) + "\n")
+    claim = {"study": study, "storage": mask(storage), "schedule": schedule, "metric": metric}
+    if target is not None:
+        claim["target"] = target
+    atomic_write_text(out / "sweep.json", json.dumps(claim, indent=2) + "\n")
 
 
 def default_storage(out: Path) -> str:

@@ -2,7 +2,8 @@
 its share of a study's trials, and K worker processes that share the rest (`--workers K`).
 
 A trial trains the base config with its parameters into DIR/trials/<number>/; its user attributes hold
-run_dir, the resolved schedule table, the full config, host and pid (a dead pid on this host = a stale trial).
+run_dir, the resolved schedule table, the full config, host and pid (a dead pid on this host = a stale trial),
+and with a target (two objectives, never pruned) `evals`, the metric at every eval so far.
 Failures are recorded as FAIL with a one-line `error` (a crash also leaves error.txt with its traceback).
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Job:
     worker: int = 0
     workers: int = 1
     threads: int = 0            # torch CPU threads (0: leave torch's default)
+    target: float | None = None     # a second objective, steps to metric <= target (adaptive_sched.sweep_pareto)
 
 
 def make_pruner(pruner, config: cfg.RunConfig):
@@ -75,11 +77,13 @@ def metric_value(row: dict, metric: str, step) -> float:
     return float(value)
 
 
-def objective(trial, job: Job) -> float:
-    """Train one trial into DIR/trials/<number>/; the metric at the last eval, reported at every eval."""
+def objective(trial, job: Job) -> float | tuple[float, int]:
+    """Train one trial into DIR/trials/<number>/; the metric at the last eval, reported at every eval. With a
+    target: (that metric, steps to target), the evals kept in the `evals` user attribute instead of reported."""
     import optuna
 
     from adaptive_sched import checkpoint, train as trainer
+    from adaptive_sched.sweep_pareto import steps_to_target
     params = spaces.suggest(trial, job.space)
     config = spaces.trial_config(job.base, params)
     run_dir = Path(job.out) / "trials" / str(trial.number)
@@ -89,15 +93,24 @@ def objective(trial, job: Job) -> float:
     if run_dir.exists():
         shutil.rmtree(run_dir)         # left by a same-numbered trial of a study that was deleted
 
+    evals: dict[int, float] = {}
+
     def on_eval(step: int, row: dict) -> None:
         value = metric_value(row, job.metric, step)
+        if job.target is not None:              # multi-objective: Optuna can neither report nor prune
+            evals[step] = value
+            trial.set_user_attr("evals", {str(s): v for s, v in evals.items()})
+            return
         trial.report(value, step)
         if step < config.train.steps and trial.should_prune():     # at the budget the trial is complete
             raise optuna.TrialPruned(f"pruned at step {step} ({job.metric}={value:.4g})")
 
     try:
         final = trainer.train(config, run_dir, progress=False, on_eval=on_eval)
-        return metric_value(final, job.metric, final.get("step"))
+        value = metric_value(final, job.metric, final.get("step"))
+        if job.target is None:
+            return value
+        return value, steps_to_target(evals, job.target, config.train.steps, config.eval.every)
     except optuna.TrialPruned:
         raise
     except KeyboardInterrupt:
