@@ -248,8 +248,10 @@ def report(out: Path, plan: Plan) -> Path:
     spread = class_spread(out, entries, seeds)
     if len(spread):
         spread.to_csv(out / "class_medians.csv", index=False)
-        panels = [(run_label(e), run_dir_of(out, e, seeds[0]) / "schedule_density_by_class.csv") for e in entries]
-        compare_plots.class_densities([(t, p) for t, p in panels if p.exists()], out / "densities_by_class.png")
+        labels = set(spread["label"])
+        panels = [(run_label(e), run_dir_of(out, e, seeds[0])) for e in entries if run_label(e) in labels]
+        compare_plots.class_densities([(t, d) for t, d in panels if (d / "ema.pt").exists()],
+                                      out / "densities_by_class.png")
     write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread)
     return out
 

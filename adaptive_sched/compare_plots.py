@@ -24,11 +24,12 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     from adaptive_sched.class_schedules import marginal_density, num_classes
     from adaptive_sched.compare import run_config, run_dir_of, run_label
     from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.run_eval import density_grid
     from adaptive_sched.train import build_schedule
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     lo, hi = base.schedule.logsnr_min, base.schedule.logsnr_max
-    lam = torch.linspace(lo, hi, 801, dtype=torch.float64)
+    lam = density_grid(lo, hi, 801)
     for entry in entries:
         label = run_label(entry)
         run_dir = None if out is None else run_dir_of(out, entry, seed)
@@ -47,26 +48,25 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
 
 
 def class_densities(panels: list[tuple[str, Path]], path: Path) -> None:
-    """One panel per conditional schedule: p(λ | c) of every condition at the final eval (seed 0's
-    schedule_density_by_class.csv), the marginal in black."""
-    from adaptive_sched.schedules.table import read_csv_rows
+    """One panel per conditional schedule: p(λ | c) of every condition as trained (the run's EMA snapshot, seed 0),
+    and the marginal Σ_c w_c p(λ | c) in black."""
+    from adaptive_sched.class_schedules import marginal_density, num_classes
+    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.run_eval import density_grid
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (title, csv_path) in zip(axes.flat, panels):
-        _, rows = read_csv_rows(csv_path)
-        last = max(int(r["step"]) for r in rows)
-        curves: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            if int(r["step"]) == last:
-                curves.setdefault(r["class"], []).append((float(r["logsnr"]), float(r["density"])))
-        for name, points in curves.items():
-            xs, ys = zip(*sorted(points))
-            style = {"color": "black", "lw": 2.2, "label": "marginal"} if name == "all" else {"lw": 1, "alpha": 0.8}
-            ax.plot(xs, ys, **style)
-        ax.set_title(f"{title} (step {last})", fontsize=9)
+    for ax, (title, run_dir) in zip(axes.flat, panels):
+        _, schedule, snap = load_run_schedule(run_dir)
+        lam = density_grid(schedule.logsnr_min, schedule.logsnr_max, 801)
+        with torch.no_grad():
+            for c in range(num_classes(schedule)):
+                ax.plot(lam.numpy(), schedule.density(lam, c).numpy(), lw=1, alpha=0.8, label=f"c = {c}")
+            ax.plot(lam.numpy(), marginal_density(schedule, lam, snap.get("class_weights")).numpy(), color="black",
+                    lw=2.2, label="marginal")
+        ax.set_title(f"{title} (step {snap['step']})", fontsize=9)
         ax.set_xlabel("logSNR λ")
         ax.set_ylabel("p(λ | c)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -75,10 +75,20 @@ def sample_metrics(run, model) -> dict[str, float]:
     return metrics
 
 
+def density_grid(lo: float, hi: float, points: int) -> torch.Tensor:
+    """points λ values evenly spaced over [lo, hi], the two ends nudged inside by 1e-6·(hi − lo): exactly at an end,
+    a learned schedule's density is its floor's 1/(ε·(hi − lo)) (t within sigmoid(−15) ≈ 3e-7 of 0 or 1, where its
+    logit window is clamped; a sliver of about 1e-7 in both t and λ), which would plot as a spike."""
+    grid = torch.linspace(lo, hi, points, dtype=torch.float64)
+    nudge = 1e-6 * (hi - lo)
+    grid[0], grid[-1] = lo + nudge, hi - nudge
+    return grid
+
+
 def log_schedule_density(run, out_dir: Path, step: int, points: int = 81) -> None:
     """Append p(λ) of the training schedule on a fixed λ grid to schedule_density.csv (one row per eval)."""
     s = run.config.schedule
-    grid = torch.linspace(s.logsnr_min, s.logsnr_max, points, dtype=torch.float64)
+    grid = density_grid(s.logsnr_min, s.logsnr_max, points)
     schedule = run.loss.schedule
     conditional = num_classes(schedule) > 0
     weights = condition_weights(run).numpy() if conditional else None
