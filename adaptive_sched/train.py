@@ -239,13 +239,17 @@ def set_learning_rates(run: Run, step: int) -> float:
 
 
 def check_resumable(saved: dict, current: dict) -> None:
-    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES."""
+    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
+    run lacks (written by an older version) counts as that key's default."""
+    defaults = cfg.RunConfig().to_dict()
     for section in sorted(set(saved) | set(current)):
         keys = set(saved.get(section, {})) | set(current.get(section, {}))
         for key in sorted(keys):
             if (section, key) in RESUMABLE_CHANGES:
                 continue
-            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            old_section = saved.get(section, {})
+            old = old_section[key] if key in old_section else defaults.get(section, {}).get(key)
+            new = current.get(section, {}).get(key)
             if old != new:
                 raise UsageError(f"cannot resume: [{section}] {key} was {old!r} in the saved run, now {new!r}; "
                                  f"use the same settings or another --out")

@@ -165,3 +165,19 @@ def test_on_eval_sees_every_eval_and_can_stop_the_run(tmp_path):
         train(gmm_config(steps=200), tmp_path / "run", progress=False, on_eval=on_eval)
     assert [s for s, _ in seen] == [100] and math.isfinite(seen[0][1])
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 100
+
+
+def test_a_run_saved_before_newer_config_keys_resumes():
+    """A checkpoint written by an older version lacks keys added since (e.g. [train] conditional, [eval] guidance):
+    a missing key counts as its default, so the run resumes; a missing key set to a non-default value does not."""
+    from adaptive_sched.train import check_resumable
+    current = gmm_config().to_dict()
+    saved = {section: dict(values) for section, values in current.items()}
+    for section, key in (("train", "conditional"), ("train", "p_uncond"), ("eval", "guidance"),
+                         ("learned", "condition")):
+        del saved[section][key]
+    check_resumable(saved, current)                                   # no error
+    changed = {section: dict(values) for section, values in current.items()}
+    changed["train"]["conditional"] = True
+    with pytest.raises(UsageError, match="conditional"):
+        check_resumable(saved, changed)
