@@ -315,3 +315,21 @@ schedules = [{{ name = "learned", hidden = 4, label = "shared" }},
     text = (out / "results.md").read_text()
     assert "spread of the medians" in text and "| per-class | 2 |" in text
     assert (out / "densities_by_class.png").exists()
+
+
+def test_a_schedule_conditioned_on_input_statistics_trains_and_exports(tmp_path):
+    """[learned] condition = "stats:3": an unconditional denoiser, λ(t, bin of the example's pixel std); the
+    marginal weights are the bins' training frequencies (equal mass: 1/3 each)."""
+    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "schedule": {"name": "learned", "hidden": 4},
+                            "learned": {"condition": "stats:3"},
+                            "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10},
+                            "eval": {"every": 10, "n": 40, "sample_n": 8, "sample_steps": 3, "features": "none"}})
+    train(config, tmp_path / "run", progress=False)
+    _, schedule, snap = load_run_schedule(tmp_path / "run")
+    assert schedule.num_classes == 3 and "num_classes" not in snap        # the denoiser stays unconditional
+    np.testing.assert_allclose(snap["class_weights"], [1 / 3] * 3, atol=2e-3)
+    assert (tmp_path / "run" / "schedule_density_by_class.csv").exists()
