@@ -35,9 +35,15 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
         return grids.karras_grid(steps, lo, hi, rho=rho), {**meta, "rho": rho}
     if method == "quantile":
         from adaptive_sched.export import load_run_schedule
-        _, schedule, _ = load_run_schedule(run_dir)
+        _, schedule, snap = load_run_schedule(run_dir)
         meta.update(training_params=config.schedule.params,
                     training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
+        if getattr(schedule, "num_classes", 0):      # a conditional schedule: the quantiles of its marginal
+            from adaptive_sched.class_schedules import marginal_columns
+            from adaptive_sched.schedules.table import Table
+            marginal = marginal_columns(schedule, 2001, snap.get("class_weights"))
+            schedule = Table(t=marginal["t"], logsnr=marginal["logsnr"])
+            meta["training_density"] = "marginal over the schedule's conditions"
         return grids.quantile_grid(schedule, steps, lo, hi), meta
     from adaptive_sched.generate import x0_denoiser
     from adaptive_sched.sample_run import load_snapshot

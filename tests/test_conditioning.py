@@ -333,3 +333,26 @@ def test_a_schedule_conditioned_on_input_statistics_trains_and_exports(tmp_path)
     assert schedule.num_classes == 3 and "num_classes" not in snap        # the denoiser stays unconditional
     np.testing.assert_allclose(snap["class_weights"], [1 / 3] * 3, atol=2e-3)
     assert (tmp_path / "run" / "schedule_density_by_class.csv").exists()
+
+
+def test_quantile_grid_of_a_conditional_run_uses_the_marginal(tmp_path):
+    from adaptive_sched.class_schedules import marginal_survival
+    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.grid_cli import grid_for_run
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "gmm", "n": 400},
+                            "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                            "schedule": {"name": "learned", "hidden": 4},
+                            "learned": {"condition": "class", "lr": 0.05},
+                            "train": {"steps": 20, "batch_size": 32, "device": "cpu", "log_every": 20},
+                            "eval": {"every": 20, "n": 40, "sample_n": 0}})
+    train(config, tmp_path / "run", progress=False)
+    grid, meta = grid_for_run(tmp_path / "run", 8, "quantile")
+    _, schedule, snap = load_run_schedule(tmp_path / "run")
+    lo, hi = config.eval.sample_logsnr_min, config.eval.sample_logsnr_max
+    # equal marginal mass between consecutive grid points: the survival Σ_c w_c t(λ | c) is linear in the index
+    with torch.no_grad():
+        surv = marginal_survival(schedule, grid, snap["class_weights"]).double()
+    steps = surv[:-1] - surv[1:]
+    assert "marginal" in meta["training_density"] and grid[0] == lo and grid[-1] == hi
+    torch.testing.assert_close(steps, torch.full_like(steps, float(steps.mean())), rtol=2e-3, atol=1e-6)
