@@ -88,6 +88,12 @@ class ScheduleCondition:
         return None
 
 
+def condition_frequencies(cond: torch.Tensor, num_conditions: int) -> torch.Tensor:
+    """How often each condition occurs (K,) float64, summing to 1: the weights w_c of the marginal schedule."""
+    counts = torch.bincount(cond.cpu(), minlength=num_conditions).double()
+    return counts / counts.sum()
+
+
 def example_std(x0: torch.Tensor) -> torch.Tensor:
     """Standard deviation of each example over all its entries, (N,) float32."""
     return x0.float().flatten(1).std(dim=1)

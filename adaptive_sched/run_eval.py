@@ -17,13 +17,6 @@ from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
 CLASS_DENSITY_CSV = "schedule_density_by_class.csv"   # conditional schedules: step, class, logsnr, density
 
 
-def condition_weights(run) -> torch.Tensor:
-    """How often each condition occurs in the training set (sums to 1): the weights of the marginal schedule."""
-    cond = run.condition(run.train_data.x, run.train_data.y)
-    counts = torch.bincount(cond.cpu(), minlength=run.condition.num_classes).double()
-    return counts / counts.sum()
-
-
 def ema_model(run) -> torch.nn.Module:
     """A copy of the model holding the EMA weights (for eval, sampling and the snapshot)."""
     model = copy.deepcopy(run.model)
@@ -91,7 +84,7 @@ def log_schedule_density(run, out_dir: Path, step: int, points: int = 81) -> Non
     grid = density_grid(s.logsnr_min, s.logsnr_max, points)
     schedule = run.loss.schedule
     conditional = num_classes(schedule) > 0
-    weights = condition_weights(run).numpy() if conditional else None
+    weights = run.condition_weights.numpy() if conditional else None
     with torch.no_grad():
         if conditional:                             # the marginal Σ_k w_k p(λ | k), then each class on its own
             density = marginal_density(schedule, grid.to(run.device), weights).cpu()

@@ -18,15 +18,15 @@ import torch
 
 from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules,
                             weighting)
-from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, drop_labels,
-                                         guidance_suffix, parse_condition)
+from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, condition_frequencies,
+                                         drop_labels, guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import autocast_for, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, count_parameters
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
-from adaptive_sched.run_eval import CLASS_DENSITY_CSV, condition_weights, ema_model, evaluate
+from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
@@ -76,10 +76,9 @@ def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: in
 def conditional_schedule(schedule_config: cfg.ScheduleConfig, num_conditions: int):
     """A learned schedule with `num_conditions` classes, or a multi-class table with exactly that many."""
     s = schedule_config
-    kind = schedules.lookup(s.name)
     if s.curriculum:
         raise UsageError("[learned] condition and a curriculum do not combine; drop one of them")
-    if schedules.is_learned(kind) and s.name == "learned":
+    if s.name == "learned":
         return schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max,
                                **{**s.params, "num_classes": num_conditions})
     schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **s.params)
@@ -157,6 +156,7 @@ class Run:
     ramps: dict | None = None                    # the parsed curriculum ({} for a static schedule)
     num_classes: int = 0                         # the denoiser's classes (0: unconditional); index K = null class
     condition: ScheduleCondition = field(default_factory=lambda: ScheduleCondition("none"))   # what λ(t, c) sees
+    condition_weights: torch.Tensor | None = None  # (K,) training frequency of each condition (conditional only)
 
     @property
     def schedule_params(self) -> list[torch.nn.Parameter]:
@@ -205,7 +205,9 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return Run(config, device, train_data.to(device), eval_data.to(device), loss, model, optimizer,
                EMA(model, config.train.ema_decay), loss_bins, world, train_model, fid, fid_info,
-               curriculum.parse(config.schedule.curriculum), num_classes, condition)
+               curriculum.parse(config.schedule.curriculum), num_classes, condition,
+               condition_frequencies(condition(train_data.x, train_data.y), condition.num_classes)
+               if condition.num_classes else None)
 
 
 def denoiser_classes(config: cfg.RunConfig, train_data: datasets.Dataset) -> int:
@@ -328,7 +330,7 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
         snapshot["num_classes"] = run.num_classes
     if run.condition.num_classes:
         snapshot["schedule_num_classes"] = run.condition.num_classes
-        snapshot["class_weights"] = condition_weights(run).tolist()
+        snapshot["class_weights"] = run.condition_weights.tolist()
     checkpoint.atomic_save(snapshot, out_dir / checkpoint.EMA_NAME)
 
 

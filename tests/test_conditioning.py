@@ -165,10 +165,10 @@ def test_conditional_needs_labels_and_guidance_needs_conditional(tmp_path):
         cfg.from_dict({"eval": {"guidance": ["big"]}})
 
 
-def test_compare_reports_the_metric_at_every_guidance_scale(tmp_path):
-    from adaptive_sched.compare import compare
-    data = _two_class_npz(tmp_path / "two.npz", n=200)
-    (tmp_path / "c.toml").write_text(f'''
+def _write_compare_toml(path, data, steps, sample_n, sample_steps, guidance, compare):
+    """A tiny conditional compare file on the two-class npz (8-channel U-Net, CPU)."""
+    guided = "" if guidance is None else f"guidance = {guidance}\n"
+    path.write_text(f'''
 [data]
 name = "npz:{data}"
 [model]
@@ -177,25 +177,31 @@ channels = [8]
 emb_dim = 16
 mid_blocks = 0
 [train]
-steps = 20
+steps = {steps}
 batch_size = 16
 device = "cpu"
 log_every = 10
-checkpoint_every = 20
+checkpoint_every = {steps}
 conditional = true
 [eval]
-every = 20
+every = {steps}
 n = 20
-sample_n = 20
-sample_steps = 4
+sample_n = {sample_n}
+sample_steps = {sample_steps}
 features = "none"
-guidance = [1.0, 2.0, 3.0]
-[compare]
+{guided}[compare]
 seeds = [0, 1]
-metric = "eval_swd@w2"
 samples = 0
-schedules = [{{ name = "cosine" }}, {{ name = "laplace" }}]
+{compare}
 ''')
+    return path
+
+
+def test_compare_reports_the_metric_at_every_guidance_scale(tmp_path):
+    from adaptive_sched.compare import compare
+    data = _two_class_npz(tmp_path / "two.npz", n=200)
+    _write_compare_toml(tmp_path / "c.toml", data, 20, 20, 4, [1.0, 2.0, 3.0],
+                        'metric = "eval_swd@w2"\nschedules = [{ name = "cosine" }, { name = "laplace" }]')
     out = compare(tmp_path / "c.toml", tmp_path / "out", progress=False)
     text = (out / "results.md").read_text()
     assert "eval_swd by classifier-free guidance scale" in text and "| w = 1 | w = 2 | w = 3 |" in text
@@ -277,34 +283,11 @@ def test_compare_reports_the_spread_of_per_class_medians(tmp_path):
     from adaptive_sched.compare import compare, run_dir_of
     from adaptive_sched.export import load_run_schedule
     data = _two_class_npz(tmp_path / "two.npz", n=200)
-    (tmp_path / "c.toml").write_text(f'''
-[data]
-name = "npz:{data}"
-[model]
-name = "unet"
-channels = [8]
-emb_dim = 16
-mid_blocks = 0
-[train]
-steps = 10
-batch_size = 16
-device = "cpu"
-log_every = 10
-checkpoint_every = 10
-conditional = true
-[eval]
-every = 10
-n = 20
-sample_n = 10
-sample_steps = 3
-features = "none"
-[compare]
-seeds = [0, 1]
-metric = "eval_swd"
-samples = 0
-schedules = [{{ name = "learned", hidden = 4, label = "shared" }},
-             {{ name = "learned", hidden = 4, condition = "class", lr = 0.05, label = "per-class" }}]
-''')
+    _write_compare_toml(tmp_path / "c.toml", data, 10, 10, 3, None,
+                        'metric = "eval_swd"\n'
+                        'schedules = [{ name = "learned", hidden = 4, label = "shared" },\n'
+                        '             { name = "learned", hidden = 4, condition = "class", lr = 0.05, '
+                        'label = "per-class" }]')
     out = compare(tmp_path / "c.toml", tmp_path / "out", progress=False)
     spread = pd.read_csv(out / "class_medians.csv")
     assert set(spread["label"]) == {"per-class"} and len(spread) == 2 * 2       # 2 seeds x 2 classes

@@ -16,13 +16,7 @@ LO, HI, K = -12.0, 9.0, 3
 GL_NODES, GL_WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(10))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: intra-op threads only spin against each other on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomised(scale, seed, num_classes=K, shared_only=False):

@@ -162,13 +162,7 @@ def make(name: str, spec: Spec, folder) -> torch.nn.Module | schedules.Schedule:
     return sched
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors here are small: intra-op threads only spin against each other on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

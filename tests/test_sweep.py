@@ -24,13 +24,7 @@ TINY = {"data": {"name": "gmm", "n": 2000, "dim": 4},
         "eval": {"every": 20, "n": 300, "sample_n": 0, "logsnr_points": 5}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Trials here are tiny: one thread each avoids thread oversubscription on a shared CPU (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(schedule="laplace", **sections) -> cfg.RunConfig:
