@@ -13,8 +13,6 @@ per-class columns.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from adaptive_sched import checkpoint, config as cfg, schedules
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
+from adaptive_sched.runlog import atomic_write_json
 from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
 
@@ -84,12 +83,6 @@ def class_path(out: Path, k: int | None = None) -> Path:
     return out.with_name(f"{out.stem}.{'classes' if k is None else f'class{k}'}{out.suffix}")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | None = None,
            discrete_steps: int | None = None) -> Path:
     """Write the run's schedule to `out` (.csv + .json sidecar, or .json); return the path."""
@@ -132,12 +125,12 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
                                                                         columns["density"])})
             meta["files"] = {"marginal": out.name, "classes": [class_path(out, k).name for k in range(classes)],
                              "class_table": class_path(out).name}
-        _write_json(out.with_suffix(out.suffix + ".json"), meta)
+        atomic_write_json(out.with_suffix(out.suffix + ".json"), meta)
     else:
         data = {**meta, **_with_alpha_sigma(columns)}
         if classes:
             data["classes"] = [_with_alpha_sigma(col) for col in per_class]
-        _write_json(out, data)
+        atomic_write_json(out, data)
     return out
 
 

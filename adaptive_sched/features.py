@@ -27,6 +27,7 @@ from torch import nn
 from adaptive_sched import checkpoint
 from adaptive_sched.errors import UsageError
 from adaptive_sched.metrics import feature_stats, frechet_distance_from_stats, kernel_inception_distance
+from adaptive_sched.runlog import atomic_write_json
 
 FEATURE_VERSION = 1    # bump when architectures or training change: old cache entries are then ignored
 DEFAULT_STEPS = 400    # optimiser steps of batch 128 (about 51k examples seen, whatever the set size)
@@ -172,13 +173,6 @@ def _cache_key(dataset_name: str, kind: str, train, seed: int, steps: int) -> st
     return f"{slug}-{kind}-{shape}-seed{seed}-{h.hexdigest()[:10]}"
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    """Write JSON to a temp file, then os.replace onto `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _load_cached(arch: dict, weights: Path, sidecar: Path) -> tuple[nn.Module, dict] | None:
     """The cached net and its sidecar info, or None when either file is missing or damaged."""
     if not (weights.is_file() and sidecar.is_file()):
@@ -230,7 +224,7 @@ def feature_net(dataset_name: str, train, test, seed: int = 0, cache_dir: Path |
     cache.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     checkpoint.atomic_save({"kind": "feature_net", "arch": arch, "state_dict": state}, weights)
-    _write_json(info, sidecar)
+    atomic_write_json(sidecar, info, indent=2)
     return FeatureExtractor(net).eval(), {**info, "cached": False}
 
 

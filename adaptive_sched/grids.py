@@ -22,6 +22,7 @@ import torch
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
+from adaptive_sched.runlog import atomic_write_json
 from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
@@ -216,7 +217,6 @@ def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: flo
 
 def write_grid(path: str | Path, grid: torch.Tensor, meta: dict) -> Path:
     """Write step, logsnr, alpha, sigma, edm_sigma as CSV (exact float reprs) and meta as PATH.json, atomically."""
-    import json
     path, grid = Path(path), grid.to(F64)
     if path.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {path.name}")
@@ -230,10 +230,7 @@ def write_grid(path: str | Path, grid: torch.Tensor, meta: dict) -> Path:
         for i, (lam, a, s) in enumerate(zip(grid.tolist(), alpha.tolist(), sigma.tolist())):
             out.writerow([i, repr(lam), repr(a), repr(s), repr(math.exp(-lam / 2))])
     os.replace(tmp, path)
-    side = path.with_name(path.name + ".json")
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps({**meta, "points": len(grid)}, indent=1))
-    os.replace(tmp, side)
+    atomic_write_json(path.with_name(path.name + ".json"), {**meta, "points": len(grid)})
     return path
 
 

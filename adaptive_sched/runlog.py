@@ -3,12 +3,26 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
 METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "skipped", "eval_eps_mse", "eval_excess_mse", "eval_swd",
                   "eval_fid", "eval_kid", "eval_bpd"]
 PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file in the same folder and os.replace, so a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data: dict, indent: int = 1) -> None:
+    """JSON (UTF-8, newline-terminated) written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 def _format(value) -> str:

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_pareto as pareto
 from adaptive_sched.plots import _pyplot, finish_line_plot
+from adaptive_sched.runlog import atomic_write_text
 from adaptive_sched.sweep_space import EXTRAS, Dim, space_from_dict
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file and os.replace, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def trial_line(trial, metric: str) -> str:
