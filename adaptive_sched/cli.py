@@ -113,8 +113,12 @@ def cmd_schedules(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from adaptive_sched.compare import compare
-    compare(args.config_file, args.out, progress=not args.quiet, jobs=args.jobs)
+    from adaptive_sched.compare import compare, status
+    if args.status:
+        done, total = status(args.config_file, args.out)
+        print(f"{done} of {total} runs finished" + (" (all)" if done == total else ""))
+        return 0
+    compare(args.config_file, args.out, progress=not args.quiet, jobs=args.jobs, time_budget=args.time_budget)
     return 0
 
 
@@ -172,6 +176,9 @@ def make_parser() -> Parser:
     p.add_argument("config_file", metavar="CONFIG.toml")
     p.add_argument("--out", required=True, help="output directory (resumable: finished runs are skipped)")
     p.add_argument("--jobs", type=int, help="runs at once as separate processes (default: [compare] jobs, 1)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no run after this many seconds (runs going finish; the same command starts the rest)")
+    p.add_argument("--status", action="store_true", help="only print how many runs are finished")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -24,12 +24,14 @@ import dataclasses
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched.conditioning import GUIDED_METRICS
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
+from adaptive_sched.run_artifacts import final_schedule, is_finished
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
 COMPARE_KEYS = {"seeds", "metric", "schedules", "targets", "jobs", "reference", "samples"}
@@ -84,6 +86,8 @@ def parse(path: str | Path) -> Plan:
     targets = section.get("targets", [])
     if not isinstance(targets, list) or not all(t in TARGETS for t in targets):
         raise UsageError(f"[compare] targets must be a list drawn from: {', '.join(TARGETS)}")
+    if isinstance(entries, list):
+        entries = [tuned_entry(e, Path(path)) if isinstance(e, dict) and "best" in e else e for e in entries]
     if targets and isinstance(entries, list):
         entries = [{**e, "target": t} for e in entries if isinstance(e, dict) for t in targets]
     metric = section.get("metric", "eval_eps_mse")
@@ -112,6 +116,24 @@ def parse(path: str | Path) -> Plan:
     return Plan(base, entries, seeds, metric, jobs, reference, samples)
 
 
+def tuned_entry(entry: dict, config_file: Path) -> dict:
+    """An entry `{ best = "DIR/best.json", label = ... }`: the schedule a sweep found (its best.json's compare_entry),
+    the entry's own keys on top. The path is taken from the working folder, else from the TOML file's folder."""
+    given = Path(str(entry["best"]))
+    path = given if given.exists() or given.is_absolute() else config_file.parent / given
+    if not path.exists():
+        raise UsageError(f"[compare] best = {str(given)!r}: no such file (run the sweep first; its --out folder "
+                         f"holds best.json)")
+    try:
+        found = json.loads(path.read_text()).get("compare_entry")
+    except (ValueError, AttributeError):
+        found = None
+    if not isinstance(found, dict) or "name" not in found:
+        raise UsageError(f"[compare] best = {str(given)!r} holds no single best schedule (a multi-objective study's "
+                         f"best.json is a Pareto front: copy the trial you want into the entry instead)")
+    return {**found, **{k: v for k, v in entry.items() if k != "best"}}
+
+
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     """The config of one run: the base with this schedule and seed."""
     learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}
@@ -123,44 +145,62 @@ def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     return cfg.from_dict({"schedule": schedule, "learned": learned, "train": train}, config)
 
 
-def is_finished(run_dir: Path, steps: int) -> bool:
-    """True when the run's metrics reach its final step."""
-    path = run_dir / "metrics.csv"
-    if not path.exists() or not (run_dir / "ema.pt").exists():
-        return False
-    rows = CsvLog(path, METRIC_COLUMNS).rows()
-    return bool(rows) and int(rows[-1]["step"]) >= steps
+def status(config_file: str | Path, out: str | Path) -> tuple[int, int]:
+    """(finished runs, planned runs) of a comparison."""
+    plan = parse(config_file)
+    runs = [run_dir_of(Path(out), e, s) for s in plan.seeds for e in plan.entries]
+    return sum(is_finished(r, plan.base.train.steps) for r in runs), len(runs)
 
 
-def compare(config_file: str | Path, out: str | Path, progress: bool = True, jobs: int | None = None) -> Path:
-    """Run (or resume) every schedule × seed, `jobs` at a time, then write the tables and plots."""
+def compare(config_file: str | Path, out: str | Path, progress: bool = True, jobs: int | None = None,
+            time_budget: float | None = None) -> Path:
+    """Run (or resume) every schedule × seed, `jobs` at a time, then write the tables and plots.
+
+    Runs go seed by seed (every schedule's seed 0 first), so a partial comparison is a complete one with fewer
+    seeds. With `time_budget` (seconds), no run starts after that much time; runs already going finish, and the
+    same command again starts the rest.
+    """
     from adaptive_sched.train import train
     plan = parse(config_file)
     jobs = plan.jobs if jobs is None else jobs
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget >= 0):
+        raise UsageError(f"--time-budget must be a number of seconds >= 0, got {time_budget!r}")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "compare.toml").write_text(Path(config_file).read_text())
     todo = []
-    for entry in plan.entries:
-        for seed in plan.seeds:
+    for seed in plan.seeds:
+        for entry in plan.entries:
             run_dir = run_dir_of(out, entry, seed)
             if is_finished(run_dir, plan.base.train.steps):
                 print(f"{run_label(entry)} seed {seed}: finished, skipped")
             else:
                 todo.append((entry, seed, run_dir))
+    left = []
     if jobs == 1:
         for i, (entry, seed, run_dir) in enumerate(todo, 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                left = todo[i - 1:]
+                break
             print(f"[{i}/{len(todo)}] {run_label(entry)} seed {seed}")
             train(run_config(plan.base, entry, seed), run_dir, resume=True, progress=progress)
     elif todo:
-        run_in_processes(plan, todo, jobs, progress)
+        left = run_in_processes(plan, todo, jobs, progress, deadline)
+    if left:
+        print(f"time budget spent: {len(left)} of {len(todo)} runs not started (first: {run_label(left[0][0])} "
+              f"seed {left[0][1]}); the same command starts them")
+    if not any((run_dir_of(out, e, s) / "metrics.csv").exists() for e in plan.entries for s in plan.seeds):
+        return out                                   # nothing has run yet: no report to write
     return report(out, plan)
 
 
-def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, progress: bool) -> None:
-    """Train the unfinished runs as `jobs` concurrent `adaptive-sched train --resume` processes."""
+def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, progress: bool,
+                     deadline: float | None = None) -> list[tuple[dict, int, Path]]:
+    """Train the unfinished runs as `jobs` concurrent `adaptive-sched train --resume` processes; return the runs
+    not started because the deadline (time.monotonic()) passed."""
     from adaptive_sched.jobs import Job, run_jobs
     work = []
     for entry, seed, run_dir in todo:
@@ -170,10 +210,12 @@ def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, 
         work.append(Job(f"{run_label(entry)} seed {seed}", ["train", "--config", str(config_path), "--out",
                                                              str(run_dir), "--resume", "--quiet"],
                         run_dir / "train.log"))
-    failed = run_jobs(work, jobs, progress)
+    failed, unstarted = run_jobs(work, jobs, progress, deadline=deadline)
     if failed:
         raise UsageError(f"{len(failed)} of {len(work)} runs failed (first: {failed[0][0].name}, see "
                          f"{failed[0][0].log}); rerun the same command to retry them")
+    names = {job.name for job in unstarted}
+    return [item for item, job in zip(todo, work) if job.name in names]
 
 
 def collect(out: Path, entries: list[dict], seeds: list[int]):
@@ -250,7 +292,7 @@ def report(out: Path, plan: Plan) -> Path:
         spread.to_csv(out / "class_medians.csv", index=False)
         labels = set(spread["label"])
         panels = [(run_label(e), run_dir_of(out, e, seeds[0])) for e in entries if run_label(e) in labels]
-        compare_plots.class_densities([(t, d) for t, d in panels if (d / "ema.pt").exists()],
+        compare_plots.class_densities([(t, d) for t, d in panels if final_schedule(d) is not None],
                                       out / "densities_by_class.png")
     write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread)
     return out
@@ -260,14 +302,14 @@ def class_spread(out: Path, entries: list[dict], seeds: list[int]):
     """Per conditional schedule and seed: each condition's median λ(0.5 | c) (a DataFrame, long form)."""
     import pandas as pd
     from adaptive_sched.class_schedules import class_medians, num_classes
-    from adaptive_sched.export import load_run_schedule
     rows = []
     for entry in entries:
         for seed in seeds:
             run_dir = run_dir_of(out, entry, seed)
-            if entry["name"] != "learned" or not (run_dir / "ema.pt").exists():
+            trained = final_schedule(run_dir) if entry["name"] == "learned" else None
+            if trained is None:
                 continue
-            schedule = load_run_schedule(run_dir)[1]
+            schedule = trained[0]
             if num_classes(schedule):
                 rows += [{"label": run_label(entry), "seed": seed, "condition": c, "median_logsnr": float(m)}
                          for c, m in enumerate(class_medians(schedule))]

@@ -23,8 +23,9 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     """p(λ) of every compared schedule on the run's window; a learned one as trained (seed `seed`'s run)."""
     from adaptive_sched.class_schedules import marginal_density, num_classes
     from adaptive_sched.compare import run_config, run_dir_of, run_label
-    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.run_artifacts import final_schedule
     from adaptive_sched.run_eval import density_grid
+    from adaptive_sched.schedules import SCHEDULES, is_learned
     from adaptive_sched.train import build_schedule
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -33,12 +34,14 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     for entry in entries:
         label = run_label(entry)
         run_dir = None if out is None else run_dir_of(out, entry, seed)
-        weights = None
-        if entry["name"] == "learned" and run_dir is not None and (run_dir / "ema.pt").exists():
-            _, sched, snap = load_run_schedule(run_dir)
+        weights, trained = None, None
+        if run_dir is not None and is_learned(SCHEDULES.get(entry["name"])):   # a class: is it trained?
+            trained = final_schedule(run_dir)        # from ema.pt, or the table the run exported at its end
+        if trained is not None:
+            sched, weights, _ = trained
             label += f" (trained, seed {seed})"
             if num_classes(sched):                   # a conditional schedule: its marginal Σ_c w_c p(λ | c)
-                weights, label = snap.get("class_weights"), label + ", marginal"
+                label += ", marginal"
         else:
             sched = build_schedule(run_config(base, entry, seed).schedule)
         with torch.no_grad():
@@ -48,22 +51,22 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
 
 
 def class_densities(panels: list[tuple[str, Path]], path: Path) -> None:
-    """One panel per conditional schedule: p(λ | c) of every condition as trained (the run's EMA snapshot, seed 0),
-    and the marginal Σ_c w_c p(λ | c) in black."""
+    """One panel per conditional schedule: p(λ | c) of every condition as trained (seed 0's run: its EMA snapshot
+    or its exported tables), and the marginal Σ_c w_c p(λ | c) in black."""
     from adaptive_sched.class_schedules import marginal_density, num_classes
-    from adaptive_sched.export import load_run_schedule
+    from adaptive_sched.run_artifacts import final_schedule
     from adaptive_sched.run_eval import density_grid
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, run_dir) in zip(axes.flat, panels):
-        _, schedule, snap = load_run_schedule(run_dir)
+        schedule, weights, step = final_schedule(run_dir)
         lam = density_grid(schedule.logsnr_min, schedule.logsnr_max, 801)
         with torch.no_grad():
             for c in range(num_classes(schedule)):
                 ax.plot(lam.numpy(), schedule.density(lam, c).numpy(), lw=1, alpha=0.8, label=f"c = {c}")
-            ax.plot(lam.numpy(), marginal_density(schedule, lam, snap.get("class_weights")).numpy(), color="black",
+            ax.plot(lam.numpy(), marginal_density(schedule, lam, weights).numpy(), color="black",
                     lw=2.2, label="marginal")
-        ax.set_title(f"{title} (step {snap['step']})", fontsize=9)
+        ax.set_title(f"{title} (step {step})", fontsize=9)
         ax.set_xlabel("logSNR λ")
         ax.set_ylabel("p(λ | c)")
         ax.legend(fontsize=6, ncol=2)
@@ -94,21 +97,28 @@ def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) 
     from adaptive_sched.conditioning import balanced_labels
     from adaptive_sched.generate import generate, sampling_grid
     from adaptive_sched.plots import image_grid, show_image
+    from adaptive_sched.run_artifacts import cached_panel
     from adaptive_sched.sample_run import load_snapshot
-    panels = []
-    for entry in entries:
-        run_dir = run_dir_of(out, entry, seed)
-        if not (run_dir / "ema.pt").exists():
-            continue
-        config, model, snap = load_snapshot(run_dir, torch.device("cpu"))
+    from adaptive_sched.train import resolve_device
+    device = resolve_device("auto")                  # the GPU when there is one: a U-Net samples slowly on CPU
+
+    def draw(run_dir: Path, label: str):
+        config, model, snap = load_snapshot(run_dir, device)
         e = config.eval
         grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
         classes = snap.get("num_classes", 0)          # conditional: balanced classes at the first guidance scale
         labels = balanced_labels(n, classes) if classes else None
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, e.sampler, seed=0,
-                     labels=labels, guidance=e.guidance[0])
+                     device=device, labels=labels, guidance=e.guidance[0])
         guided = f", w = {e.guidance[0]:g}" if classes else ""
-        panels.append((f"{run_label(entry)}\n(step {snap['step']}{guided})", image_grid(x)))
+        return image_grid(x), f"{label}\n(step {snap['step']}{guided})"
+
+    panels = []
+    for entry in entries:                            # a run without ema.pt shows the panel it cached when drawn
+        run_dir = run_dir_of(out, entry, seed)
+        panel = cached_panel(run_dir, n, lambda: draw(run_dir, run_label(entry)))
+        if panel is not None:
+            panels.append(panel[::-1])
     if not panels:
         return
     plt = _pyplot()

@@ -88,14 +88,16 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     if n is not None and n < 2:
         raise UsageError(f"--n must be >= 2 samples, got {n}")
     run_dirs = [Path(r) for r in runs]
-    for run_dir in run_dirs:
-        if not (run_dir / "ema.pt").exists():
+    log = CsvLog(out / "grid_eval.csv", COLUMNS) if (out / "grid_eval.csv").exists() else None
+    done = {(r["run"], r["method"], int(r["steps"])) for r in log.rows()} if log else set()
+    todos = {run_dir: [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
+             for run_dir in run_dirs}
+    for run_dir, todo in todos.items():             # a run scored before needs no checkpoint now
+        if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
     (out / "grids").mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
-    done = {(r["run"], r["method"], int(r["steps"])) for r in log.rows()}
-    for run_dir in run_dirs:
-        todo = [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
+    for run_dir, todo in todos.items():
         if todo:
             for row in score_run(run_dir, todo, out, n, device, progress):
                 log.append(row)

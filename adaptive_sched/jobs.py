@@ -41,16 +41,23 @@ def child_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2) -> list[tuple[Job, int]]:
-    """Run `jobs`, at most `parallel` at a time; return the (job, exit status) of those that failed."""
+def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2,
+             deadline: float | None = None) -> tuple[list[tuple[Job, int]], list[Job]]:
+    """Run `jobs`, at most `parallel` at a time, none starting after `deadline` (time.monotonic()); return the
+    (job, exit status) of those that failed and the jobs never started."""
     env = child_env(threads_per_job(parallel))
-    pending, running, failed = list(jobs), [], []
+    pending, running, failed, started = list(jobs), [], [], []
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")
     try:
         while pending or running:
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                pending, bar.total = [], len(started)        # the time budget is spent: start nothing more
+                if not running:
+                    break
             while pending and len(running) < parallel:
                 job = pending.pop(0)
+                started.append(job)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 handle = job.log.open("w")
                 proc = subprocess.Popen([sys.executable, "-m", "adaptive_sched", *job.args], stdout=handle,
@@ -77,7 +84,7 @@ def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: floa
                 proc.kill()
             handle.close()
         bar.close()
-    return failed
+    return failed, [job for job in jobs if job not in started]
 
 
 def last_line(path: Path) -> str:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from adaptive_sched import config as cfg
@@ -38,10 +39,11 @@ __all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_
 def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | None = None,
               study: str | None = None, metric: str = "eval_eps_mse", pruner=None, workers: int = 1,
               tune: list[str] | tuple = (), space: dict | None = None, report: bool = True,
-              target: float | None = None):
+              target: float | None = None, time_budget: float | None = None):
     """Create or continue the study of base.schedule's parameters until it holds `trials` trials; return it.
 
     pruner None is median, or none with a `target` (two objectives: the metric, and steps to metric <= target).
+    With `time_budget` (seconds) no trial starts after that much time; the same call again continues.
     """
     import optuna
     out, schedule = Path(out), base.schedule.name
@@ -61,12 +63,15 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
             name = pruner if isinstance(pruner, str) else type(pruner).__name__
             raise UsageError(f"pruner {name} cannot be used with a target value: Optuna cannot prune a "
                              f"multi-objective study; leave the pruner out or set it to none")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget >= 0):
+        raise UsageError(f"--time-budget must be a number of seconds >= 0, got {time_budget!r}")
+    deadline = None if time_budget is None else time.time() + time_budget    # wall clock: workers share it
     pruner = pruner or ("median" if target is None else "none")
     make_pruner(pruner, base)
     job = Job(storage or default_storage(out), study or schedule, base,
               spaces.build_space(schedule, tune, space, fixed=base.schedule.params,
                                  curriculum=base.schedule.curriculum), metric, pruner, str(out), trials,
-              target=target)
+              target=target, deadline=deadline)
     quiet_optuna()
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,12 +157,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           metric=args.metric or section.get("metric", "eval_eps_mse"),
                           pruner=args.pruner or section.get("pruner"), workers=args.workers,
                           tune=list(dict.fromkeys(tune)), space=section.get("space"),
-                          target=section.get("target") if args.target_value is None else args.target_value)
+                          target=section.get("target") if args.target_value is None else args.target_value,
+                          time_budget=args.time_budget)
     except KeyboardInterrupt:
         print("interrupted: the running trials are marked FAIL; run the same command to continue the study, or "
               "`sweep --report` to render it", file=sys.stderr)
         return 130
     missing = trials - len(counted(study))
+    if missing > 0 and args.time_budget is not None:
+        print(f"time budget spent: {trials - missing} of {trials} trials; run the same command to continue")
+        return 0
     if missing > 0:
         print(f"warning: {missing} trials short of {trials}; run the same command again", file=sys.stderr)
     return 1 if missing > 0 else 0
@@ -196,6 +205,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-value", type=float, metavar="V",
                    help="multi-objective: also minimise the steps until the metric first is <= V (steps + eval "
                         "every when not reached within the budget); no pruning; best.json holds the Pareto front")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no trial after this many seconds (trials going finish; the same command continues)")
     p.add_argument("--tune-lr", action="store_true", help="also tune the learning rate (log-uniform)")
     p.add_argument("--tune-weighting", action="store_true", help="also tune the loss weighting (categorical)")
     p.add_argument("--report", nargs="?", const="", metavar="DIR",

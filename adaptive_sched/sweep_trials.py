@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class Job:
     workers: int = 1
     threads: int = 0            # torch CPU threads (0: leave torch's default)
     target: float | None = None     # a second objective, steps to metric <= target (adaptive_sched.sweep_pareto)
+    deadline: float | None = None   # time.time() after which no trial starts (a --time-budget)
 
 
 def make_pruner(pruner, config: cfg.RunConfig):
@@ -158,8 +160,9 @@ def work(job: Job) -> None:
         if len(trials) >= job.trials:         # another machine may be running the same study
             study.stop()
 
-    if have < job.trials:
-        study.optimize(lambda trial: objective(trial, job), n_trials=job.quota, catch=(Exception,),
+    timeout = None if job.deadline is None else job.deadline - time.time()
+    if have < job.trials and (timeout is None or timeout > 0):
+        study.optimize(lambda trial: objective(trial, job), n_trials=job.quota, timeout=timeout, catch=(Exception,),
                        callbacks=[after_trial], gc_after_trial=True)
 
 

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, samplers, schedules,
-                            weighting)
+from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, run_artifacts,
+                            samplers, schedules, weighting)
 from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, condition_frequencies,
                                          drop_labels, guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
@@ -362,6 +362,8 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
             from adaptive_sched.plots import per_class_densities
             per_class_densities(out_dir / CLASS_DENSITY_CSV, out_dir / "schedule_density_by_class.png",
                                 f"{config.schedule.name}, conditioned on {config.learned.condition}")
+        if world.is_main and (start < config.train.steps or not (out_dir / run_artifacts.FINISHED).exists()):
+            run_artifacts.mark_finished(out_dir, config.train.steps, schedules.is_learned(run.loss.schedule))
     finally:
         distributed.teardown(world)
     return last_row

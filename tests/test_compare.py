@@ -96,3 +96,26 @@ def test_targets_multiply_the_grid_and_set_each_runs_target(tmp_path):
     assert len({run_dir_of(tmp_path, e, 0) for e in plan.entries}) == 6
     with pytest.raises(UsageError, match="targets must be a list"):
         parse(write_config(tmp_path, extra='targets = ["score"]'))
+
+
+def test_an_entry_can_take_its_schedule_from_a_sweeps_best_json(tmp_path):
+    import json
+    best = tmp_path / "sweep" / "best.json"
+    best.parent.mkdir()
+    best.write_text(json.dumps({"compare_entry": {"name": "laplace", "label": "laplace (tuned)", "mu": 0.25,
+                                                  "b": 0.3}}))
+    config = write_config(tmp_path).read_text().replace(
+        '{ name = "laplace", b = 1.0 }', '{ best = "sweep/best.json" }, { best = "sweep/best.json", label = "again" }')
+    path = tmp_path / "cmp.toml"
+    path.write_text(config)
+    plan = parse(path)                              # relative to the TOML file when not found from the cwd
+    assert plan.entries[1] == {"name": "laplace", "label": "laplace (tuned)", "mu": 0.25, "b": 0.3}
+    assert plan.entries[2]["label"] == "again" and plan.entries[2]["b"] == 0.3
+    from adaptive_sched.compare import run_config
+    assert run_config(plan.base, plan.entries[1], 0).schedule.params == {"mu": 0.25, "b": 0.3}
+    best.write_text(json.dumps({"pareto": []}))
+    with pytest.raises(UsageError, match="holds no single best schedule"):
+        parse(path)
+    best.unlink()
+    with pytest.raises(UsageError, match="no such file \\(run the sweep first"):
+        parse(path)

@@ -223,3 +223,8 @@ def test_grid_eval_scores_every_method_and_step_count_and_resumes(tmp_path, caps
     assert (same == 1).all()
     assert main(["grid-eval", runs[0], "--methods", "cosine,magic", "--out", str(out)]) == 2
     assert main(["grid-eval", str(tmp_path), "--out", str(out)]) == 2
+    (tmp_path / "run1" / "ema.pt").unlink()          # scored before: its rows stand without the checkpoint
+    assert main(["grid-eval", *runs, "--steps", "3,5", "--methods", "cosine,karras,quantile", "--out", str(out),
+                 "--quiet"]) == 0
+    assert pd.read_csv(out / "grid_eval.csv").equals(table) and "2 run(s)" in (out / "grid_eval.md").read_text()
+    assert main(["grid-eval", *runs, "--steps", "4", "--methods", "cosine", "--out", str(out), "--quiet"]) == 2

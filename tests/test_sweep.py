@@ -168,6 +168,29 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "best.json").read_text())["trial"] in (0, 4)
 
 
+def test_a_time_budget_stops_starting_trials_and_the_same_call_continues(tmp_path, monkeypatch, capsys):
+    import time
+    slow, pause = fake_train(), [2.0]
+
+    def train(*args, **kwargs):
+        time.sleep(pause[0])
+        return slow(*args, **kwargs)
+    monkeypatch.setattr("adaptive_sched.train.train", train)
+    study = sweep.run_sweep(tiny(), tmp_path, trials=6, time_budget=4.0)     # 6 trials would take 12 s
+    pause[0] = 0.0
+    first = len(study.trials)
+    assert 1 <= first < 6 and set(states(study)) == {"COMPLETE"}      # trials that started, finished
+    assert sweep.run_sweep(tiny(), tmp_path, trials=6, time_budget=0).trials == study.trials   # nothing new
+    assert len(sweep.run_sweep(tiny(), tmp_path, trials=6).trials) == 6
+    with pytest.raises(UsageError, match="--time-budget must be a number of seconds >= 0"):
+        sweep.run_sweep(tiny(), tmp_path, trials=6, time_budget=-1)
+    capsys.readouterr()
+    (tmp_path / "base.toml").write_text(cfg.dumps_toml(tiny().to_dict()))
+    assert cli.main(["sweep", "--config", str(tmp_path / "base.toml"), "--trials", "8", "--out", str(tmp_path),
+                     "--time-budget", "0"]) == 0
+    assert "time budget spent: 6 of 8 trials" in capsys.readouterr().out
+
+
 def test_ctrl_c_marks_the_running_trial_failed_and_exits_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("adaptive_sched.train.train", fake_train({1: KeyboardInterrupt()}))
     args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm"]
