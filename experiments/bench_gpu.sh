@@ -41,18 +41,6 @@ mkdir -p "$OUT/results/bench"
     --warmup 5 --steps 10 --repeats 3 || status=1
   echo "== done $(date -u +%T): $jsonl"
 
-  python3 - "$jsonl" <<'EOF'
-import json, sys
-print(f"{'measure':10} {'mode':22} {'schedule':8} {'batch':>5} {'img/s':>9} {'step_ms':>8} {'MFU':>7} "
-      f"{'mem MiB':>8}  notes")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    img = r.get("img_s") or r.get("sample_img_s")
-    notes = " ".join(f"{k}={r[k]}" for k in ("overhead_pct", "speedup", "workers", "img_s_each", "compile_error")
-                     if r.get(k) is not None)
-    print(f"{r['measure']:10} {r['mode']:22} {r['schedule']:8} {r['batch_size']:5} {img or float('nan'):9.0f} "
-          f"{r.get('step_ms') or float('nan'):8.2f} {r.get('mfu') or float('nan'):7.4f} "
-          f"{r.get('peak_mem_mb') or float('nan'):8.0f}  {notes}")
-EOF
+  python3 -m adaptive_sched.bench_table "$jsonl"
   exit $status
 } 2>&1 | tee "$OUT/log"

@@ -90,6 +90,13 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     assert sample["sample_img_s"] > 0 and sample["sample_steps"] == 3 and sample["sample_n"] == 64
     lines = out.read_text().splitlines()
     assert lines[0] == '{"earlier": true}' and [json.loads(line) for line in lines[1:]] == rows
+    from adaptive_sched.bench_table import main as table_main
+    assert table_main([str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| measure | mode | schedule | batch | img/s") and len(table) == 2 + 3   # the non-bench line is left out
+    assert table[3].startswith("| train | eager | learned | 64 | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
+    assert f"| {sample['sample_img_s']:.0f} |" in table[4]
+    assert table_main([str(tmp_path / "missing.jsonl")]) == 2
 
 
 def test_tiny_unet_on_digits(tmp_path, capsys):
