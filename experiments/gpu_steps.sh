@@ -1,0 +1,76 @@
+#!/bin/bash
+# The steps of experiments/gpu_next.sh (see there; run it, not this): each skipped once its results are in the
+# tree, none started after BUDGET seconds from GPU_NEXT_START. Exit status 1 when a step failed.
+set -uo pipefail
+py=$PYTHON
+status=0                                       # 1 when a step failed (an unfinished step is not a failure)
+as() { "$py" -m adaptive_sched "$@"; }
+left() { echo $(( BUDGET - ($(date +%s) - GPU_NEXT_START) )); }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cs 'A-Za-z0-9' '-')
+device=${device%-}
+
+# compare CONFIG OUT: run what is left of a comparison within the budget; true when it is complete
+compare() {
+  as compare "$1" --out "$2" --status | grep -q "(all)" && return 0
+  local budget=$(( $(left) - RUN_S ))
+  if [ "$budget" -le 0 ]; then echo "== $1: no time left this call"; return 1; fi
+  echo "== compare $1 -> $2 (no run starts after ${budget}s)  $(date -u +%T)"
+  as compare "$1" --out "$2" --quiet --time-budget "$budget" ${JOBS:+--jobs $JOBS} || status=1
+  as compare "$1" --out "$2" --status | tee /dev/stderr | grep -q "(all)"
+}
+# trials DIR: how many trials a study's trials.csv lists (0 when none)
+trials() { "$py" -c 'import sys, pandas; print(len(pandas.read_csv(sys.argv[1])))' "$1/trials.csv" 2>/dev/null || echo 0; }
+# sweep NAME: continue the Fashion-MNIST study of NAME; true when it holds its 30 trials
+sweep() {
+  local dir=results/sweep-fashion/$1 budget=$(( $(left) - TRIAL_S ))
+  [ "$(trials "$dir")" -ge 30 ] && return 0
+  if [ "$budget" -le 0 ]; then echo "== sweep $1: no time left this call"; return 1; fi
+  echo "== sweep $1 (no trial starts after ${budget}s)  $(date -u +%T)"
+  as sweep --config experiments/sweep_fashion.toml --schedule "$1" --out "$dir" --workers "${JOBS:-4}" \
+    --time-budget "$budget" --device "$DEVICE" || status=1
+  [ "$(trials "$dir")" -ge 30 ]
+}
+bench_file="results/bench/$(date -u +%Y-%m-%d)-${device:-$DEVICE}.jsonl"
+bench() { "$py" -m adaptive_sched.bench --data fashion-mnist --model unet --device "$DEVICE" --quiet \
+            --out "$bench_file" $BENCH_ARGS "$@"; }
+mkdir -p results/bench
+
+if want 0 && ! grep -qs "CUDA TESTS PASSED" results/bench/cuda-tests-*.txt; then
+  echo "== 0 CUDA tests  $(date -u +%T)"
+  record="results/bench/cuda-tests-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
+  if timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_schedules.py -k cuda \
+       > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA TESTS PASSED" >> "$record"
+  else status=1; fi
+  tail -15 "$record"
+fi
+if want 1 && ! grep -qs '"measure": "train"' results/bench/*.jsonl; then
+  echo "== 1 bench: batch 512 and 128, eager vs compiled, cosine vs learned  $(date -u +%T)"
+  timeout 150 bench --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled \
+    --warmup 10 --steps 20 --repeats 5 --sample-steps 50 --sample-n 512 || status=1
+  timeout 100 bench --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
+    --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+fi
+if want 2; then
+  compare experiments/fashion_mnist.toml results/fashion-mnist
+  for run in results/fashion-mnist/runs/{cosine,laplace_b=0.5}/seed*; do
+    [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ] || continue     # weights only exist where trained
+    [ "$(left)" -gt 60 ] || break
+    echo "== grid-eval $run  $(date -u +%T)"
+    as grid-eval "$run" --steps 5,10,20 --methods cosine,karras,quantile,ays \
+      --out "results/fashion-mnist-grids/$(basename "$(dirname "$run")")" --quiet || status=1
+  done
+fi
+done2=false; as compare experiments/fashion_mnist.toml --out results/fashion-mnist --status | grep -q "(all)" && done2=true
+if want 3 && $done2; then compare experiments/fashion_mnist_cond.toml results/fashion-mnist-cond; fi
+if want 4 && $done2 && sweep laplace && sweep cauchy && want 5; then
+  compare experiments/fashion_tuned.toml results/fashion-tuned
+fi
+if want 6 && $done2; then compare experiments/targets.toml results/targets; fi
+if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(left)" -gt 120 ]; then
+  echo "== 7 bench: concurrency 1, 2, 4, 8 at batch 128  $(date -u +%T)"
+  timeout 110 bench --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
+    || status=1
+fi
+
+exit $status

@@ -1,0 +1,92 @@
+"""experiments/gpu_next.sh and gpu_unpack.sh on the CPU: a comparison runs within its budget, grid-eval scores the
+runs trained in the call, the results come back packed without checkpoints, unpack into another checkout, and
+the next call there skips what is finished."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+[data]
+name = "digits"
+[model]
+name = "unet"
+channels = [8]
+emb_dim = 16
+mid_blocks = 0
+[train]
+steps = 20
+batch_size = 32
+log_every = 10
+checkpoint_every = 10
+[eval]
+every = 10
+n = 40
+sample_n = 24
+sample_steps = 3
+[compare]
+seeds = [0]
+metric = "eval_fid"
+samples = 4
+schedules = [{ name = "cosine" }, { name = "laplace", b = 0.5 }]
+"""
+
+
+def checkout(path: Path) -> Path:
+    """A minimal project tree: the three scripts and a tiny experiments/fashion_mnist.toml."""
+    (path / "experiments").mkdir(parents=True)
+    for name in ("gpu_next.sh", "gpu_steps.sh", "gpu_unpack.sh"):
+        shutil.copy(ROOT / "experiments" / name, path / "experiments" / name)
+    (path / "experiments" / "fashion_mnist.toml").write_text(TINY)
+    return path
+
+
+def run_script(cwd: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DEVICE": "cpu",
+            "STEPS": "2", "BUDGET": "900", "RUN_S": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", "experiments/gpu_next.sh"], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp_path):
+    there = checkout(tmp_path / "gpu")
+    done = run_script(there, tmp_path / "out1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    log = (tmp_path / "out1" / "log").read_text()
+    assert "2 of 2 runs finished (all)" in log and "grid-eval results/fashion-mnist/runs/cosine/seed0" in log
+    files = (tmp_path / "out1" / "files.txt").read_text().split()
+    assert files and not [f for f in files if f.endswith(".pt") and not f.startswith("experiments/feature_cache/")]
+    assert any(f.startswith("experiments/feature_cache/") and f.endswith(".pt") for f in files)   # the FID net
+
+    here = checkout(tmp_path / "here")
+    unpacked = subprocess.run(["bash", "experiments/gpu_unpack.sh", str(tmp_path / "out1")], cwd=here,
+                              capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    runs = here / "results" / "fashion-mnist" / "runs"
+    assert (runs / "cosine" / "seed0" / "finished.json").exists() and not list(runs.rglob("*.pt"))
+    summary = pd.read_csv(here / "results" / "fashion-mnist" / "summary.csv")
+    assert set(summary["label"]) == {"cosine", "laplace(b=0.5)"}
+    grids = pd.read_csv(here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.csv")
+    assert len(grids) == 4 * 3 and set(grids["steps"]) == {5, 10, 20}
+
+    again = run_script(here, tmp_path / "out2")                 # the next session: nothing left to train
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    log = (tmp_path / "out2" / "log").read_text()
+    assert "== compare" not in log and "== grid-eval" not in log
+    assert pd.read_csv(here / "results" / "fashion-mnist" / "summary.csv").equals(summary)
+
+    stopped = run_script(checkout(tmp_path / "slow"), tmp_path / "out3", HARD="3")     # the hard stop still packs
+    log = (tmp_path / "out3" / "log").read_text()
+    assert stopped.returncode == 124 and "== hard stop at 3s" in log and "== packing results" in log
+    assert (tmp_path / "out3" / "files.txt").exists()
+
+    empty = subprocess.run(["bash", "experiments/gpu_unpack.sh", str(tmp_path / "nothing")], cwd=here,
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no results.tgz.part*")
