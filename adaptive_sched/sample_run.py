@@ -10,7 +10,7 @@ from adaptive_sched import checkpoint, config as cfg
 from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
-from adaptive_sched.models import build_model
+from adaptive_sched.models import build_model, params_for_weights
 from adaptive_sched.train import resolve_device
 
 
@@ -18,8 +18,8 @@ def load_snapshot(run_dir: str | Path, device: torch.device):
     """(config, EMA model, snapshot) from RUN_DIR/ema.pt, loaded without running code."""
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
-    model = build_model(config.model.name, tuple(snap["data_shape"]), snap.get("num_classes", 0),
-                        **config.model.params)
+    params = params_for_weights(config.model.name, config.model.params, snap["model"])
+    model = build_model(config.model.name, tuple(snap["data_shape"]), snap.get("num_classes", 0), **params)
     model.load_state_dict(snap["model"])
     return config, model.to(device).eval(), snap
 

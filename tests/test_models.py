@@ -189,3 +189,22 @@ def test_mlp_overfits_a_fixed_mapping():
         opt.step()
     final = (model(x, lam) - target).square().mean().item()
     assert final < first / 10, (first, final)
+
+
+def test_a_snapshot_from_before_the_mid_blocks_default_changed_still_loads(tmp_path):
+    """Runs saved when the U-Net's default mid_blocks was 2 have no mid_blocks in their config: the number
+    comes from the weights (results/digits-cpu holds such runs)."""
+    from adaptive_sched import checkpoint, config as cfg
+    from adaptive_sched.models import params_for_weights
+    from adaptive_sched.sample_run import load_snapshot
+    model = build_model("unet", (1, 8, 8), channels=[8], emb_dim=16, mid_blocks=2)
+    raw = cfg.from_dict({"data": {"name": "digits"}, "model": {"name": "unet", "channels": [8],
+                                                                "emb_dim": 16}}).to_dict()
+    assert "mid_blocks" not in raw["model"]
+    (tmp_path / "run").mkdir()
+    checkpoint.atomic_save({"kind": "ema", "step": 1, "config": raw, "model": model.state_dict(),
+                            "data_shape": [1, 8, 8]}, tmp_path / "run" / "ema.pt")
+    _, loaded, _ = load_snapshot(tmp_path / "run", torch.device("cpu"))
+    assert len(loaded.mid) == 2 and count_parameters(loaded) == count_parameters(model)
+    assert params_for_weights("unet", {"mid_blocks": 1}, model.state_dict()) == {"mid_blocks": 1}  # given: kept
+    assert params_for_weights("mlp", {}, {}) == {}

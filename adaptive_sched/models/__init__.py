@@ -15,7 +15,7 @@ from adaptive_sched.models.embedding import LogSNREmbedding
 from adaptive_sched.models.mlp import MLPDenoiser
 from adaptive_sched.models.unet import UNet
 
-__all__ = ["MODELS", "names", "build_model", "count_parameters", "num_classes_of", "LogSNREmbedding", "MLPDenoiser", "UNet"]
+__all__ = ["MODELS", "names", "build_model", "params_for_weights", "count_parameters", "num_classes_of", "LogSNREmbedding", "MLPDenoiser", "UNet"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet}
 
@@ -53,6 +53,15 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
     except (TypeError, ValueError, RuntimeError) as err:     # e.g. hidden = -3 or "wide": torch refuses the size
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UsageError(f"model {name!r} cannot be built with {kwargs}: {first}") from None
+
+
+def params_for_weights(name: str, params: dict, state: dict) -> dict:
+    """`params` plus what older configs left to a default that has changed since, read off the weights they
+    were saved with: a U-Net's mid_blocks (the default was 2, now 1) is the number of mid.<i> blocks."""
+    params = dict(params)
+    if name == "unet" and "mid_blocks" not in params:
+        params["mid_blocks"] = len({key.split(".")[1] for key in state if key.startswith("mid.")})
+    return params
 
 
 def num_classes_of(model: nn.Module) -> int:
