@@ -34,7 +34,7 @@ sample_steps = 3
 seeds = [0]
 metric = "eval_fid"
 samples = 4
-schedules = [{ name = "cosine" }, { name = "laplace", b = 0.5 }]
+schedules = [{ name = "cosine" }, { name = "cauchy" }]   # grid-eval scores cosine (and laplace_b=0.5)
 """
 
 
@@ -72,7 +72,7 @@ def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp
     runs = here / "results" / "fashion-mnist" / "runs"
     assert (runs / "cosine" / "seed0" / "finished.json").exists() and not list(runs.rglob("*.pt"))
     summary = pd.read_csv(here / "results" / "fashion-mnist" / "summary.csv")
-    assert set(summary["label"]) == {"cosine", "laplace(b=0.5)"}
+    assert set(summary["label"]) == {"cosine", "cauchy"}
     grids = pd.read_csv(here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.csv")
     assert len(grids) == 4 * 3 and set(grids["steps"]) == {5, 10, 20}
 
