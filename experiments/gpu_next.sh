@@ -16,7 +16,7 @@
 #   4 Optuna studies on Fashion-MNIST, laplace then cauchy (30 trials each)         issue 5
 #   5 fashion_tuned compare (the studies' best against defaults and learned)       issue 5
 #   6 targets compare (eps / x0 / v x cosine / laplace)                           issue 4
-#   7 bench concurrency (1, 2, 4, 8 processes)                                      issue 6
+#   7 bench concurrency (1, 2, 4, 8 processes), CUDA graphs and channels_last                                      issue 6
 # The steps are experiments/gpu_steps.sh, run under a hard timeout (HARD, default 560 s) so that the packing
 # below always happens before the device call's own limit (keep timeout_s above HARD + 20).
 # Knobs (environment): BUDGET (s, default 480), RUN_S (s a compare run may take once started, 240), TRIAL_S (s a

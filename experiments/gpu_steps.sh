@@ -51,6 +51,11 @@ if want 1 && ! grep -qs '"measure": "train"' results/bench/*.jsonl; then
   timeout 100 bench --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
     --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
 fi
+if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(left)" -gt 130 ]; then
+  echo "== 7 bench: concurrency 1, 2, 4, 8 at batch 128 (early: it sets how many runs share the GPU)  $(date -u +%T)"
+  timeout 110 bench --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
+    || status=1
+fi
 if want 2; then
   compare experiments/fashion_mnist.toml results/fashion-mnist
   for run in results/fashion-mnist/runs/{cosine,laplace_b=0.5}/seed*; do
@@ -67,10 +72,10 @@ if want 4 && $done2 && sweep laplace && sweep cauchy && want 5; then
   compare experiments/fashion_tuned.toml results/fashion-tuned
 fi
 if want 6 && $done2; then compare experiments/targets.toml results/targets; fi
-if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(left)" -gt 120 ]; then
-  echo "== 7 bench: concurrency 1, 2, 4, 8 at batch 128  $(date -u +%T)"
-  timeout 110 bench --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
-    || status=1
+if want 7 && ! grep -qs '"mode": "reduce-overhead"' results/bench/*.jsonl && [ "$(left)" -gt 170 ]; then
+  echo "== 7 bench: CUDA graphs (compile reduce-overhead) and channels_last at batch 512  $(date -u +%T)"
+  timeout 150 bench --batch-size 512 --schedule cosine --modes reduce-overhead,channels_last --warmup 10 \
+    --steps 20 --repeats 5 --no-sample || status=1
 fi
 
 exit $status
