@@ -160,14 +160,13 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     seeds. With `time_budget` (seconds), no run starts after that much time; runs already going finish, and the
     same command again starts the rest.
     """
+    from adaptive_sched.jobs import deadline_after
     from adaptive_sched.train import train
     plan = parse(config_file)
     jobs = plan.jobs if jobs is None else jobs
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
-    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget >= 0):
-        raise UsageError(f"--time-budget must be a number of seconds >= 0, got {time_budget!r}")
-    deadline = None if time_budget is None else time.monotonic() + time_budget
+    deadline = deadline_after(time_budget)
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "compare.toml").write_text(Path(config_file).read_text())
@@ -214,8 +213,7 @@ def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, 
     if failed:
         raise UsageError(f"{len(failed)} of {len(work)} runs failed (first: {failed[0][0].name}, see "
                          f"{failed[0][0].log}); rerun the same command to retry them")
-    names = {job.name for job in unstarted}
-    return [item for item, job in zip(todo, work) if job.name in names]
+    return [item for item, job in zip(todo, work) if job in unstarted]
 
 
 def collect(out: Path, entries: list[dict], seeds: list[int]):
@@ -291,9 +289,9 @@ def report(out: Path, plan: Plan) -> Path:
     if len(spread):
         spread.to_csv(out / "class_medians.csv", index=False)
         labels = set(spread["label"])
-        panels = [(run_label(e), run_dir_of(out, e, seeds[0])) for e in entries if run_label(e) in labels]
-        compare_plots.class_densities([(t, d) for t, d in panels if final_schedule(d) is not None],
-                                      out / "densities_by_class.png")
+        trained = [(run_label(e), final_schedule(run_dir_of(out, e, seeds[0]))) for e in entries
+                   if run_label(e) in labels]
+        compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
     write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread)
     return out
 

@@ -50,16 +50,14 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)")
 
 
-def class_densities(panels: list[tuple[str, Path]], path: Path) -> None:
-    """One panel per conditional schedule: p(λ | c) of every condition as trained (seed 0's run: its EMA snapshot
-    or its exported tables), and the marginal Σ_c w_c p(λ | c) in black."""
+def class_densities(panels: list[tuple[str, tuple]], path: Path) -> None:
+    """One panel per conditional schedule, given as (title, run_artifacts.final_schedule of seed 0's run): p(λ | c)
+    of every condition as trained, and the marginal Σ_c w_c p(λ | c) in black."""
     from adaptive_sched.class_schedules import marginal_density, num_classes
-    from adaptive_sched.run_artifacts import final_schedule
     from adaptive_sched.run_eval import density_grid
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (title, run_dir) in zip(axes.flat, panels):
-        schedule, weights, step = final_schedule(run_dir)
+    for ax, (title, (schedule, weights, step)) in zip(axes.flat, panels):
         lam = density_grid(schedule.logsnr_min, schedule.logsnr_max, 801)
         with torch.no_grad():
             for c in range(num_classes(schedule)):

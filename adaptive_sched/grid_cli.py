@@ -38,8 +38,8 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
         _, schedule, snap = load_run_schedule(run_dir)
         meta.update(training_params=config.schedule.params,
                     training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
-        if getattr(schedule, "num_classes", 0):      # a conditional schedule: the quantiles of its marginal
-            from adaptive_sched.class_schedules import marginal_columns
+        from adaptive_sched.class_schedules import marginal_columns, num_classes
+        if num_classes(schedule):                    # a conditional schedule: the quantiles of its marginal
             from adaptive_sched.schedules.table import Table
             marginal = marginal_columns(schedule, 2001, snap.get("class_weights"))
             schedule = Table(t=marginal["t"], logsnr=marginal["logsnr"])

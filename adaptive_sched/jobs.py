@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptive_sched.errors import UsageError
+
 
 @dataclass
 class Job:
@@ -39,6 +41,15 @@ def child_env(threads: int | None = None) -> dict[str, str]:
     if threads is not None:
         env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     return env
+
+
+def deadline_after(seconds: float | None, clock=time.monotonic) -> float | None:
+    """clock() + seconds, the moment after which no new run or trial starts (None: no time budget)."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise UsageError(f"--time-budget must be a number of seconds >= 0, got {seconds!r}")
+    return clock() + seconds
 
 
 def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: float = 0.2,

@@ -27,6 +27,7 @@ from pathlib import Path
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_space as spaces
 from adaptive_sched.errors import UsageError
+from adaptive_sched.jobs import deadline_after
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.sweep_pareto import not_reached
 from adaptive_sched.sweep_storage import (check_out_dir, check_settings, claim_out_dir, counted, default_storage,
@@ -63,9 +64,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
             name = pruner if isinstance(pruner, str) else type(pruner).__name__
             raise UsageError(f"pruner {name} cannot be used with a target value: Optuna cannot prune a "
                              f"multi-objective study; leave the pruner out or set it to none")
-    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget >= 0):
-        raise UsageError(f"--time-budget must be a number of seconds >= 0, got {time_budget!r}")
-    deadline = None if time_budget is None else time.time() + time_budget    # wall clock: workers share it
+    deadline = deadline_after(time_budget, time.time)     # wall clock: the worker processes share it
     pruner = pruner or ("median" if target is None else "none")
     make_pruner(pruner, base)
     job = Job(storage or default_storage(out), study or schedule, base,
