@@ -9,7 +9,7 @@
 # get --time-budget, so runs already going finish. Results come back without checkpoints (too big to bring
 # back): finished runs carry finished.json and their exported schedule, and the grid evaluation, which needs
 # the weights, runs here in the session that trained them.
-#   0 the CUDA tests (tests/test_cuda.py, test_schedules -k cuda), once (their record is results/bench/cuda-tests-*)
+#   0 the CUDA tests (tests/test_cuda.py, test_schedules -k cuda), until their record (results/bench/cuda-tests-*) says passed
 #   1 bench at batch 512 and 128: eager vs compiled, cosine vs learned, sampling    issues 6, 3
 #   2 fashion_mnist compare, then grid-eval of its cosine and laplace runs          issues 4, 8
 #   3 fashion_mnist_cond compare (CFG at w = 1, 1.5, 2, 3)                          issue 9

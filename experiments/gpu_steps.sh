@@ -32,11 +32,13 @@ sweep() {
   [ "$(trials "$dir")" -ge 30 ]
 }
 bench_file="results/bench/$(date -u +%Y-%m-%d)-${device:-$DEVICE}.jsonl"
-bench() { "$py" -m adaptive_sched.bench --data fashion-mnist --model unet --device "$DEVICE" --quiet \
-            --out "$bench_file" $BENCH_ARGS "$@"; }
+# bench LIMIT ARGS..: one bench process under a timeout (BENCH_ARGS last, so a smoke test can override anything)
+bench() { local limit=$1; shift
+          timeout "$limit" "$py" -m adaptive_sched.bench --data fashion-mnist --model unet --device "$DEVICE" --quiet \
+            --out "$bench_file" "$@" $BENCH_ARGS; }
 mkdir -p results/bench
 
-if want 0 && ! compgen -G "results/bench/cuda-tests-*.txt" >/dev/null; then   # once: delete the record to rerun
+if want 0 && ! grep -qs "CUDA TESTS PASSED" results/bench/cuda-tests-*.txt; then   # until a record says they passed
   echo "== 0 CUDA tests  $(date -u +%T)"
   record="results/bench/cuda-tests-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
   if timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_schedules.py -k cuda \
@@ -46,14 +48,14 @@ if want 0 && ! compgen -G "results/bench/cuda-tests-*.txt" >/dev/null; then   # 
 fi
 if want 1 && ! grep -qs '"measure": "train"' results/bench/*.jsonl; then
   echo "== 1 bench: batch 512 and 128, eager vs compiled, cosine vs learned  $(date -u +%T)"
-  timeout 150 bench --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled \
+  bench 150 --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled \
     --warmup 10 --steps 20 --repeats 5 --sample-steps 50 --sample-n 512 || status=1
-  timeout 100 bench --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
+  bench 100 --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
     --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
 fi
 if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(left)" -gt 130 ]; then
   echo "== 7 bench: concurrency 1, 2, 4, 8 at batch 128 (early: it sets how many runs share the GPU)  $(date -u +%T)"
-  timeout 110 bench --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
+  bench 110 --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
     || status=1
 fi
 if want 2; then
@@ -74,7 +76,7 @@ fi
 if want 6 && $done2; then compare experiments/targets.toml results/targets; fi
 if want 7 && ! grep -qs '"mode": "reduce-overhead"' results/bench/*.jsonl && [ "$(left)" -gt 170 ]; then
   echo "== 7 bench: CUDA graphs (compile reduce-overhead) and channels_last at batch 512  $(date -u +%T)"
-  timeout 150 bench --batch-size 512 --schedule cosine --modes reduce-overhead,channels_last --warmup 10 \
+  bench 150 --batch-size 512 --schedule cosine --modes reduce-overhead,channels_last --warmup 10 \
     --steps 20 --repeats 5 --no-sample || status=1
 fi
 

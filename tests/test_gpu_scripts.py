@@ -90,3 +90,22 @@ def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp
     empty = subprocess.run(["bash", "experiments/gpu_unpack.sh", str(tmp_path / "nothing")], cwd=here,
                            capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.startswith("error: no results.tgz.part*")
+
+
+TINY_BENCH = ("--data digits --model-param channels=[8] --model-param emb_dim=16 --model-param mid_blocks=0 "
+              "--batch-size 16 --modes eager --warmup 1 --steps 2 --repeats 1 --sample-steps 2 --sample-n 8")
+
+
+@pytest.mark.slow
+def test_the_bench_step_measures_cosine_against_learned_and_comes_back(tmp_path):
+    # the first GPU call ran none of it: `timeout` was handed a shell function (no such command)
+    done = run_script(checkout(tmp_path / "gpu"), tmp_path / "out", STEPS="1", BENCH_ARGS=TINY_BENCH)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    files = (tmp_path / "out" / "files.txt").read_text().split()
+    bench = [f for f in files if f.startswith("results/bench/") and f.endswith("-cpu.jsonl")]
+    assert len(bench) == 1
+    rows = pd.read_json(tmp_path / "gpu" / bench[0], lines=True)
+    train = rows[rows["measure"] == "train"]
+    assert list(train["schedule"]) == ["cosine", "learned"] * 2 and (train["img_s"] > 0).all()
+    assert train["overhead_pct"].notna().sum() == 2 and (rows["measure"] == "sample").sum() == 1
+    assert "overhead_pct=" in (tmp_path / "out" / "log").read_text()      # the table printed last

@@ -237,3 +237,13 @@ def test_training_draws_never_hit_the_ends():
     t = uniform_t(1 << 20, torch.Generator().manual_seed(0))
     assert t.min().item() > 0 and t.max().item() < 1
     assert t.min().item() >= 2 ** -25 and t.max().item() <= 1 - 2 ** -25
+
+
+def test_draws_come_back_on_the_device_asked_for_whatever_device_the_schedule_computes_on():
+    # a module schedule (learned, adaptive_binned) computes on its parameters' device; sample(device=...) must still
+    # return draws there (the CUDA run found them on the CPU)
+    from types import SimpleNamespace
+    from adaptive_sched.schedules.base import sample_by_inverse_transform
+    computes_on_cpu = SimpleNamespace(logsnr=lambda t: torch.zeros(t.shape, dtype=torch.float64))
+    draws = sample_by_inverse_transform(computes_on_cpu, 8, device="meta")
+    assert draws.device.type == "meta" and draws.dtype == torch.float32 and draws.shape == (8,)

@@ -69,10 +69,12 @@ def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> 
 
 def sample_by_inverse_transform(schedule, n: int, generator: torch.Generator | None = None, device=None,
                                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """n draws λ ~ p(λ) as λ(t), t from `uniform_t` (the `sample` of every schedule)."""
+    """n draws λ ~ p(λ) as λ(t), t from `uniform_t` (the `sample` of every schedule), on `device`.
+
+    (A schedule that is a module computes on its own device; the draws still come back on the one asked for.)"""
     if device is None and generator is not None:
         device = generator.device
-    return schedule.logsnr(uniform_t(n, generator, device)).to(dtype)
+    return schedule.logsnr(uniform_t(n, generator, device)).to(device=device, dtype=dtype)
 
 
 class Schedule:
