@@ -184,6 +184,8 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
     """One training measurement: (row, run, None), or (partial row, None, error line) if the compiled path failed."""
     import torch
     from tqdm.auto import tqdm
+    from adaptive_sched.bench_profile import profile_steps
+    from adaptive_sched.compiling import compile_run
     from adaptive_sched.train import build
     compile_mode, channels_last = MODES[mode]
     run = build(config)
@@ -196,9 +198,13 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
     bar = tqdm(total=args.warmup + args.steps * args.repeats, desc=f"bench {mode} {config.schedule.name}",
                unit="step", file=sys.stderr, disable=args.quiet, leave=False)
     try:
-        if compile_mode is not None:     # what train_step calls; a function, as it tests `run.train_model or ...`,
-            run.train_model = torch.compile(run.model.forward, mode=compile_mode)   # which a compiled module fails
-        row.update(time_windows(run, args, compile_mode == "reduce-overhead" and run.device.type == "cuda", bar))
+        if compile_mode is not None:
+            compile_run(run, compile_mode)
+        mark_step = compile_mode == "reduce-overhead" and run.device.type == "cuda"
+        row.update(time_windows(run, args, mark_step, bar))
+        if args.profile:
+            path = Path(args.profile) / f"{mode}-{config.schedule.name}-b{config.train.batch_size}.txt"
+            row.update(profile_steps(run, args.profile_steps, path, mark_step), profile_file=str(path))
     except Exception as err:               # noqa: BLE001 - any failure of the compiled path falls back to eager
         if compile_mode is None:
             raise
@@ -306,8 +312,10 @@ def parse_list(text: str, kind: type = str) -> list:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad bench settings in one line; resolve the modes (eager always, and first)."""
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.sample_steps < 1 or args.sample_n < 0:
-        raise UsageError("--steps, --repeats and --sample-steps must be >= 1; --warmup and --sample-n >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.sample_steps < 1 or args.sample_n < 0 \
+            or args.profile_steps < 1:
+        raise UsageError("--steps, --repeats, --sample-steps and --profile-steps must be >= 1; --warmup and "
+                         "--sample-n >= 0")
     modes = parse_list(args.modes) if args.modes else ["eager"] + ["compiled"] * args.compile + \
         ["channels_last"] * args.channels_last + ["compiled+channels_last"] * (args.compile and args.channels_last)
     unknown = [m for m in modes if m not in MODES]
@@ -362,6 +370,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sample-n", type=int, default=0, help="images per sampling call (default: the batch size)")
     p.add_argument("--concurrent", metavar="K,..", help="aggregate eager img/s of K processes at once, e.g. 1,2,4,8")
     p.add_argument("--peak-n", type=int, help="matmul size of the FLOP/s peak (default 8192 CUDA, 2048 CPU; 0: skip)")
+    p.add_argument("--profile", metavar="DIR", help="also profile each training measurement (torch.profiler): "
+                                                    "op tables in DIR, per-step ops, kernels and GPU-busy time")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled per measurement (default 5)")
     p.add_argument("--out", help="also append the JSON lines to this FILE.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--barrier", help=argparse.SUPPRESS)

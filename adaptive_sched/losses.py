@@ -62,6 +62,7 @@ class DiffusionLoss:
             raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         self.objective, self.smoothness = objective, smoothness
         self.histogram = None
+        self.schedule_fn = None        # a compiled schedule.logsnr_and_slope (adaptive_sched.compiling), else None
         if self.learned and hasattr(schedule, "histogram"):          # adaptive_binned: the histogram is the schedule
             self.histogram, self.objective = schedule.histogram, "adaptive"
         elif self.learned and objective == "adaptive":
@@ -88,7 +89,7 @@ class DiffusionLoss:
             log_density = lambda lam: self.schedule.log_density(lam, cond)            # noqa: E731
         if logsnr is None and self.learned:
             t = uniform_t(n, generator, x0.device)
-            logsnr, slope = self.schedule.logsnr_and_slope(t, **on)                    # (N,), (N,) with grad to φ
+            logsnr, slope = (self.schedule_fn or self.schedule.logsnr_and_slope)(t, **on)   # (N,), (N,), grad to φ
             logsnr, slope = logsnr.float(), slope.float()
             if self.objective == "adaptive":
                 logsnr, slope = logsnr.detach(), slope.detach()

@@ -34,7 +34,7 @@ sweep() {
 bench_file="results/bench/$(date -u +%Y-%m-%d)-${device:-$DEVICE}.jsonl"
 # bench LIMIT ARGS..: one bench process under a timeout (BENCH_ARGS last, so a smoke test can override anything)
 bench() { local limit=$1; shift
-          timeout "$limit" "$py" -m adaptive_sched.bench --data fashion-mnist --model unet --device "$DEVICE" --quiet \
+          timeout "$limit" "$py" -m adaptive_sched.bench --config experiments/bench_fashion.toml --device "$DEVICE" --quiet \
             --out "$bench_file" "$@" $BENCH_ARGS; }
 mkdir -p results/bench
 
@@ -46,12 +46,15 @@ if want 0 && ! grep -qs "CUDA TESTS PASSED" results/bench/cuda-tests-*.txt; then
   else status=1; fi
   tail -15 "$record"
 fi
-if want 1 && ! grep -qs '"measure": "train"' results/bench/*.jsonl; then
-  echo "== 1 bench: batch 512 and 128, eager vs compiled, cosine vs learned  $(date -u +%T)"
-  bench 150 --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled \
-    --warmup 10 --steps 20 --repeats 5 --sample-steps 50 --sample-n 512 || status=1
-  bench 100 --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
-    --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+if want 1 && ! compgen -G "results/bench/profile-*/done" >/dev/null; then
+  prof="results/bench/profile-$(date -u +%Y-%m-%d)-${device:-$DEVICE}"
+  echo "== 1 bench at batch 512, 32x32: eager vs compiled, cosine vs learned, sampling, profiled  $(date -u +%T)"
+  bench 200 --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled --warmup 10 --steps 20 \
+    --repeats 5 --sample-steps 50 --sample-n 512 --profile "$prof" --profile-steps 5 && touch "$prof/done" || status=1
+  if ! grep -qs '"batch_size": 128' results/bench/*.jsonl; then
+    bench 100 --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
+      --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+  fi
 fi
 if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(left)" -gt 130 ]; then
   echo "== 7 bench: concurrency 1, 2, 4, 8 at batch 128 (early: it sets how many runs share the GPU)  $(date -u +%T)"

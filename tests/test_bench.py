@@ -152,12 +152,29 @@ def test_compiled_sampling_failure_falls_back_to_eager(tmp_path, capsys, monkeyp
     assert "compiled sampling failed, falling back to eager" in capsys.readouterr().err
 
 
+def test_profile_writes_op_tables_and_counts_the_host_ops_of_each_schedule(tmp_path, capsys):
+    status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), "--batch-size", "64", "--no-sample",
+                                  "--compare-schedules", "cosine,learned", "--profile", str(tmp_path / "prof"),
+                                  "--profile-steps", "2", *FAST)
+    assert status == 0, err
+    cosine, learned = rows
+    for row in rows:
+        assert row["profile_steps"] == 2 and row["profile_step_ms"] > 0 and "profile_gpu_busy_ms" not in row
+        text = (tmp_path / "prof" / f"eager-{row['schedule']}-b64.txt").read_text()
+        assert text.startswith("2 profiled training steps; per step: step_ms ") and "== by CPU time" in text
+        assert "aten::addmm" in text and row["profile_file"].endswith(f"eager-{row['schedule']}-b64.txt")
+    # the learned schedule's monotone network adds its forward and backward ops to every step
+    assert learned["profile_aten_ops"] > cosine["profile_aten_ops"] + 50
+    assert "aten::log_sigmoid" in (tmp_path / "prof" / "eager-learned-b64.txt").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "nope"], "unknown dataset"),
     (["--compare-schedules", "cosine,nope"], "unknown schedule 'nope'"),
     (["--batch-size", "100000"], "batch_size must be in 1..512"),
     (["--modes", "eager,turbo"], "unknown mode 'turbo'"),
     (["--steps", "0"], "--steps"),
+    (["--profile-steps", "0"], "--profile-steps"),
     (["--concurrent", "2,x"], "comma-separated"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

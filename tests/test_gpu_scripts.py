@@ -39,9 +39,9 @@ schedules = [{ name = "cosine" }, { name = "cauchy" }]   # grid-eval scores cosi
 
 
 def checkout(path: Path) -> Path:
-    """A minimal project tree: the three scripts and a tiny experiments/fashion_mnist.toml."""
+    """A minimal project tree: the three scripts, the bench's config and a tiny experiments/fashion_mnist.toml."""
     (path / "experiments").mkdir(parents=True)
-    for name in ("gpu_next.sh", "gpu_steps.sh", "gpu_unpack.sh"):
+    for name in ("gpu_next.sh", "gpu_steps.sh", "gpu_unpack.sh", "bench_fashion.toml"):
         shutil.copy(ROOT / "experiments" / name, path / "experiments" / name)
     (path / "experiments" / "fashion_mnist.toml").write_text(TINY)
     return path
@@ -109,3 +109,14 @@ def test_the_bench_step_measures_cosine_against_learned_and_comes_back(tmp_path)
     assert list(train["schedule"]) == ["cosine", "learned"] * 2 and (train["img_s"] > 0).all()
     assert train["overhead_pct"].notna().sum() == 2 and (rows["measure"] == "sample").sum() == 1
     assert "overhead_pct=" in (tmp_path / "out" / "log").read_text()      # the table printed last
+    assert all(list(shape) == [1, 12, 12] for shape in train["shape"])    # the bench config's pad = 2 (8x8 digits)
+    profiles = sorted(f for f in files if f.startswith("results/bench/profile-"))
+    assert [Path(f).name for f in profiles] == ["done", "eager-cosine-b16.txt", "eager-learned-b16.txt"]
+
+
+def test_the_bench_config_is_the_headline_comparisons_model_and_data():
+    import tomllib
+    bench = tomllib.loads((ROOT / "experiments" / "bench_fashion.toml").read_text())
+    compare = tomllib.loads((ROOT / "experiments" / "fashion_mnist.toml").read_text())
+    assert bench["data"] == compare["data"] and bench["model"] == compare["model"]
+    assert {k: compare["train"][k] for k in bench["train"]} == bench["train"]
