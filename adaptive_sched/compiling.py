@@ -2,8 +2,9 @@
 
 Compiling only the denoiser left a learned schedule's ~270 small eager ops per step (forward and backward of
 the monotone network) outside the graph: on an H200 at batch 512 the compiled step went from 21.8 ms (cosine)
-to 27.6 ms (learned), +26%, against +1.7% in eager (results/bench/2026-11-26-NVIDIA-H200.jsonl). Compiling
-`logsnr_and_slope` fuses them; the hooks of the variance objective stay on its eager outputs.
+to 27.6 ms (learned), +26%, against +1.7% in eager (results/bench/2026-11-26-NVIDIA-H200.jsonl); those ops are
+the likely cause (the profiled bench checks). Compiling `logsnr_and_slope` fuses them; the hooks of the
+variance objective stay on its eager outputs.
 """
 from __future__ import annotations
 
