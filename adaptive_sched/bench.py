@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from adaptive_sched import config as cfg
 from adaptive_sched.cli import add_run_options, resolve_config
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
+from adaptive_sched.compiling import device_ok, error_line, sync
 from adaptive_sched.errors import UsageError
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
@@ -38,13 +39,6 @@ MODES: dict[str, tuple[str | None, bool]] = {
     "eager": (None, False), "compiled": ("default", False), "reduce-overhead": ("reduce-overhead", False),
     "channels_last": (None, True), "compiled+channels_last": ("default", True)}
 _PEAKS: dict[tuple[str, int], float] = {}          # matmul FLOP/s per (device, size), measured once per process
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA only; CPU work is done when the call returns)."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:
@@ -99,24 +93,6 @@ def peak_memory(device: torch.device) -> dict:
                 "mem_kind": "cuda_max_allocated"}
     return {"peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, 1),
             "mem_kind": "process_max_rss"}
-
-
-def device_ok(device: torch.device) -> bool:
-    """Whether the device still works (a sticky CUDA error poisons the whole process)."""
-    import torch
-    try:
-        sync(device)
-        return bool(torch.ones(1, device=device).sum() == 1)
-    except Exception:          # noqa: BLE001 - whatever the error, the device is unusable
-        return False
-
-
-def error_line(err: BaseException) -> str:
-    """`Type: first line` of the innermost cause of an exception."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def count_flops(run: Run, step: int = 0) -> int:

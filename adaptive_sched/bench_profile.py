@@ -32,7 +32,7 @@ def profile_steps(run: Run, steps: int, path: Path, mark_step: bool = False) -> 
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
-    from adaptive_sched.bench import sync
+    from adaptive_sched.compiling import sync
     from adaptive_sched.train import new_running, train_step
     cuda = run.device.type == "cuda"
     running = new_running(run.device)

@@ -5,19 +5,53 @@ the monotone network) outside the graph: on an H200 at batch 512 the compiled st
 to 27.6 ms (learned), +26%, against +1.7% in eager (results/bench/2026-11-26-NVIDIA-H200.jsonl); those ops are
 the likely cause (the profiled bench checks). Compiling `logsnr_and_slope` fuses them; the hooks of the
 variance objective stay on its eager outputs.
+
+`train` with `[train] compile = true` (`--compile`) takes its first step through `first_compiled_step`: a
+compilation error there sends the run back to eager with a warning (torch 2.11 crashed compiling our U-Net at
+batch 512 on an H100); a device error that poisons the CUDA context stops it with a one-line message instead.
 """
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
+from adaptive_sched.errors import UsageError
+
 if TYPE_CHECKING:
+    import torch
     from adaptive_sched.train import Run
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only; CPU work is done when the call returns)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_ok(device: torch.device) -> bool:
+    """Whether the device still works (a sticky CUDA error poisons the whole process)."""
+    import torch
+    try:
+        sync(device)
+        return bool(torch.ones(1, device=device).sum() == 1)
+    except Exception:          # noqa: BLE001 - whatever the error, the device is unusable
+        return False
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line` of the innermost cause of an exception."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def compile_run(run: Run, mode: str = "default") -> None:
     """Make train_step call torch.compile'd functions: the model's forward (as `run.train_model`) and the
     learned schedule's `logsnr_and_slope` (as `run.loss.schedule_fn`). Compilation itself happens on first use."""
     import torch
+    torch._dynamo.reset()      # one run per process at a time: a fresh cache, never dynamo's recompile limit
     # a function, not the module: train_step tests `run.train_model or run.model`, which a compiled module fails
     run.train_model = torch.compile(run.model.forward, mode=mode)
     if run.loss.learned and hasattr(run.loss.schedule, "logsnr_and_slope"):
@@ -28,3 +62,25 @@ def uncompile_run(run: Run) -> None:
     """Back to the eager functions (after a compiled step failed)."""
     run.train_model = None
     run.loss.schedule_fn = None
+
+
+def first_compiled_step(run: Run, step: int, running: torch.Tensor) -> float:
+    """train_step(run, step, running) with the run compiled, then a device sync so that an asynchronous kernel
+    error surfaces here. If compiling failed and the device still works: warn, go eager and take the step again
+    (the step's noise comes from its own generator, so it is the same step; an `adaptive` histogram sees this
+    one batch twice). If the device is broken: UsageError (the run resumes from its last checkpoint)."""
+    from adaptive_sched.train import train_step
+    try:
+        lr = train_step(run, step, running)
+        sync(run.device)
+        return lr
+    except Exception as err:                       # noqa: BLE001 - any failure of the compiled path
+        reason = error_line(err)
+        if not device_ok(run.device):
+            raise UsageError(f"the compiled step broke the {run.device.type} device ({reason}); run again "
+                             f"without compile (`compile = false`): the run resumes from its last checkpoint") \
+                from None
+        print(f"warning: torch.compile failed, training eagerly: {reason}", file=sys.stderr)
+        uncompile_run(run)
+        run.optimizer.zero_grad(set_to_none=True)
+        return train_step(run, step, running)

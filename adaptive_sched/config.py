@@ -95,6 +95,7 @@ class TrainConfig:
     max_nonfinite: int = 20       # stop after this many non-finite losses in a row (each one is skipped)
     conditional: bool = False     # class-conditional denoiser (labels from the data) for classifier-free guidance
     p_uncond: float = 0.1         # conditional: probability of replacing a label by the null class in training
+    compile: bool = False         # torch.compile the denoiser (and a learned schedule); eager if compiling fails
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, run_artifacts,
                             samplers, schedules, weighting)
+from adaptive_sched.compiling import compile_run, first_compiled_step
 from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, condition_frequencies,
                                          drop_labels, guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
@@ -32,7 +33,7 @@ from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_un
 
 # config keys that may change between a run and its resumption
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
-                     ("train", "device")}
+                     ("train", "device"), ("train", "compile")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -348,6 +349,10 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     world, device_name = distributed.setup(config.train.device)
     try:
         run = build(config, world, device_name)
+        if config.train.compile:
+            if world.enabled:
+                raise UsageError("compile = true is not supported under torchrun yet; drop it for DDP runs")
+            compile_run(run)
         start, state = open_run_dir(run, out_dir, resume)
         running = new_running(run.device) if state is None else state["running"].to(run.device)
         if running.numel() == 2:                       # a checkpoint from before the non-finite counters
@@ -385,7 +390,8 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
     tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
     run.model.train()
     for step in range(start, t.steps):
-        lr = train_step(run, step, running)
+        lr = first_compiled_step(run, step, running) if step == start and config.train.compile else \
+            train_step(run, step, running)
         done = step + 1
         bar.update(1)
         is_log, is_eval = done % t.log_every == 0 or done == t.steps, done % config.eval.every == 0 or done == t.steps

@@ -61,3 +61,68 @@ def test_compiled_steps_match_eager_ones_and_the_schedule_leaves_the_eager_ops()
     uncompile_run(compiled)
     assert compiled.train_model is None and compiled.loss.schedule_fn is None
     assert "aten::log_sigmoid" in aten_ops(compiled, 4)
+
+
+def gmm_config(steps=6, **train):
+    return cfg.from_dict({
+        "data": {"name": "gmm", "n": 512, "dim": 4}, "model": {"name": "mlp", "hidden": 32, "depth": 2},
+        "schedule": {"name": "learned"},
+        "train": {"steps": steps, "batch_size": 64, "device": "cpu", "target": "v", "warmup": 0, "log_every": 2,
+                  "checkpoint_every": 2, **train},
+        "eval": {"every": 1000, "n": 64, "sample_n": 0, "logsnr_points": 3}})
+
+
+def final_loss(run_dir) -> list[float]:
+    """The logged training losses of a run."""
+    import pandas as pd
+    return pd.read_csv(run_dir / "metrics.csv")["loss"].tolist()
+
+
+def test_a_compiled_training_run_follows_the_eager_one(tmp_path, capsys):
+    from adaptive_sched.train import train
+    train(gmm_config(), tmp_path / "eager", progress=False)
+    train(gmm_config(compile=True), tmp_path / "compiled", progress=False)
+    assert "training eagerly" not in capsys.readouterr().err                 # it really ran compiled
+    assert "compile = true" in (tmp_path / "compiled" / "config.toml").read_text()
+    eager, compiled = final_loss(tmp_path / "eager"), final_loss(tmp_path / "compiled")
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-3)
+
+
+def refuse_to_compile(fn, **kwargs):
+    """What a torch.compile'd function that fails to compile looks like on its first call."""
+    def failing(*args, **kw):
+        raise RuntimeError("InductorError: misaligned address\nmore lines")
+    return failing
+
+
+def test_a_failed_compilation_trains_eagerly_with_a_warning(tmp_path, monkeypatch, capsys):
+    from adaptive_sched.train import train
+    train(gmm_config(), tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", refuse_to_compile)
+    train(gmm_config(compile=True), tmp_path / "fallback", progress=False)
+    assert "warning: torch.compile failed, training eagerly: RuntimeError: InductorError: misaligned address" \
+        in capsys.readouterr().err
+    assert final_loss(tmp_path / "fallback") == final_loss(tmp_path / "eager")          # the very same steps
+
+
+def test_a_broken_device_stops_the_run_in_one_line_and_it_resumes_without_compile(tmp_path, monkeypatch):
+    from adaptive_sched import compiling
+    from adaptive_sched.errors import UsageError
+    from adaptive_sched.train import train
+    train(gmm_config(steps=4), tmp_path / "run", progress=False)
+    monkeypatch.setattr(torch, "compile", refuse_to_compile)
+    monkeypatch.setattr(compiling, "device_ok", lambda device: False)
+    with pytest.raises(UsageError, match=r"^the compiled step broke the cpu device \(RuntimeError: InductorError: "
+                                         r"misaligned address\); run again without compile"):
+        train(gmm_config(steps=6, compile=True), tmp_path / "run", resume=True, progress=False)
+    train(gmm_config(steps=6), tmp_path / "run", resume=True, progress=False)              # compile may change
+    assert len(final_loss(tmp_path / "run")) == 3
+
+
+def test_train_compile_on_the_command_line(tmp_path, monkeypatch, capsys):
+    from adaptive_sched.cli import main
+    monkeypatch.setattr(torch, "compile", refuse_to_compile)
+    status = main(["train", "--data", "gmm", "--model", "mlp", "--steps", "2", "--batch-size", "32", "--device", "cpu",
+                   "--eval-every", "1000", "--compile", "--out", str(tmp_path / "run"), "--quiet"])
+    assert status == 0 and "compile = true" in (tmp_path / "run" / "config.toml").read_text()
+    assert "training eagerly" in capsys.readouterr().err
