@@ -16,7 +16,7 @@ compare() {
   local budget=$(( $(left) - RUN_S ))
   if [ "$budget" -le 0 ]; then echo "== $1: no time left this call"; return 1; fi
   echo "== compare $1 -> $2 (no run starts after ${budget}s)  $(date -u +%T)"
-  as compare "$1" --out "$2" --quiet --time-budget "$budget" ${JOBS:+--jobs $JOBS} || status=1
+  as compare "$1" --out "$2" --quiet --time-budget "$budget" --jobs "$JOBS" || status=1
   as compare "$1" --out "$2" --status | tee /dev/stderr | grep -q "(all)"
 }
 # trials DIR: how many trials a study's trials.csv lists (0 when none)
@@ -27,7 +27,7 @@ sweep() {
   [ "$(trials "$dir")" -ge 30 ] && return 0
   if [ "$budget" -le 0 ]; then echo "== sweep $1: no time left this call"; return 1; fi
   echo "== sweep $1 (no trial starts after ${budget}s)  $(date -u +%T)"
-  as sweep --config experiments/sweep_fashion.toml --schedule "$1" --out "$dir" --workers "${JOBS:-4}" \
+  as sweep --config experiments/sweep_fashion.toml --schedule "$1" --out "$dir" --workers "$JOBS" \
     --time-budget "$budget" --device "$DEVICE" || status=1
   [ "$(trials "$dir")" -ge 30 ]
 }
