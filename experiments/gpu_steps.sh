@@ -63,12 +63,15 @@ if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(
 fi
 if want 2; then
   compare experiments/fashion_mnist.toml results/fashion-mnist
-  for run in results/fashion-mnist/runs/{cosine,laplace_b=0.5}/seed*; do
-    [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ] || continue     # weights only exist where trained
-    [ "$(left)" -gt 60 ] || break
-    echo "== grid-eval $run  $(date -u +%T)"
-    as grid-eval "$run" --steps 5,10,20 --methods cosine,karras,quantile,ays \
-      --out "results/fashion-mnist-grids/$(basename "$(dirname "$run")")" --quiet || status=1
+  for label in cosine laplace_b=0.5; do       # the grids of the runs trained in this call, reported with earlier ones
+    grids="results/fashion-mnist-grids/$label" runs=() trained=false
+    for run in results/fashion-mnist/runs/$label/seed*; do
+      if [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ]; then runs+=("$run") trained=true   # weights: this call
+      elif grep -qs "^$run," "$grids/grid_eval.csv"; then runs+=("$run"); fi                     # scored before
+    done
+    $trained && [ "$(left)" -gt 60 ] || continue
+    echo "== grid-eval ${runs[*]}  $(date -u +%T)"
+    as grid-eval "${runs[@]}" --steps 5,10,20 --methods cosine,karras,quantile,ays --out "$grids" --quiet || status=1
   done
 fi
 done2=false; as compare experiments/fashion_mnist.toml --out results/fashion-mnist --status | grep -q "(all)" && done2=true

@@ -82,6 +82,16 @@ def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp
     assert "== compare" not in log and "== grid-eval" not in log
     assert pd.read_csv(here / "results" / "fashion-mnist" / "summary.csv").equals(summary)
 
+    config = here / "experiments" / "fashion_mnist.toml"                  # a seed more: its grids join seed 0's
+    config.write_text(config.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    more = run_script(here, tmp_path / "out4")
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
+    log = (tmp_path / "out4" / "log").read_text()
+    assert "== grid-eval results/fashion-mnist/runs/cosine/seed0 results/fashion-mnist/runs/cosine/seed1" in log
+    grids = pd.read_csv(here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.csv")
+    assert len(grids) == 2 * 4 * 3 and grids["run"].str.endswith("seed0").sum() == 12
+    assert "over 2 run(s)" in (here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.md").read_text()
+
     stopped = run_script(checkout(tmp_path / "slow"), tmp_path / "out3", HARD="3")     # the hard stop still packs
     log = (tmp_path / "out3" / "log").read_text()
     assert stopped.returncode == 124 and "== hard stop at 3s" in log and "== packing results" in log
