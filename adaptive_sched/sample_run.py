@@ -18,8 +18,11 @@ def load_snapshot(run_dir: str | Path, device: torch.device):
     """(config, EMA model, snapshot) from RUN_DIR/ema.pt, loaded without running code."""
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
-    params = params_for_weights(config.model.name, config.model.params, snap["model"])
-    model = build_model(config.model.name, tuple(snap["data_shape"]), snap.get("num_classes", 0), **params)
+    if "model_params" in snap:                     # the constructor's arguments as they were, defaults included
+        name, params = snap["model_name"], snap["model_params"]
+    else:
+        name, params = config.model.name, params_for_weights(config.model.name, config.model.params, snap["model"])
+    model = build_model(name, tuple(snap["data_shape"]), snap.get("num_classes", 0), **params)
     model.load_state_dict(snap["model"])
     return config, model.to(device).eval(), snap
 

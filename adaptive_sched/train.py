@@ -24,7 +24,7 @@ from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, chec
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import autocast_for, sampling_grid
 from adaptive_sched.losses import DiffusionLoss
-from adaptive_sched.models import build_model, count_parameters
+from adaptive_sched.models import build_model, constructor_params, count_parameters, resolve_name
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
@@ -323,8 +323,10 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     if run.loss.histogram is not None:
         state["histogram"] = run.loss.histogram.state_dict()
     checkpoint.save_training_state(out_dir, state)
+    shape, model_config = tuple(run.train_data.shape), run.config.model
     snapshot = {"kind": "ema", "step": step, "config": run.config.to_dict(), "model": ema_model(run).state_dict(),
-                "data_shape": list(run.train_data.shape)}
+                "data_shape": list(shape), "model_name": resolve_name(model_config.name, shape),
+                "model_params": constructor_params(model_config.name, shape, model_config.params)}
     if learned:
         snapshot["schedule"] = run.loss.schedule.state_dict()
     if run.num_classes:

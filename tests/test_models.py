@@ -208,3 +208,30 @@ def test_a_snapshot_from_before_the_mid_blocks_default_changed_still_loads(tmp_p
     assert len(loaded.mid) == 2 and count_parameters(loaded) == count_parameters(model)
     assert params_for_weights("unet", {"mid_blocks": 1}, model.state_dict()) == {"mid_blocks": 1}  # given: kept
     assert params_for_weights("mlp", {}, {}) == {}
+
+
+def test_a_snapshot_records_the_constructor_arguments_so_a_later_default_change_cannot_alter_it(tmp_path,
+                                                                                                  monkeypatch):
+    from adaptive_sched import checkpoint, config as cfg, models
+    from adaptive_sched.models import constructor_params
+    from adaptive_sched.sample_run import load_snapshot
+    from adaptive_sched.train import train
+    assert constructor_params("auto", (1, 8, 8), {"channels": [8]})["channels"] == [8]
+    assert constructor_params("auto", (1, 8, 8), {})["mid_blocks"] == 1                  # the default, written out
+    assert "in_channels" not in constructor_params("unet", (1, 8, 8), {})                 # shape args stay out
+    config = cfg.from_dict({"data": {"name": "digits"}, "model": {"name": "auto", "channels": [8], "emb_dim": 16},
+                            "train": {"steps": 2, "batch_size": 16, "device": "cpu", "checkpoint_every": 2},
+                            "eval": {"every": 100, "n": 16, "sample_n": 0, "logsnr_points": 3}})
+    train(config, tmp_path / "run", progress=False)
+    snap = checkpoint.load_ema_snapshot(tmp_path / "run")
+    assert snap["model_name"] == "unet" and snap["model_params"]["mid_blocks"] == 1
+    import functools
+    original = models.UNet.__init__                      # a later version whose default mid_blocks is 3
+
+    @functools.wraps(original)
+    def later(self, *args, mid_blocks=3, **kwargs):
+        original(self, *args, mid_blocks=mid_blocks, **kwargs)
+    monkeypatch.setattr(models.UNet, "__init__", later)
+    assert len(build_model("unet", (1, 8, 8), channels=[8], emb_dim=16).mid) == 3     # the new default bites
+    _, loaded, _ = load_snapshot(tmp_path / "run", torch.device("cpu"))
+    assert len(loaded.mid) == 1                                                          # but not old runs

@@ -15,7 +15,7 @@ from adaptive_sched.models.embedding import LogSNREmbedding
 from adaptive_sched.models.mlp import MLPDenoiser
 from adaptive_sched.models.unet import UNet
 
-__all__ = ["MODELS", "names", "build_model", "params_for_weights", "count_parameters", "num_classes_of", "LogSNREmbedding", "MLPDenoiser", "UNet"]
+__all__ = ["MODELS", "names", "build_model", "constructor_params", "params_for_weights", "count_parameters", "num_classes_of", "LogSNREmbedding", "MLPDenoiser", "UNet"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPDenoiser, "unet": UNet}
 
@@ -32,11 +32,27 @@ def names() -> list[str]:
     return [*MODELS, "auto"]
 
 
+def resolve_name(name: str, data_shape: tuple[int, ...]) -> str:
+    """The model a name builds for data of this shape ("auto": unet for (C, H, W) data, mlp otherwise)."""
+    if name == "auto":
+        return "unet" if len(data_shape) == 3 else "mlp"
+    return name
+
+
+def constructor_params(name: str, data_shape: tuple[int, ...], params: dict) -> dict:
+    """Every user-settable constructor argument of the model, `params` over the constructor's defaults: what a
+    snapshot records, so that changing a default later cannot change how an old run loads."""
+    name = resolve_name(name, tuple(data_shape))
+    shape_args = _SHAPE_ARGS[name](tuple(data_shape))
+    defaults = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items()
+                if k not in shape_args and k != "num_classes" and p.default is not inspect.Parameter.empty}
+    return {**defaults, **params}
+
+
 def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **kwargs) -> nn.Module:
     """Build model `name` for per-example shape (D,) or (C, H, W); kwargs go to its constructor."""
     data_shape = tuple(int(s) for s in data_shape)
-    if name == "auto":
-        name = "unet" if len(data_shape) == 3 else "mlp"
+    name = resolve_name(name, data_shape)
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
     if len(data_shape) != _SHAPE_NDIM[name]:
@@ -56,8 +72,8 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
 
 
 def params_for_weights(name: str, params: dict, state: dict) -> dict:
-    """`params` plus what older configs left to a default that has changed since, read off the weights they
-    were saved with: a U-Net's mid_blocks (the default was 2, now 1) is the number of mid.<i> blocks."""
+    """For snapshots without recorded constructor_params (older ones): `params` plus what their configs left to a
+    default that has changed since, read off the weights: a U-Net's mid_blocks (was 2, now 1) = its mid.<i> blocks."""
     params = dict(params)
     if name == "unet" and "mid_blocks" not in params:
         params["mid_blocks"] = len({key.split(".")[1] for key in state if key.startswith("mid.")})
