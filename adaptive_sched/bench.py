@@ -298,6 +298,11 @@ def check_args(args: argparse.Namespace) -> None:
     if unknown:
         raise UsageError(f"unknown mode {unknown[0]!r}; choose from: {', '.join(MODES)}")
     args.modes = ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]
+    if args.profile:
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--profile {args.profile}: cannot make that folder ({err.strerror})") from None
     if args.concurrent and min(parse_list(args.concurrent, int)) < 1:
         raise UsageError("--concurrent takes worker counts >= 1, e.g. 1,2,4,8")
 

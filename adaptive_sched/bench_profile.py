@@ -4,9 +4,11 @@ For each measurement it profiles a few more train_steps and writes DIR/<mode>-<s
 profiler's op tables (by device time on a GPU, by CPU time), and adds to the JSON line, per step:
   profile_aten_ops    dispatcher ops issued from the host (eager work outside any compiled graph, plus the
                       extern kernels a compiled graph calls): the launch overhead a step pays;
-  profile_kernels     device kernels and copies launched (CUDA only);
-  profile_gpu_busy_ms their summed duration; against profile_step_ms (wall time under the profiler, a little
-                      above step_ms) it says whether the step is bound by the GPU or by the host.
+  profile_kernels     device kernels and copies launched (CUDA only; not the profiler's annotation ranges,
+                      which span whole regions on the GPU timeline);
+  profile_gpu_busy_ms their summed duration (kernels on one stream do not overlap; on several it is an upper
+                      bound); against profile_step_ms (wall time under the profiler, a little above step_ms) it
+                      says whether the step is bound by the GPU or by the host.
 """
 from __future__ import annotations
 
@@ -25,12 +27,17 @@ def is_host_op(event) -> bool:
     return event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::"))
 
 
+def is_device_work(event) -> bool:
+    """A kernel or copy on the GPU, not a user annotation (record_function ranges mirrored onto the GPU timeline)."""
+    from torch.autograd import DeviceType
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def profile_steps(run: Run, steps: int, path: Path, mark_step: bool = False) -> dict:
     """Profile `steps` train_steps of `run` (CPU ops, and CUDA kernels on a GPU); write the op tables to `path`;
     return the per-step summary fields (see the module docstring)."""
     import time
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     from adaptive_sched.compiling import sync
     from adaptive_sched.train import new_running, train_step
@@ -48,7 +55,7 @@ def profile_steps(run: Run, steps: int, path: Path, mark_step: bool = False) -> 
         sync(run.device)
         wall = time.perf_counter() - began
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in events if is_device_work(e)]
     fields = {"profile_steps": steps, "profile_step_ms": round(1e3 * wall / steps, 3),
               "profile_aten_ops": round(sum(map(is_host_op, events)) / steps, 1)}
     if cuda:

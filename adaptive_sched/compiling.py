@@ -66,21 +66,34 @@ def uncompile_run(run: Run) -> None:
 
 def first_compiled_step(run: Run, step: int, running: torch.Tensor) -> float:
     """train_step(run, step, running) with the run compiled, then a device sync so that an asynchronous kernel
-    error surfaces here. If compiling failed and the device still works: warn, go eager and take the step again
-    (the step's noise comes from its own generator, so it is the same step; an `adaptive` histogram sees this
-    one batch twice). If the device is broken: UsageError (the run resumes from its last checkpoint)."""
+    error surfaces here. If the step failed (compiling, forward or the lazily compiled backward) and the device
+    still works: warn, go eager and take the same step again (its noise comes from its own generator; the one
+    thing the step changed before backward, an `adaptive` loss histogram, is restored first). If the device is
+    broken: UsageError (the run resumes from its last checkpoint)."""
     from adaptive_sched.train import train_step
+    histogram = run.loss.histogram
+    saved = None if histogram is None else {k: v.clone() for k, v in histogram.state_dict().items()}
     try:
         lr = train_step(run, step, running)
-        sync(run.device)
-        return lr
+    except UsageError:
+        raise
     except Exception as err:                       # noqa: BLE001 - any failure of the compiled path
-        reason = error_line(err)
         if not device_ok(run.device):
-            raise UsageError(f"the compiled step broke the {run.device.type} device ({reason}); run again "
-                             f"without compile (`compile = false`): the run resumes from its last checkpoint") \
-                from None
-        print(f"warning: torch.compile failed, training eagerly: {reason}", file=sys.stderr)
+            raise broken_device(run, err) from None
+        print(f"warning: torch.compile failed, training eagerly: {error_line(err)}", file=sys.stderr)
         uncompile_run(run)
         run.optimizer.zero_grad(set_to_none=True)
+        if saved is not None:
+            histogram.load_state_dict(saved)
         return train_step(run, step, running)
+    try:
+        sync(run.device)                           # the step was taken: an error now is the device's, not retaken
+    except Exception as err:                       # noqa: BLE001
+        raise broken_device(run, err) from None
+    return lr
+
+
+def broken_device(run: Run, err: BaseException) -> UsageError:
+    """The one-line error for a compiled step that left the device unusable."""
+    return UsageError(f"the compiled step broke the {run.device.type} device ({error_line(err)}); run again "
+                      f"without compile (`compile = false`): the run resumes from its last checkpoint")

@@ -19,6 +19,9 @@ compare() {
   as compare "$1" --out "$2" --quiet --time-budget "$budget" --jobs "$JOBS" || status=1
   as compare "$1" --out "$2" --status | tee /dev/stderr | grep -q "(all)"
 }
+# scored RUN CSV: true when grid-eval's CSV holds all 12 cells of RUN (4 grids x 3 step counts); a run cut short
+# by a hard stop has no weights left to finish with, and grid-eval refuses such a run
+scored() { awk -F, -v run="$1" '$1 == run { n++ } END { exit !(n >= 12) }' "$2" 2>/dev/null; }
 # trials DIR: how many trials a study's trials.csv lists (0 when none)
 trials() { "$py" -c 'import sys, pandas; print(len(pandas.read_csv(sys.argv[1])))' "$1/trials.csv" 2>/dev/null || echo 0; }
 # sweep NAME: continue the Fashion-MNIST study of NAME; true when it holds its 30 trials
@@ -51,7 +54,7 @@ if want 1 && ! compgen -G "results/bench/profile-*/done" >/dev/null; then
   echo "== 1 bench at batch 512, 32x32: eager vs compiled, cosine vs learned, sampling, profiled  $(date -u +%T)"
   bench 200 --batch-size 512 --compare-schedules cosine,learned --modes eager,compiled --warmup 10 --steps 20 \
     --repeats 5 --sample-steps 50 --sample-n 512 --profile "$prof" --profile-steps 5 && touch "$prof/done" || status=1
-  if ! grep -qs '"batch_size": 128' results/bench/*.jsonl; then
+  if ! grep -qsE '"measure": "train".*"shape": \[1, 32, 32\].*"batch_size": 128,' results/bench/*.jsonl; then
     bench 100 --batch-size 128 --compare-schedules cosine,learned --modes eager,compiled \
       --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
   fi
@@ -67,7 +70,7 @@ if want 2; then
     grids="results/fashion-mnist-grids/$label" runs=() trained=false
     for run in results/fashion-mnist/runs/$label/seed*; do
       if [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ]; then runs+=("$run") trained=true   # weights: this call
-      elif grep -qs "^$run," "$grids/grid_eval.csv"; then runs+=("$run"); fi                     # scored before
+      elif scored "$run" "$grids/grid_eval.csv"; then runs+=("$run"); fi                         # scored before
     done
     $trained && [ "$(left)" -gt 60 ] || continue
     echo "== grid-eval ${runs[*]}  $(date -u +%T)"

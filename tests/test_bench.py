@@ -168,6 +168,15 @@ def test_profile_writes_op_tables_and_counts_the_host_ops_of_each_schedule(tmp_p
     assert "aten::log_sigmoid" in (tmp_path / "prof" / "eager-learned-b64.txt").read_text()
 
 
+def test_profile_counts_kernels_but_not_the_annotation_ranges_on_the_gpu_timeline():
+    from torch.autograd import DeviceType
+    from adaptive_sched.bench_profile import is_device_work
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False)
+    annotation = SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True)   # e.g. "train_step"
+    host = SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False)
+    assert [is_device_work(e) for e in (kernel, annotation, host)] == [True, False, False]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "nope"], "unknown dataset"),
     (["--compare-schedules", "cosine,nope"], "unknown schedule 'nope'"),
@@ -175,6 +184,7 @@ def test_profile_writes_op_tables_and_counts_the_host_ops_of_each_schedule(tmp_p
     (["--modes", "eager,turbo"], "unknown mode 'turbo'"),
     (["--steps", "0"], "--steps"),
     (["--profile-steps", "0"], "--profile-steps"),
+    (["--profile", "/dev/null/prof"], "--profile /dev/null/prof: cannot make that folder"),
     (["--concurrent", "2,x"], "comma-separated"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -126,3 +126,39 @@ def test_train_compile_on_the_command_line(tmp_path, monkeypatch, capsys):
                    "--eval-every", "1000", "--compile", "--out", str(tmp_path / "run"), "--quiet"])
     assert status == 0 and "compile = true" in (tmp_path / "run" / "config.toml").read_text()
     assert "training eagerly" in capsys.readouterr().err
+
+
+class FailInBackward(torch.autograd.Function):
+    """Identity whose backward fails, as when the lazily compiled backward does not compile."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("InductorError: the backward did not compile")
+
+
+def compile_failing_in_backward(fn, **kwargs):
+    def compiled(*args, **kw):
+        out = fn(*args, **kw)
+        return out if isinstance(out, tuple) else FailInBackward.apply(out)
+    return compiled
+
+
+def test_a_backward_that_fails_to_compile_retakes_the_step_with_the_histogram_as_it_was(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # the adaptive objective updates its loss histogram in the forward, before backward fails
+    from adaptive_sched import checkpoint
+    from adaptive_sched.train import train
+    eager, compiled = gmm_config(steps=4), gmm_config(steps=4, compile=True)
+    for c in (eager, compiled):                          # adaptive needs an absolute weighting
+        c.learned.objective, c.weighting.name = "adaptive", "sigmoid"
+    train(eager, tmp_path / "eager", progress=False)
+    monkeypatch.setattr(torch, "compile", compile_failing_in_backward)
+    train(compiled, tmp_path / "fallback", progress=False)
+    assert "training eagerly: RuntimeError: InductorError: the backward did not compile" in capsys.readouterr().err
+    assert final_loss(tmp_path / "fallback") == final_loss(tmp_path / "eager")
+    a, b = (checkpoint.load(tmp_path / name / "checkpoint.pt")["histogram"] for name in ("eager", "fallback"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
