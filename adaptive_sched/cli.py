@@ -68,6 +68,7 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     put("learned", "condition", args.schedule_condition)
     put("train", "conditional", args.conditional)
     put("train", "p_uncond", args.p_uncond)
+    put("train", "compile", getattr(args, "train_compile", None))     # train's --compile (bench has its own)
     if args.curriculum:
         put("schedule", "curriculum", {k: str(v) for k, v in cfg.parse_assignments(args.curriculum,
                                                                                    "--curriculum").items()})
@@ -88,8 +89,6 @@ def cmd_train(args) -> int:
     config = resolve_config(args)
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
-    if args.train_compile:
-        config.train.compile = True
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
     shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd", "eval_fid",
                                    "eval_bpd") if k in final}
@@ -142,7 +141,7 @@ def make_parser() -> Parser:
     add_run_options(p)
     p.add_argument("--out", help="run directory (metrics.csv, config.toml, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--compile", dest="train_compile", action="store_true",
+    p.add_argument("--compile", dest="train_compile", action="store_true", default=None,
                    help="torch.compile the denoiser (and a learned schedule); eager with a warning if that fails")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -39,13 +39,18 @@ def resolve_name(name: str, data_shape: tuple[int, ...]) -> str:
     return name
 
 
+def user_parameters(name: str, shape_args: dict) -> dict[str, inspect.Parameter]:
+    """The constructor parameters of model `name` a user may set: all but the shape's and num_classes."""
+    return {k: p for k, p in inspect.signature(MODELS[name]).parameters.items()
+            if k not in shape_args and k != "num_classes"}
+
+
 def constructor_params(name: str, data_shape: tuple[int, ...], params: dict) -> dict:
     """Every user-settable constructor argument of the model, `params` over the constructor's defaults: what a
     snapshot records, so that changing a default later cannot change how an old run loads."""
     name = resolve_name(name, tuple(data_shape))
-    shape_args = _SHAPE_ARGS[name](tuple(data_shape))
-    defaults = {k: p.default for k, p in inspect.signature(MODELS[name]).parameters.items()
-                if k not in shape_args and k != "num_classes" and p.default is not inspect.Parameter.empty}
+    defaults = {k: p.default for k, p in user_parameters(name, _SHAPE_ARGS[name](tuple(data_shape))).items()
+                if p.default is not inspect.Parameter.empty}
     return {**defaults, **params}
 
 
@@ -59,7 +64,7 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
         want = "(D,)" if _SHAPE_NDIM[name] == 1 else "(C, H, W)"
         raise UsageError(f"model {name!r} needs data of shape {want}, got {data_shape}; try model 'auto'")
     shape_args = _SHAPE_ARGS[name](data_shape)
-    valid = [p for p in inspect.signature(MODELS[name]).parameters if p not in shape_args and p != "num_classes"]
+    valid = list(user_parameters(name, shape_args))
     for key in kwargs:
         if key not in valid:
             raise UsageError(f"unknown option {key!r} for model {name!r}{suggest(key, valid)}; "
