@@ -158,6 +158,7 @@ class Run:
     num_classes: int = 0                         # the denoiser's classes (0: unconditional); index K = null class
     condition: ScheduleCondition = field(default_factory=lambda: ScheduleCondition("none"))   # what λ(t, c) sees
     condition_weights: torch.Tensor | None = None  # (K,) training frequency of each condition (conditional only)
+    logged_step: int = 0                         # the step of metrics.csv's last row (saved with each checkpoint)
 
     @property
     def schedule_params(self) -> list[torch.nn.Parameter]:
@@ -288,6 +289,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             warnings.warn(f"resuming a run saved with {state.get('world_size', 1)} ranks on {run.world.size}: "
                           f"the per-rank noise differs from an uninterrupted run from here on")
     start = 0 if state is None else int(state["step"])
+    if state is not None:
+        run.logged_step = int(state.get("logged_step", 0))        # 0: a checkpoint from before the field
+        check_metrics_cover(out_dir, run.logged_step, start)
     if not run.world.is_main:
         return start, state
     (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
@@ -302,6 +306,17 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     return start, state
 
 
+def check_metrics_cover(out_dir: Path, logged_step: int, start: int) -> None:
+    """Refuse to resume when metrics.csv ends before the checkpoint's last logged row (its rows were lost):
+    the run would otherwise go on, or count as finished, with its eval rows missing."""
+    path = out_dir / "metrics.csv"
+    rows = CsvLog(path, ["step"]).rows() if path.exists() and path.stat().st_size else []
+    last = max((int(float(row["step"])) for row in rows), default=0)
+    if last < logged_step:
+        raise UsageError(f"cannot resume: {path} ends at step {last}, but the checkpoint (step {start}) was "
+                         f"saved after the row for step {logged_step}; those rows are lost: train into another --out")
+
+
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     """Write the training state (atomically, keeping the previous one) and the EMA snapshot (rank 0).
 
@@ -311,7 +326,7 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     distributed.assert_identical(run.schedule_params, run.world, "learned-schedule parameters")
     if not run.world.is_main:
         return
-    state = {"step": step, "world_size": run.world.size, "config": run.config.to_dict(), "model": run.model.state_dict(),
+    state = {"step": step, "logged_step": run.logged_step, "world_size": run.world.size, "config": run.config.to_dict(), "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(), "running": running.cpu(),
              "rng_cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
@@ -416,6 +431,7 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
                 run.model.train()
             if main:
                 metrics.append(row)
+            run.logged_step = done
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_s']:.0f}")
             running[:3].zero_()                         # the streak carries over into the next interval
             distributed.barrier(run.world)              # the other ranks wait for rank 0's eval

@@ -16,7 +16,7 @@
 #   4 Optuna studies on Fashion-MNIST, laplace then cauchy (30 trials each)         issue 5
 #   5 fashion_tuned compare (the studies' best against defaults and learned)       issue 5
 #   6 targets compare (eps / x0 / v x cosine / laplace)                           issue 4
-#   7 bench concurrency (1, 2, 4, 8 processes), CUDA graphs and channels_last                                      issue 6
+#   7 bench concurrency (1, 2, 4, 8 processes), channels_last and CUDA graphs (these two run before step 2)     issue 6
 # The steps are experiments/gpu_steps.sh, run under a hard timeout (HARD, default 560 s) so that the packing
 # below always happens before the device call's own limit (keep timeout_s above HARD + 20).
 # Knobs (environment): BUDGET (s, default 480), RUN_S (s a compare run may take once started, 150: a Fashion-MNIST
@@ -43,6 +43,13 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   echo "budget ${BUDGET}s (hard stop ${HARD}s); steps: $STEPS"
+  # A second call on a warm machine keeps the ignored checkpoints of the first but not the run files this
+  # checkout lacks (unpack between calls to keep them): such a run cannot resume (train refuses a checkpoint
+  # ahead of its metrics.csv), so it is trained again from scratch.
+  for ckpt in results/*/runs/*/*/checkpoint.pt; do
+    run=${ckpt%/checkpoint.pt}
+    [ -f "$ckpt" ] && [ ! -f "$run/metrics.csv" ] && { echo "leftover checkpoint without metrics: retraining $run"; rm -rf "$run"; }
+  done
   timeout -k 15 "$HARD" bash experiments/gpu_steps.sh
   status=$?
   [ $status -eq 124 ] && echo "== hard stop at ${HARD}s: the runs still going are lost; lower BUDGET or RUN_S"

@@ -66,6 +66,13 @@ if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(
   bench 110 --batch-size 128 --schedule cosine --concurrent 1,2,4,8 --warmup 5 --steps 10 --repeats 3 \
     || status=1
 fi
+# early since the 32x32 profile (results/bench/profile-2026-11-26-*): cudnn's NCHW<->NHWC transposes took 30% of the
+# compiled step's GPU time, which channels_last removes
+if want 7 && ! grep -qs '"mode": "compiled+channels_last"' results/bench/*.jsonl && [ "$(left)" -gt 200 ]; then
+  echo "== 7 bench: channels_last and CUDA graphs (compile reduce-overhead) at batch 512  $(date -u +%T)"
+  bench 190 --batch-size 512 --schedule cosine --modes eager,compiled,channels_last,compiled+channels_last,reduce-overhead \
+    --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+fi
 if want 2; then
   compare experiments/fashion_mnist.toml results/fashion-mnist
   for label in cosine laplace_b=0.5; do       # the grids of the runs trained in this call, reported with earlier ones
@@ -85,10 +92,5 @@ if want 4 && $done2 && sweep laplace && sweep cauchy && want 5; then
   compare experiments/fashion_tuned.toml results/fashion-tuned
 fi
 if want 6 && $done2; then compare experiments/targets.toml results/targets; fi
-if want 7 && ! grep -qs '"mode": "reduce-overhead"' results/bench/*.jsonl && [ "$(left)" -gt 170 ]; then
-  echo "== 7 bench: CUDA graphs (compile reduce-overhead) and channels_last at batch 512  $(date -u +%T)"
-  bench 150 --batch-size 512 --schedule cosine --modes reduce-overhead,channels_last --warmup 10 \
-    --steps 20 --repeats 5 --no-sample || status=1
-fi
 
 exit $status

@@ -130,3 +130,17 @@ def test_the_bench_config_is_the_headline_comparisons_model_and_data():
     compare = tomllib.loads((ROOT / "experiments" / "fashion_mnist.toml").read_text())
     assert bench["data"] == compare["data"] and bench["model"] == compare["model"]
     assert {k: compare["train"][k] for k in bench["train"]} == bench["train"]
+
+
+def test_a_checkpoint_left_without_its_metrics_is_cleared_before_the_steps(tmp_path):
+    # a second call on a warm machine: the first call's checkpoints survive there, the files not unpacked here don't
+    there = checkout(tmp_path / "gpu")
+    ghost, kept = (there / "results" / "fashion-mnist" / "runs" / name / "seed0" for name in ("edm", "cosine"))
+    for run in (ghost, kept):
+        run.mkdir(parents=True)
+        (run / "checkpoint.pt").write_bytes(b"weights")
+    (kept / "metrics.csv").write_text("step,loss\n10,0.5\n")
+    done = run_script(there, tmp_path / "out", STEPS="none")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not ghost.exists() and (kept / "checkpoint.pt").exists()
+    assert "retraining results/fashion-mnist/runs/edm/seed0" in (tmp_path / "out" / "log").read_text()

@@ -181,3 +181,30 @@ def test_a_run_saved_before_newer_config_keys_resumes():
     changed["train"]["conditional"] = True
     with pytest.raises(UsageError, match="conditional"):
         check_resumable(saved, changed)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_resume_refuses_a_checkpoint_whose_metrics_rows_are_gone(tmp_path, damage):
+    """A checkpoint ahead of metrics.csv (the log was deleted or cut short, e.g. by a sync that keeps only
+    the ignored *.pt files) would otherwise finish a run with its eval rows missing."""
+    train(gmm_config(steps=100), tmp_path / "run", progress=False)
+    metrics = tmp_path / "run" / "metrics.csv"
+    if damage == "deleted":
+        metrics.unlink()
+    else:
+        metrics.write_text("\n".join(metrics.read_text().splitlines()[:3]) + "\n")   # header + steps 25, 50
+    with pytest.raises(UsageError, match="metrics.csv .* step 100"):
+        train(gmm_config(steps=200), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(UsageError, match="metrics.csv"):
+        train(gmm_config(steps=100), tmp_path / "run", resume=True, progress=False)   # finished: still refused
+
+
+def test_resume_accepts_a_checkpoint_saved_between_log_rows(tmp_path):
+    # logs every 40 steps, checkpoints every 50: once the step-100 checkpoint is damaged, the run resumes from
+    # the step-50 one, whose last log row (step 40) is still in metrics.csv
+    train(gmm_config(steps=100, log_every=40), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="damaged"):
+        train(gmm_config(steps=120, log_every=40), tmp_path / "run", resume=True, progress=False)
+    steps = list(pd.read_csv(tmp_path / "run" / "metrics.csv")["step"])
+    assert steps == [40, 80, 100, 120]
