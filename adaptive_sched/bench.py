@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import itertools
 import json
@@ -34,7 +35,7 @@ if TYPE_CHECKING:              # torch and the trainer are imported on first use
     import torch
     from adaptive_sched.train import Run
 
-# mode name -> (torch.compile mode, or None for eager; channels_last weights)
+# mode name -> (torch.compile mode, or None for eager; channels_last weights: the mode sets [train] channels_last)
 MODES: dict[str, tuple[str | None, bool]] = {
     "eager": (None, False), "compiled": ("default", False), "reduce-overhead": ("reduce-overhead", False),
     "channels_last": (None, True), "compiled+channels_last": ("default", True)}
@@ -104,13 +105,6 @@ def count_flops(run: Run, step: int = 0) -> int:
     return int(counter.get_total_flops())
 
 
-def to_channels_last(run: Run) -> None:
-    """Convert the model's 4-D weights to channels_last, and restart the EMA from the converted weights."""
-    import torch
-    run.model.to(memory_format=torch.channels_last)        # replaces param.data: the EMA's views would go stale
-    run.ema = type(run.ema)(run.model, run.config.train.ema_decay)
-
-
 def time_windows(run: Run, args: argparse.Namespace, mark_step: bool, bar) -> dict:
     """Warm up, then time `repeats` windows of `steps` train_steps; the device syncs only around windows."""
     import torch
@@ -158,16 +152,13 @@ def common_fields(run: Run, measure: str, mode: str) -> dict:
 def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
                   peak_n: int) -> tuple[dict, Run | None, str | None]:
     """One training measurement: (row, run, None), or (partial row, None, error line) if the compiled path failed."""
-    import torch
     from tqdm.auto import tqdm
     from adaptive_sched.bench_profile import profile_steps
     from adaptive_sched.compiling import compile_run
     from adaptive_sched.train import build
     compile_mode, channels_last = MODES[mode]
-    run = build(config)
+    run = build(dataclasses.replace(config, train=dataclasses.replace(config.train, channels_last=channels_last)))
     reset_memory(run.device)
-    if channels_last:
-        to_channels_last(run)
     flops = count_flops(run) // config.train.batch_size
     row = {**common_fields(run, "train", mode), "flops_per_image": flops, "steps": args.steps,
            "warmup": args.warmup, "repeats": args.repeats}

@@ -96,6 +96,7 @@ class TrainConfig:
     conditional: bool = False     # class-conditional denoiser (labels from the data) for classifier-free guidance
     p_uncond: float = 0.1         # conditional: probability of replacing a label by the null class in training
     compile: bool = False         # torch.compile the denoiser (and a learned schedule); eager if compiling fails
+    channels_last: bool = False   # image denoiser's weights in NHWC (cudnn's native layout for bf16 convs)
 
 
 @dataclass

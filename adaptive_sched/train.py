@@ -7,7 +7,6 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,23 +16,20 @@ from typing import Callable
 import torch
 
 from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, run_artifacts,
-                            samplers, schedules, weighting)
+                            schedules, weighting)
 from adaptive_sched.compiling import compile_run, first_compiled_step
-from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_guidance, condition_frequencies,
+from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, condition_frequencies,
                                          drop_labels, guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
-from adaptive_sched.generate import autocast_for, sampling_grid
+from adaptive_sched.generate import autocast_for
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, constructor_params, count_parameters, resolve_name
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
+from adaptive_sched.run_checks import check_metrics_cover, check_resumable, validate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
-
-# config keys that may change between a run and its resumption
-RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
-                     ("train", "device"), ("train", "compile")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,36 +103,6 @@ def metric_columns(config: cfg.RunConfig) -> list[str]:
     return METRIC_COLUMNS + [f"schedule_{p}" for p in config.schedule.curriculum] + guided
 
 
-def validate(config: cfg.RunConfig, n_train: int) -> None:
-    """Refuse impossible settings before any work is done."""
-    t, e = config.train, config.eval
-    for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
-        if not math.isfinite(value) or value < 0:
-            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
-    if not 0 <= t.seed < 2 ** 31:
-        raise UsageError(f"seed must be in 0..2^31-1, got {t.seed}")
-    if e.n < 1 or e.sample_n < 0 or e.logsnr_points < 1 or e.sample_steps < 1:
-        raise UsageError("[eval] n and logsnr_points must be >= 1, sample_n >= 0, sample_steps >= 1")
-    if e.bpd_n < 0 or e.bpd_points < 1 or e.bpd_bins == 1 or e.bpd_bins < 0 or e.kid_subsets < 1:
-        raise UsageError("[eval] bpd_n must be >= 0, bpd_points >= 1, bpd_bins 0 (continuous) or >= 2, kid_subsets >= 1")
-    if e.sampler not in samplers.names():
-        raise UsageError(f"unknown sampler {e.sampler!r}; choose one of: {', '.join(samplers.names())}")
-    sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)   # refuse a bad grid now
-    if t.steps <= 0:
-        raise UsageError(f"steps must be > 0, got {t.steps}")
-    if t.steps >= 2 ** 32:                         # step_generator seeds with (seed << 32) + step
-        raise UsageError(f"steps must be < 2^32 (the per-step seeds would repeat), got {t.steps}")
-    if not 0 < t.batch_size <= n_train:
-        raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {t.batch_size}")
-    if t.lr <= 0 or t.log_every <= 0 or t.checkpoint_every <= 0 or config.eval.every <= 0:
-        raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")
-    if not 0 <= t.ema_decay < 1:
-        raise UsageError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not (math.isfinite(t.p_uncond) and 0 <= t.p_uncond < 1):
-        raise UsageError(f"p_uncond must be in [0, 1), got {t.p_uncond}")
-    check_guidance(e.guidance, t.conditional)
-
-
 @dataclass
 class Run:
     """The built objects of one training run."""
@@ -186,6 +152,11 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
                          config.learned.objective, config.learned.smoothness)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)
+    if config.train.channels_last:                 # before the optimizer and EMA take the parameters
+        if len(train_data.shape) != 3:
+            raise UsageError(f"channels_last applies to images; data {config.data.name!r} is "
+                             f"{len(train_data.shape)}-D vectors, not (C, H, W) images")
+        model.to(memory_format=torch.channels_last)
     groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]
     if schedules.is_learned(schedule):
         schedule.to(device)
@@ -242,23 +213,6 @@ def set_learning_rates(run: Run, step: int) -> float:
     return lr
 
 
-def check_resumable(saved: dict, current: dict) -> None:
-    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
-    run lacks (written by an older version) counts as that key's default."""
-    defaults = cfg.RunConfig().to_dict()
-    for section in sorted(set(saved) | set(current)):
-        keys = set(saved.get(section, {})) | set(current.get(section, {}))
-        for key in sorted(keys):
-            if (section, key) in RESUMABLE_CHANGES:
-                continue
-            old_section = saved.get(section, {})
-            old = old_section[key] if key in old_section else defaults.get(section, {}).get(key)
-            new = current.get(section, {}).get(key)
-            if old != new:
-                raise UsageError(f"cannot resume: [{section}] {key} was {old!r} in the saved run, now {new!r}; "
-                                 f"use the same settings or another --out")
-
-
 def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | None]:
     """Phase 2: create or reopen the run directory; return (start step, saved training state or None)."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -304,17 +258,6 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             header = (out_dir / name).read_text().splitlines()[0].split(",")
             CsvLog(out_dir / name, header).truncate_after(start)
     return start, state
-
-
-def check_metrics_cover(out_dir: Path, logged_step: int, start: int) -> None:
-    """Refuse to resume when metrics.csv ends before the checkpoint's last logged row (its rows were lost):
-    the run would otherwise go on, or count as finished, with its eval rows missing."""
-    path = out_dir / "metrics.csv"
-    rows = CsvLog(path, ["step"]).rows() if path.exists() and path.stat().st_size else []
-    last = max((int(float(row["step"])) for row in rows), default=0)
-    if last < logged_step:
-        raise UsageError(f"cannot resume: {path} ends at step {last}, but the checkpoint (step {start}) was "
-                         f"saved after the row for step {logged_step}; those rows are lost: train into another --out")
 
 
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:

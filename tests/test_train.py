@@ -208,3 +208,42 @@ def test_resume_accepts_a_checkpoint_saved_between_log_rows(tmp_path):
         train(gmm_config(steps=120, log_every=40), tmp_path / "run", resume=True, progress=False)
     steps = list(pd.read_csv(tmp_path / "run" / "metrics.csv")["step"])
     assert steps == [40, 80, 100, 120]
+
+
+def digits_config(steps=20, **train_overrides):
+    raw = {"data": {"name": "digits"},
+           "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+           "train": {"steps": steps, "batch_size": 32, "log_every": 10, "checkpoint_every": 10, **train_overrides},
+           "eval": {"every": steps, "n": 40, "sample_n": 0, "logsnr_points": 3}}
+    return cfg.from_dict(raw)
+
+
+def test_channels_last_trains_the_same_model_in_the_other_memory_layout(tmp_path):
+    from adaptive_sched.train import build
+    run = build(digits_config(channels_last=True))
+    convs = [p for p in run.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)           # really NHWC, not 1x1 kernels that are both
+    train(digits_config(), tmp_path / "nchw", progress=False)
+    train(digits_config(channels_last=True), tmp_path / "nhwc", progress=False)
+    a, b = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("nchw", "nhwc"))
+    assert list(a["step"]) == list(b["step"]) == [10, 20]
+    assert a["loss"].to_numpy() == pytest.approx(b["loss"].to_numpy(), rel=1e-4)
+    sa, sb = (checkpoint.load(tmp_path / name / "ema.pt")["model"] for name in ("nchw", "nhwc"))
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+def test_channels_last_is_refused_for_data_that_is_not_images(tmp_path):
+    with pytest.raises(UsageError, match="channels_last .* images"):
+        train(gmm_config(steps=10, channels_last=True), tmp_path / "run", progress=False)
+
+
+def test_train_channels_last_on_the_command_line(tmp_path, capsys):
+    from adaptive_sched.cli import main
+    args = ["train", "--data", "digits", "--model", "unet", "--model-param", "channels=[8]", "--model-param",
+            "mid_blocks=0", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--eval-every", "1000",
+            "--channels-last", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    assert "channels_last = true" in (tmp_path / "run" / "config.toml").read_text()
+    assert main(args + ["--data", "gmm", "--model", "mlp", "--out", str(tmp_path / "gmm")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0                   # one line, no traceback
