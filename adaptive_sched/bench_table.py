@@ -1,6 +1,6 @@
 """A table of `adaptive-sched bench` JSON lines: `python -m adaptive_sched.bench_table FILE.jsonl... [--markdown]`.
 
-One row per measurement (training, sampling, concurrency) with img/s, step time, MFU, peak memory and the
+One row per measurement (training, sampling, concurrency) with the data's shape, img/s, step time, MFU, peak memory and the
 notes a row carries (learned-schedule overhead, compile speed-up or error, workers).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-COLUMNS = ["measure", "mode", "schedule", "batch", "img/s", "step ms", "MFU", "peak MiB", "notes"]
+COLUMNS = ["measure", "mode", "schedule", "batch", "shape", "img/s", "step ms", "MFU", "peak MiB", "notes"]
 NOTES = ("overhead_pct", "speedup", "workers", "img_s_each", "compile_error")
 
 
@@ -31,8 +31,9 @@ def rows_of(paths: list[str | Path]) -> list[list[str]]:
                 continue
             img_s = r.get("img_s") if r.get("img_s") is not None else r.get("sample_img_s")
             notes = " ".join(f"{k}={r[k]}" for k in NOTES if r.get(k) is not None)
+            shape = "x".join(str(n) for n in r.get("shape", []))
             rows.append([str(r.get("measure", "")), str(r.get("mode", "")), str(r.get("schedule", "")),
-                         str(r.get("batch_size", "")), _number(img_s, 0), _number(r.get("step_ms"), 2),
+                         str(r.get("batch_size", "")), shape, _number(img_s, 0), _number(r.get("step_ms"), 2),
                          _number(r.get("mfu"), 4), _number(r.get("peak_mem_mb"), 0), notes])
     return rows
 

@@ -94,7 +94,7 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     assert table_main([str(out), "--markdown"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| measure | mode | schedule | batch | img/s") and len(table) == 2 + 3   # the non-bench line is left out
-    assert table[3].startswith("| train | eager | learned | 64 | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
+    assert table[3].startswith(f"| train | eager | learned | 64 | {DIM} | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
     assert f"| {sample['sample_img_s']:.0f} |" in table[4]
     assert table_main([str(tmp_path / "missing.jsonl")]) == 2
 
