@@ -12,8 +12,6 @@ import argparse
 import re
 from pathlib import Path
 
-import torch
-
 from adaptive_sched.errors import UsageError
 
 COLUMNS = ["run", "method", "steps", "eval_swd", "eval_fid", "eval_kid"]

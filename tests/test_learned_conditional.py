@@ -8,7 +8,6 @@ from adaptive_sched import schedules, weighting
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.losses import DiffusionLoss
-from adaptive_sched.schedules.base import uniform_t
 from adaptive_sched.schedules.learned import LOGIT_WINDOW, LearnedSchedule
 
 F64 = torch.float64

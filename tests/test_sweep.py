@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import torch
 
 from adaptive_sched import cli, config as cfg, sweep, sweep_space as spaces
 from adaptive_sched.errors import UsageError
