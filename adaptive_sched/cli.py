@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from adaptive_sched.sample_run import sample_run
     path = sample_run(args.run_dir, args.n, args.out, sampler=args.sampler, steps=args.sample_steps, grid=args.grid,
-                      seed=args.seed, device=args.device, label=args.label, guidance=args.guidance)
+                      seed=args.seed, device=args.device, label=args.label, guidance=args.guidance,
+                      clip_x0=args.clip_x0)
     print(f"wrote {path}")
     return 0
 
@@ -162,6 +163,8 @@ def make_parser() -> Parser:
                                                                 "(unconditional branch) or one class K")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: the run's "
                                                                  "first [eval] guidance, 1 = conditional)")
+    p.add_argument("--clip-x0", action="store_true", default=None,
+                   help="clamp x̂0 to the pixel range [-1, 1] at every step (default: the run's [eval] clip_x0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)

@@ -402,7 +402,8 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
              "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
              f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
              f"target={base.train.target}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
-             f"{base.eval.sample_steps} steps on the {base.eval.grid} grid", "",
+             f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
+             + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
     for label in order:
         cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]

@@ -107,7 +107,7 @@ def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) 
         classes = snap.get("num_classes", 0)          # conditional: balanced classes at the first guidance scale
         labels = balanced_labels(n, classes) if classes else None
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, e.sampler, seed=0,
-                     device=device, labels=labels, guidance=e.guidance[0])
+                     device=device, labels=labels, guidance=e.guidance[0], clip_x0=e.clip_x0)
         guided = f", w = {e.guidance[0]:g}" if classes else ""
         return image_grid(x), f"{label}\n(step {snap['step']}{guided})"
 

@@ -114,6 +114,8 @@ class EvalConfig:
     sampler: str = "ddim"
     sample_steps: int = 50
     grid: str = "cosine"
+    clip_x0: bool = False         # clamp x̂0 to the pixel range [-1, 1] at every sampler step (images;
+                                  # Ho et al.'s clip_denoised)
     features: str = "auto"        # FID/KID features (images only): auto (a classifier trained on the data's own
                                   # labels, else an autoencoder; cached), none, torchscript:PATH, inception:PATH
     kid_subsets: int = 20

@@ -38,9 +38,11 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def x0_denoiser(model, target: str, y: torch.Tensor | None = None, guidance: float = 1.0):
+def x0_denoiser(model, target: str, y: torch.Tensor | None = None, guidance: float = 1.0, clip: bool = False):
     """Wrap a network predicting `target` as denoise(x, λ) -> x̂0 (in float32); with labels y (N,) and scale w,
-    the classifier-free-guided prediction pred_u + w·(pred_c − pred_u) (adaptive_sched.conditioning)."""
+    the classifier-free-guided prediction pred_u + w·(pred_c − pred_u) (adaptive_sched.conditioning).
+    clip clamps x̂0 to the pixel range [-1, 1], so a sampler's ε̂ = (x − αx̂0)/σ follows the clamped x̂0
+    (Ho et al. 2020's clip_denoised): an ε-prediction model's x̂0 = (x − σε̂)/α overshoots at low λ."""
     null_class = num_classes_of(model)
     if y is not None and null_class == 0:
         raise UsageError("class labels were given, but the model is unconditional (trained without [train] conditional)")
@@ -48,15 +50,18 @@ def x0_denoiser(model, target: str, y: torch.Tensor | None = None, guidance: flo
     def denoise(x: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
         with autocast_for(x.device):
             pred = guided_prediction(model, x, logsnr, y, guidance, null_class)
-        return to_x0_eps(pred.float(), x, logsnr, target)[0]
+        x0 = to_x0_eps(pred.float(), x, logsnr, target)[0]
+        return x0.clamp(-1, 1) if clip else x0
     return denoise
 
 
 @torch.no_grad()
 def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Tensor, sampler: str = "ddim",
              seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 1000,
-             progress: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+             progress: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0,
+             clip_x0: bool = False) -> torch.Tensor:
     """n samples of per-example `shape`, in batches, from noise seeded by `seed`; returns float32 on CPU.
+    clip_x0 clamps the denoiser's x̂0 to [-1, 1] at every step (x0_denoiser's clip).
 
     labels (n,) int64 condition a class-conditional model (guidance scale w); None samples unconditionally.
     `grid` is one increasing λ grid, or a dict {class: grid} to sample each class on its own grid.
@@ -81,12 +86,12 @@ def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Ten
             x = torch.empty_like(x_init)
             for k in torch.unique(y).tolist():
                 rows = y == k
-                denoise = x0_denoiser(model, target, y[rows], guidance)
+                denoise = x0_denoiser(model, target, y[rows], guidance, clip_x0)
                 x[rows] = samplers.sample(sampler, denoise, x_init[rows],
                                           grid[k].to(device=device, dtype=torch.float32), progress=progress)
             out.append(x.cpu())
             continue
-        denoise = x0_denoiser(model, target, y, guidance)
+        denoise = x0_denoiser(model, target, y, guidance, clip_x0)
         out.append(samplers.sample(sampler, denoise, x_init, grid.to(device=device, dtype=torch.float32),
                                    progress=progress).cpu())
     return torch.cat(out)

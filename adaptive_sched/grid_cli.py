@@ -52,7 +52,7 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     config, model, _ = load_snapshot(run_dir, dev)
     held_out = load_data(config.data, "test")
     x0 = held_out.x[:ays_data].to(dev)                                                  # (n, ...)
-    grid, info = grids.ays_grid(x0_denoiser(model, config.train.target), x0, steps, lo, hi,
+    grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
                                 coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
                                 samples=ays_samples, seed=seed)
     return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0)}}

@@ -60,7 +60,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
         grid, meta = grid_for_run(run_dir, steps, method, device=device)
         write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, config.eval.sampler, seed=777,
-                     device=dev, labels=labels, guidance=config.eval.guidance[0])
+                     device=dev, labels=labels, guidance=config.eval.guidance[0], clip_x0=config.eval.clip_x0)
         row = {"run": str(run_dir), "method": method, "steps": steps,
                "eval_swd": sliced_wasserstein(x, held_out.x.cpu())}
         if scorer is not None:

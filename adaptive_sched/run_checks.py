@@ -48,6 +48,14 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
     check_guidance(e.guidance, t.conditional)
 
 
+
+def check_image_options(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
+    """[train] channels_last and [eval] clip_x0 need (C, H, W) images in [-1, 1], not vectors."""
+    for on, name in ((config.train.channels_last, "channels_last"), (config.eval.clip_x0, "clip_x0")):
+        if on and len(shape) != 3:
+            raise UsageError(f"{name} applies to images; data {config.data.name!r} is {len(shape)}-D vectors, "
+                             f"not (C, H, W) images")
+
 def check_resumable(saved: dict, current: dict) -> None:
     """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
     run lacks (written by an older version) counts as that key's default."""

@@ -57,7 +57,7 @@ def sample_metrics(run, model) -> dict[str, float]:
     metrics = {}
     for i, w in enumerate(e.guidance):
         x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,
-                     device=run.device, labels=labels, guidance=w)
+                     device=run.device, labels=labels, guidance=w, clip_x0=e.clip_x0)
         scores = {"eval_swd": sliced_wasserstein(x, run.eval_data.x[:n])}
         if run.fid is not None:
             scores.update(run.fid(x.clamp(-1, 1)))      # scored as images: clipped to the pixel range

@@ -55,8 +55,9 @@ def per_class_grids(run_dir, labels: torch.Tensor | None, steps: int, lo: float,
 
 def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None = None, steps: int | None = None,
                grid: str | None = None, seed: int = 0, device: str = "auto", label: str | None = None,
-               guidance: float | None = None) -> Path:
+               guidance: float | None = None, clip_x0: bool | None = None) -> Path:
     """Draw n samples and write them to `out` (.npz with x and the sampler settings, or a .png picture).
+    clip_x0 (default: the run's [eval] clip_x0) clamps x̂0 to [-1, 1] at every sampler step.
 
     A class-conditional run samples balanced classes (label "all"), one class, or unconditionally ("none"), at
     guidance scale w (default: the run's first [eval] guidance); grid "per-class" samples each class on its own
@@ -84,14 +85,17 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     else:
         lam_grid = sampling_grid(grid_name, steps, lo, hi)
         steps = len(lam_grid) - 1
+    clip = config.eval.clip_x0 if clip_x0 is None else clip_x0
+    if clip and len(snap["data_shape"]) != 3:
+        raise UsageError("--clip-x0 clamps to the pixel range [-1, 1]: it applies to image runs only")
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev,
-                 labels=labels, guidance=w)
+                 labels=labels, guidance=w, clip_x0=clip)
     if out.suffix == ".npz":
         tmp = out.with_name(out.stem + ".tmp.npz")
         grids = torch.stack([lam_grid[k] for k in sorted(lam_grid)]) if isinstance(lam_grid, dict) else lam_grid
         extra = {} if labels is None else {"y": labels.numpy()}
         np.savez(tmp, x=x.numpy(), logsnr_grid=grids.numpy(), sampler=sampler, grid=grid_name, step=snap["step"],
-                 guidance=w, **extra)
+                 guidance=w, clip_x0=clip, **extra)
         tmp.replace(out)
     else:
         from adaptive_sched.plots import save_samples_png

@@ -27,7 +27,7 @@ from adaptive_sched.models import build_model, constructor_params, count_paramet
 from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
-from adaptive_sched.run_checks import check_metrics_cover, check_resumable, validate
+from adaptive_sched.run_checks import check_image_options, check_metrics_cover, check_resumable, validate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
@@ -152,10 +152,8 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
                          config.learned.objective, config.learned.smoothness)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)
+    check_image_options(config, train_data.shape)
     if config.train.channels_last:                 # before the optimizer and EMA take the parameters
-        if len(train_data.shape) != 3:
-            raise UsageError(f"channels_last applies to images; data {config.data.name!r} is "
-                             f"{len(train_data.shape)}-D vectors, not (C, H, W) images")
         model.to(memory_format=torch.channels_last)
     groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]
     if schedules.is_learned(schedule):
