@@ -73,6 +73,12 @@ if want 7 && ! grep -qs '"mode": "compiled+channels_last"' results/bench/*.jsonl
   bench 190 --batch-size 512 --schedule cosine --modes eager,compiled,channels_last,compiled+channels_last,reduce-overhead \
     --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
 fi
+if want 7 && ! grep -qsE '"mode": "compiled\+channels_last".*"schedule": "learned"' results/bench/*.jsonl \
+    && [ "$(left)" -gt 200 ]; then
+  echo "== 7 bench: the learned schedule's overhead, compiled with channels_last (issue 3)  $(date -u +%T)"
+  bench 150 --batch-size 512 --compare-schedules cosine,learned --modes compiled+channels_last \
+    --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+fi
 if want 2; then
   compare experiments/fashion_mnist.toml results/fashion-mnist
   for label in cosine laplace_b=0.5; do       # the grids of the runs trained in this call, reported with earlier ones
