@@ -305,6 +305,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(base.train.device)
     base.train.device = str(device)
     check_args(args)
+    if any(MODES[mode][1] for mode in args.modes):         # refuse a channels_last mode for vectors before any row
+        from adaptive_sched.run_checks import check_image_options
+        from adaptive_sched.train import load_data
+        check_image_options(dataclasses.replace(base, train=dataclasses.replace(base.train, channels_last=True)),
+                            load_data(base.data, "train").shape)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ def make_parser() -> Parser:
                                                                 "(unconditional branch) or one class K")
     p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale (default: the run's "
                                                                  "first [eval] guidance, 1 = conditional)")
-    p.add_argument("--clip-x0", action="store_true", default=None,
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x̂0 to the pixel range [-1, 1] at every step (default: the run's [eval] clip_x0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -55,7 +55,8 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
                                 coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
                                 samples=ays_samples, seed=seed)
-    return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0)}}
+    return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0),
+                                  "clip_x0": config.eval.clip_x0}}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

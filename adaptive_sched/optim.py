@@ -31,6 +31,17 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, dev
     return factory(params, lr=lr, weight_decay=weight_decay)
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of its parameter's shape the parameter's memory layout: load_state_dict
+    keeps the saved strides (a run resumed with channels_last changed), and fused AdamW on CUDA requires equal ones."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
     """Linear warmup: lr(step) = base_lr · min(1, (step + 1)/warmup)."""
     return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)

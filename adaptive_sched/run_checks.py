@@ -73,12 +73,41 @@ def check_resumable(saved: dict, current: dict) -> None:
                                  f"use the same settings or another --out")
 
 
-def check_metrics_cover(out_dir: Path, logged_step: int, start: int) -> None:
-    """Refuse to resume when metrics.csv ends before the checkpoint's last logged row (its rows were lost):
-    the run would otherwise go on, or count as finished, with its eval rows missing."""
+def metrics_gap(out_dir: Path, logged_step: int, start: int) -> str | None:
+    """Why a run cannot resume when metrics.csv ends before the checkpoint's last logged row (its rows were lost:
+    the run would otherwise go on, or count as finished, with its eval rows missing); None when it covers it."""
     path = out_dir / "metrics.csv"
     rows = CsvLog(path, ["step"]).rows() if path.exists() and path.stat().st_size else []
     last = max((int(float(row["step"])) for row in rows), default=0)
-    if last < logged_step:
-        raise UsageError(f"cannot resume: {path} ends at step {last}, but the checkpoint (step {start}) was "
-                         f"saved after the row for step {logged_step}; those rows are lost: train into another --out")
+    if last >= logged_step:
+        return None
+    return (f"cannot resume: {path} ends at step {last}, but the checkpoint (step {start}) was saved after the row "
+            f"for step {logged_step}; those rows are lost: train into another --out")
+
+
+def unresumable(run_dir: Path) -> str | None:
+    """Why the checkpoint in run_dir cannot resume (metrics.csv missing or behind it), or None (also when there
+    is no checkpoint)."""
+    from adaptive_sched import checkpoint
+    state = checkpoint.load_training_state(run_dir) if run_dir.is_dir() else None
+    if state is None:
+        return None
+    if not (run_dir / "metrics.csv").exists() and int(state["step"]) > 0:
+        return f"{run_dir} holds a checkpoint at step {state['step']} but no metrics.csv"
+    return metrics_gap(run_dir, int(state.get("logged_step", 0)), int(state["step"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adaptive_sched.run_checks --stale RUN_DIR...`: print the run directories whose checkpoint cannot
+    resume (experiments/gpu_next.sh retrains them); directories without a checkpoint are passed over."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m adaptive_sched.run_checks", description=main.__doc__)
+    parser.add_argument("--stale", nargs="*", default=[], metavar="RUN_DIR")
+    for run_dir in parser.parse_args(argv).stale:
+        if unresumable(Path(run_dir)) is not None:
+            print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

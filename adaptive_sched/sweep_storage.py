@@ -18,7 +18,9 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.sweep_space import space_to_dict
 
 HEARTBEAT_S = 60           # RDB storages: a RUNNING trial silent for 3 heartbeats is failed by the next worker
-IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every")}
+# settings that do not make trials incomparable: where and how fast they run, and how often they log
+IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
+                   ("train", "channels_last")}
 
 
 def mask(url: str) -> str:
@@ -105,15 +107,19 @@ def settings_of(base: cfg.RunConfig, space: dict, metric: str, target: float | N
 
 
 def check_settings(saved: dict, current: dict, study: str) -> None:
-    """A continued study must have been created with the same schedule, metric, target, space and base config."""
+    """A continued study must have been created with the same schedule, metric, target, space and base config; a
+    base key the stored settings lack (stored before the key existed) counts as that key's default."""
     old, new = saved.get("target"), current["target"]
     if old != new:
         raise UsageError(f"study {study!r} was created {target_text(old)}, now {target_text(new)}; use the same "
                          f"settings, or another --study")
     pairs = [(k, saved.get(k), current[k]) for k in ("schedule", "metric", "space")]
+    defaults = cfg.RunConfig().to_dict()
     for section in sorted(set(saved.get("base", {})) | set(current["base"])):
         old, new = saved.get("base", {}).get(section, {}), current["base"].get(section, {})
-        pairs += [(f"[{section}] {k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+        missing = defaults.get(section, {})
+        pairs += [(f"[{section}] {k}", old[k] if k in old else missing.get(k), new.get(k))
+                  for k in sorted(set(old) | set(new)) if (section, k) not in IGNORED_CHANGES]
     for what, old, new in pairs:
         if old != new:
             raise UsageError(f"study {study!r} was created with {what} = {old!r}, now {new!r}; use the same "

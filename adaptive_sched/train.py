@@ -24,10 +24,10 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import autocast_for
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model, constructor_params, count_parameters, resolve_name
-from adaptive_sched.optim import EMA, build_optimizer, warmup_lr
+from adaptive_sched.optim import EMA, build_optimizer, match_state_layout, warmup_lr
 from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
-from adaptive_sched.run_checks import check_image_options, check_metrics_cover, check_resumable, validate
+from adaptive_sched.run_checks import check_image_options, check_resumable, metrics_gap, validate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
@@ -227,6 +227,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         check_resumable(state["config"], current)
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
+        match_state_layout(run.optimizer)
         run.ema.load_state_dict(state["ema"])
         if "schedule" in state:
             run.loss.schedule.load_state_dict(state["schedule"])
@@ -243,7 +244,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     start = 0 if state is None else int(state["step"])
     if state is not None:
         run.logged_step = int(state.get("logged_step", 0))        # 0: a checkpoint from before the field
-        check_metrics_cover(out_dir, run.logged_step, start)
+        gap = metrics_gap(out_dir, run.logged_step, start) if run.world.is_main else None
+        if distributed.rank0_says(gap is not None, run.world):      # rank 0 decides: every rank stops together
+            raise UsageError(gap or f"cannot resume {out_dir}: rank 0 found metrics.csv behind the checkpoint")
     if not run.world.is_main:
         return start, state
     (out_dir / "config.toml").write_text(cfg.dumps_toml(current))

@@ -45,11 +45,10 @@ mkdir -p "$OUT"
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   echo "budget ${BUDGET}s (hard stop ${HARD}s); steps: $STEPS"
   # A second call on a warm machine keeps the ignored checkpoints of the first but not the run files this
-  # checkout lacks (unpack between calls to keep them): such a run cannot resume (train refuses a checkpoint
-  # ahead of its metrics.csv), so it is trained again from scratch.
-  for ckpt in results/*/runs/*/*/checkpoint.pt; do
-    run=${ckpt%/checkpoint.pt}
-    [ -f "$ckpt" ] && [ ! -f "$run/metrics.csv" ] && { echo "leftover checkpoint without metrics: retraining $run"; rm -rf "$run"; }
+  # checkout lacks or holds older (unpack between calls to keep them): such a run cannot resume (train refuses a
+  # checkpoint ahead of its metrics.csv), so it is trained again from scratch.
+  "$PYTHON" -m adaptive_sched.run_checks --stale results/*/runs/*/* | while read -r run; do
+    echo "leftover checkpoint ahead of its metrics: retraining $run"; rm -rf "$run"
   done
   timeout -k 15 "$HARD" bash experiments/gpu_steps.sh
   status=$?

@@ -68,7 +68,8 @@ if want 7 && ! grep -qs '"measure": "concurrent"' results/bench/*.jsonl && [ "$(
 fi
 # early since the 32x32 profile (results/bench/profile-2026-11-26-*): cudnn's NCHW<->NHWC transposes took 30% of the
 # compiled step's GPU time, which channels_last removes
-if want 7 && ! grep -qs '"mode": "compiled+channels_last"' results/bench/*.jsonl && [ "$(left)" -gt 200 ]; then
+if want 7 && ! { grep -qs '"mode": "compiled+channels_last"' results/bench/*.jsonl \
+    && grep -qs '"mode": "reduce-overhead"' results/bench/*.jsonl; } && [ "$(left)" -gt 200 ]; then
   echo "== 7 bench: channels_last and CUDA graphs (compile reduce-overhead) at batch 512  $(date -u +%T)"
   bench 190 --batch-size 512 --schedule cosine --modes eager,compiled,channels_last,compiled+channels_last,reduce-overhead \
     --warmup 10 --steps 20 --repeats 5 --no-sample || status=1

@@ -93,7 +93,7 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     from adaptive_sched.bench_table import main as table_main
     assert table_main([str(out), "--markdown"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| measure | mode | schedule | batch | img/s") and len(table) == 2 + 3   # the non-bench line is left out
+    assert table[0].startswith("| measure | mode | schedule | batch | shape | img/s") and len(table) == 2 + 3   # the non-bench line is left out
     assert table[3].startswith(f"| train | eager | learned | 64 | {DIM} | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
     assert f"| {sample['sample_img_s']:.0f} |" in table[4]
     assert table_main([str(tmp_path / "missing.jsonl")]) == 2
@@ -206,3 +206,12 @@ def test_concurrent_workers_aggregate(tmp_path, capsys):
     assert row["measure"] == "concurrent" and row["workers"] == 2 and len(row["img_s_each"]) == 2
     assert row["img_s"] > 0 and all(v > 0 for v in row["img_s_each"]) and row["mfu"] > 0
     assert row["flops_per_image"] == mlp_train_flops(learned=False)
+
+
+def test_a_channels_last_mode_is_refused_for_vectors_before_any_row(tmp_path, capsys):
+    from adaptive_sched.cli import main
+    out = tmp_path / "bench.jsonl"
+    status = main(["bench", "--data", "gmm", "--model", "mlp", "--device", "cpu", "--modes", "channels_last",
+                   "--steps", "1", "--warmup", "0", "--repeats", "1", "--no-sample", "--out", str(out)])
+    assert status == 2 and not out.exists()
+    assert "channels_last applies to images" in capsys.readouterr().err

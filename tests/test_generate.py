@@ -52,7 +52,10 @@ def test_clip_x0_runs_through_training_eval_and_sampling(tmp_path):
     assert "clip_x0 = true" in (tmp_path / "run" / "config.toml").read_text()
     out = tmp_path / "x.npz"
     assert main(["sample", str(tmp_path / "run"), "--n", "8", "--out", str(out), "--device", "cpu"]) == 0
-    assert np.abs(np.load(out)["x"]).max() <= 1.0                   # the run's own setting
+    assert np.abs(np.load(out)["x"]).max() <= 1.0 and np.load(out)["clip_x0"]     # the run's own setting
+    assert main(["sample", str(tmp_path / "run"), "--n", "8", "--out", str(out), "--device", "cpu",
+                 "--no-clip-x0"]) == 0                                # and turned off for one call
+    assert np.abs(np.load(out)["x"]).max() > 1.0 and not np.load(out)["clip_x0"]
     train(digits_config(), tmp_path / "plain", progress=False)
     assert main(["sample", str(tmp_path / "plain"), "--n", "8", "--out", str(out), "--device", "cpu"]) == 0
     assert np.abs(np.load(out)["x"]).max() > 1.0                    # 4 steps of ε-prediction: x̂0 = (x − σε̂)/α overshoots

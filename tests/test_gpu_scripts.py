@@ -132,15 +132,19 @@ def test_the_bench_config_is_the_headline_comparisons_model_and_data():
     assert {k: compare["train"][k] for k in bench["train"]} == bench["train"]
 
 
-def test_a_checkpoint_left_without_its_metrics_is_cleared_before_the_steps(tmp_path):
+def test_a_checkpoint_ahead_of_its_metrics_is_cleared_before_the_steps(tmp_path):
     # a second call on a warm machine: the first call's checkpoints survive there, the files not unpacked here don't
+    from adaptive_sched import checkpoint
     there = checkout(tmp_path / "gpu")
-    ghost, kept = (there / "results" / "fashion-mnist" / "runs" / name / "seed0" for name in ("edm", "cosine"))
-    for run in (ghost, kept):
+    runs = there / "results" / "fashion-mnist" / "runs"
+    ghost, behind, kept = (runs / name / "seed0" for name in ("edm", "cauchy", "cosine"))
+    for run in (ghost, behind, kept):
         run.mkdir(parents=True)
-        (run / "checkpoint.pt").write_bytes(b"weights")
-    (kept / "metrics.csv").write_text("step,loss\n10,0.5\n")
+        checkpoint.save_training_state(run, {"step": 20, "logged_step": 20})
+    (behind / "metrics.csv").write_text("step,loss\n10,0.5\n")
+    (kept / "metrics.csv").write_text("step,loss\n10,0.5\n20,0.4\n")
     done = run_script(there, tmp_path / "out", STEPS="none")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert not ghost.exists() and (kept / "checkpoint.pt").exists()
-    assert "retraining results/fashion-mnist/runs/edm/seed0" in (tmp_path / "out" / "log").read_text()
+    assert not ghost.exists() and not behind.exists() and (kept / "checkpoint.pt").exists()
+    log = (tmp_path / "out" / "log").read_text()
+    assert "retraining results/fashion-mnist/runs/edm/seed0" in log and "runs/cosine" not in log

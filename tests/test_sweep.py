@@ -342,3 +342,34 @@ def test_a_curriculum_sweep_tunes_start_and_end(tmp_path):
     assert {"param_b.start", "param_b.end"} <= set(frame.columns) and set(frame["state"]) == {"COMPLETE"}
     metrics = pd.read_csv(out / "trials" / "0" / "metrics.csv")
     assert metrics["schedule_b"].iloc[-1] == pytest.approx(frame["param_b.end"].iloc[0])
+
+
+def test_a_study_stored_before_newer_config_keys_continues():
+    """Settings stored by an older version lack keys added since (compile, channels_last, clip_x0): a missing key
+    reads as its default, as a resumed run's config does; a key whose stored value differs still refuses."""
+    from adaptive_sched.sweep_storage import check_settings, settings_of
+    base = cfg.RunConfig()
+    current = settings_of(base, {}, "eval_fid")
+    old = json.loads(json.dumps(current))
+    del old["base"]["eval"]["clip_x0"]
+    old["base"]["train"].pop("channels_last", None)
+    old["base"]["train"].pop("compile", None)
+    check_settings(old, current, "s")
+    old["base"]["eval"]["sample_steps"] = 7
+    with pytest.raises(UsageError, match=r"\[eval\] sample_steps = 7"):
+        check_settings(old, current, "s")
+
+
+def test_speed_options_do_not_split_a_study():
+    from adaptive_sched.sweep_storage import check_settings, settings_of
+    plain, fast = cfg.RunConfig(), cfg.RunConfig()
+    fast.train.compile, fast.train.channels_last = True, True
+    check_settings(settings_of(plain, {}, "eval_fid"), settings_of(fast, {}, "eval_fid"), "s")
+
+
+def test_a_study_stored_while_compile_was_compared_ignores_it_now():
+    from adaptive_sched.sweep_storage import check_settings, settings_of
+    current = settings_of(cfg.RunConfig(), {}, "eval_fid")
+    old = json.loads(json.dumps(current))
+    old["base"]["train"]["compile"] = False                 # stored by the version that still compared it
+    check_settings(old, current, "s")

@@ -247,3 +247,31 @@ def test_train_channels_last_on_the_command_line(tmp_path, capsys):
     assert "channels_last = true" in (tmp_path / "run" / "config.toml").read_text()
     assert main(args + ["--data", "gmm", "--model", "mlp", "--out", str(tmp_path / "gmm")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0                   # one line, no traceback
+
+
+def test_resuming_in_the_other_layout_moves_the_optimizer_state_too(tmp_path):
+    # load_state_dict keeps the saved strides; CUDA's fused AdamW refuses state whose layout differs from the param's
+    train(digits_config(steps=10), tmp_path / "run", progress=False)
+    train(digits_config(steps=20, channels_last=True), tmp_path / "run", resume=True, progress=False)
+    from adaptive_sched.train import build
+    names = [name for name, _ in build(digits_config()).model.named_parameters()]   # the optimizer's order
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    model, moments = state["model"], state["optimizer"]["state"]
+    convs = [i for i, name in enumerate(names) if model[name].dim() == 4 and model[name].shape[-1] > 1]
+    assert convs
+    for i in convs:
+        weight = model[names[i]]
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        assert moments[i]["exp_avg"].stride() == weight.stride() == moments[i]["exp_avg_sq"].stride()
+
+
+def test_unresumable_names_the_run_dirs_whose_checkpoint_is_ahead_of_metrics(tmp_path, capsys):
+    from adaptive_sched.run_checks import main, unresumable
+    train(gmm_config(steps=50), tmp_path / "ok", progress=False)
+    train(gmm_config(steps=50), tmp_path / "lost", progress=False)
+    (tmp_path / "lost" / "metrics.csv").unlink()
+    (tmp_path / "empty").mkdir()
+    assert unresumable(tmp_path / "ok") is None and unresumable(tmp_path / "empty") is None
+    assert "no metrics.csv" in unresumable(tmp_path / "lost")
+    assert main(["--stale", *(str(tmp_path / name) for name in ("ok", "lost", "empty", "missing*"))]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "lost")]
