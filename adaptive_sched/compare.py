@@ -292,8 +292,14 @@ def report(out: Path, plan: Plan) -> Path:
         trained = [(run_label(e), final_schedule(run_dir_of(out, e, seeds[0]))) for e in entries
                    if run_label(e) in labels]
         compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
-    write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread)
+    write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread, target_text(plan))
     return out
+
+
+def target_text(plan: Plan) -> str:
+    """The report header's prediction target: the one every run uses, or the per-run ones (a targets grid)."""
+    targets = list(dict.fromkeys(e.get("target", plan.base.train.target) for e in plan.entries))
+    return f"target={targets[0]}" if len(targets) == 1 else f"target per run ({', '.join(targets)}: see the labels)"
 
 
 def class_spread(out: Path, entries: list[dict], seeds: list[int]):
@@ -391,7 +397,7 @@ def data_floor(base: cfg.RunConfig) -> float | None:
 
 
 def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, floor: float | None = None,
-                     reached=None, spread=None) -> None:
+                     reached=None, spread=None, target: str | None = None) -> None:
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
@@ -401,7 +407,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
              "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
              f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
-             f"target={base.train.target}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
+             f"{target or f'target={base.train.target}'}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
              f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
              + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]

@@ -96,6 +96,9 @@ def test_targets_multiply_the_grid_and_set_each_runs_target(tmp_path):
     assert len({run_dir_of(tmp_path, e, 0) for e in plan.entries}) == 6
     with pytest.raises(UsageError, match="targets must be a list"):
         parse(write_config(tmp_path, extra='targets = ["score"]'))
+    from adaptive_sched.compare import target_text
+    assert target_text(plan) == "target per run (eps, x0, v: see the labels)"
+    assert target_text(parse(write_config(tmp_path))) == f"target={plan.base.train.target}"
 
 
 def test_an_entry_can_take_its_schedule_from_a_sweeps_best_json(tmp_path):
