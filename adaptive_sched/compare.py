@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -178,14 +179,21 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
                 print(f"{run_label(entry)} seed {seed}: finished, skipped")
             else:
                 todo.append((entry, seed, run_dir))
-    left = []
+    left, failed = [], []
     if jobs == 1:
         for i, (entry, seed, run_dir) in enumerate(todo, 1):
             if deadline is not None and time.monotonic() >= deadline:
                 left = todo[i - 1:]
                 break
             print(f"[{i}/{len(todo)}] {run_label(entry)} seed {seed}")
-            train(run_config(plan.base, entry, seed), run_dir, resume=True, progress=progress)
+            try:
+                train(run_config(plan.base, entry, seed), run_dir, resume=True, progress=progress)
+            except UsageError as err:               # as with jobs > 1: report it, go on with the other runs
+                print(f"{run_label(entry)} seed {seed}: failed ({err})", file=sys.stderr)
+                failed.append(f"{run_label(entry)} seed {seed}: {err}")
+        if failed:
+            raise UsageError(f"{len(failed)} of {len(todo)} runs failed (first: {failed[0]}); rerun the same "
+                             f"command to retry them")
     elif todo:
         left = run_in_processes(plan, todo, jobs, progress, deadline)
     if left:

@@ -122,3 +122,19 @@ def test_an_entry_can_take_its_schedule_from_a_sweeps_best_json(tmp_path):
     best.unlink()
     with pytest.raises(UsageError, match="no such file \\(run the sweep first"):
         parse(path)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_does_not_stop_the_others(tmp_path, jobs):
+    # the cosine run's directory holds a checkpoint ahead of its (lost) metrics: resume refuses it, laplace still runs
+    from adaptive_sched.compare import run_config, run_dir_of
+    from adaptive_sched.train import train
+    config = write_config(tmp_path)
+    plan = parse(config)
+    broken = run_dir_of(tmp_path / "out", plan.entries[0], 0)
+    train(run_config(plan.base, plan.entries[0], 0), broken, progress=False)
+    (broken / "metrics.csv").unlink()
+    (broken / "finished.json").unlink()
+    with pytest.raises(UsageError, match=r"1 of 2 runs failed \(first: cosine seed 0"):
+        compare(config, tmp_path / "out", progress=False, jobs=jobs)
+    assert (run_dir_of(tmp_path / "out", plan.entries[1], 0) / "finished.json").exists()
