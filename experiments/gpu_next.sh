@@ -44,9 +44,13 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   echo "budget ${BUDGET}s (hard stop ${HARD}s); steps: $STEPS"
-  # A second call on a warm machine keeps the ignored checkpoints of the first but not the run files this
-  # checkout lacks or holds older (unpack between calls to keep them): such a run cannot resume (train refuses a
-  # checkpoint ahead of its metrics.csv), so it is trained again from scratch.
+  # A follow-up call on a warm machine sees this checkout's results/, not what the earlier calls wrote there
+  # (only ignored files, checkpoints and .gpu_calls/, survive): restore their packed results without replacing
+  # this checkout's files, so their finished runs are skipped, not retrained. A run whose checkpoint is still
+  # ahead of its metrics.csv cannot resume (train refuses it), so it is trained again from scratch.
+  for call in .gpu_calls/*/; do
+    [ -d "$call" ] && cat "$call"results.tgz.part* | tar -xzf - --skip-old-files && echo "restored ${call%/}"
+  done
   "$PYTHON" -m adaptive_sched.run_checks --stale results/*/runs/*/* | while read -r run; do
     echo "leftover checkpoint ahead of its metrics: retraining $run"; rm -rf "$run"
   done
@@ -59,6 +63,7 @@ mkdir -p "$OUT"
   find experiments/feature_cache -type f -newer "$stamp" -name '*.pt' >> "$OUT/files.txt" 2>/dev/null
   tar -czf - -T "$OUT/files.txt" | split -b 15M -d - "$OUT/results.tgz.part" || status=1
   echo "$(wc -l < "$OUT/files.txt") files in $(ls "$OUT"/results.tgz.part* | wc -l) part(s)"
+  mkdir -p ".gpu_calls/$GPU_NEXT_START" && cp "$OUT"/results.tgz.part* ".gpu_calls/$GPU_NEXT_START/"   # for follow-ups
   for f in results/fashion-mnist results/fashion-mnist-cond results/fashion-tuned results/targets; do
     [ -f "$f/results.md" ] && { echo "--- $f"; head -30 "$f/results.md"; }
   done

@@ -85,7 +85,8 @@ if want 2; then
   for label in cosine laplace_b=0.5; do       # the grids of the runs trained in this call, reported with earlier ones
     grids="results/fashion-mnist-grids/$label" runs=() trained=false
     for run in results/fashion-mnist/runs/$label/seed*; do
-      if [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ]; then runs+=("$run") trained=true   # weights: this call
+      if [ -f "$run/ema.pt" ] && [ -f "$run/finished.json" ] && ! scored "$run" "$grids/grid_eval.csv"; then
+        runs+=("$run") trained=true                                      # weights here (this call or a warm earlier one)
       elif scored "$run" "$grids/grid_eval.csv"; then runs+=("$run"); fi                         # scored before
     done
     $trained && [ "$(left)" -gt 60 ] || continue

@@ -65,6 +65,15 @@ def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp
     assert files and not [f for f in files if f.endswith(".pt") and not f.startswith("experiments/feature_cache/")]
     assert any(f.startswith("experiments/feature_cache/") and f.endswith(".pt") for f in files)   # the FID net
 
+    for path in (there / "results").rglob("*"):   # a follow-up call on the warm machine: only ignored files survive
+        if path.is_file() and path.suffix != ".pt":
+            path.unlink()
+    warm = run_script(there, tmp_path / "out5")
+    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    log = (tmp_path / "out5" / "log").read_text()
+    assert "restored .gpu_calls/" in log and "retraining" not in log
+    assert "== compare" not in log and "== grid-eval" not in log                  # all finished and scored already
+
     here = checkout(tmp_path / "here")
     unpacked = subprocess.run(["bash", "experiments/gpu_unpack.sh", str(tmp_path / "out1")], cwd=here,
                               capture_output=True, text=True)
