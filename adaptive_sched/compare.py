@@ -192,8 +192,7 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
                 print(f"{run_label(entry)} seed {seed}: failed ({err})", file=sys.stderr)
                 failed.append(f"{run_label(entry)} seed {seed}: {err}")
         if failed:
-            raise UsageError(f"{len(failed)} of {len(todo)} runs failed (first: {failed[0]}); rerun the same "
-                             f"command to retry them")
+            raise runs_failed(len(failed), len(todo), failed[0])
     elif todo:
         left = run_in_processes(plan, todo, jobs, progress, deadline)
     if left:
@@ -202,6 +201,11 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     if not any((run_dir_of(out, e, s) / "metrics.csv").exists() for e in plan.entries for s in plan.seeds):
         return out                                   # nothing has run yet: no report to write
     return report(out, plan)
+
+
+def runs_failed(count: int, total: int, first: str) -> UsageError:
+    """The error that ends a comparison some of whose runs failed (the others ran to the end)."""
+    return UsageError(f"{count} of {total} runs failed (first: {first}); rerun the same command to retry them")
 
 
 def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, progress: bool,
@@ -219,8 +223,7 @@ def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, 
                         run_dir / "train.log"))
     failed, unstarted = run_jobs(work, jobs, progress, deadline=deadline)
     if failed:
-        raise UsageError(f"{len(failed)} of {len(work)} runs failed (first: {failed[0][0].name}, see "
-                         f"{failed[0][0].log}); rerun the same command to retry them")
+        raise runs_failed(len(failed), len(work), f"{failed[0][0].name}, see {failed[0][0].log}")
     return [item for item, job in zip(todo, work) if job in unstarted]
 
 
@@ -300,7 +303,7 @@ def report(out: Path, plan: Plan) -> Path:
         trained = [(run_label(e), final_schedule(run_dir_of(out, e, seeds[0]))) for e in entries
                    if run_label(e) in labels]
         compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
-    write_results_md(out, aggregates, metric, base, data_floor(base), reached, spread, target_text(plan))
+    write_results_md(out, aggregates, metric, base, target_text(plan), data_floor(base), reached, spread)
     return out
 
 
@@ -404,8 +407,8 @@ def data_floor(base: cfg.RunConfig) -> float | None:
     return sliced_wasserstein(train.x[:n], held_out.x[:n])
 
 
-def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, floor: float | None = None,
-                     reached=None, spread=None, target: str | None = None) -> None:
+def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
+                     floor: float | None = None, reached=None, spread=None) -> None:
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
@@ -415,7 +418,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, fl
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
              "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
              f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
-             f"{target or f'target={base.train.target}'}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
+             f"{target}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
              f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
              + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]

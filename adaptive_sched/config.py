@@ -152,6 +152,12 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 OPEN_SECTIONS = ("schedule", "weighting", "model")   # extra keys are the component's own parameters
 
 
+def with_defaults(saved: dict) -> dict:
+    """A config dict written by an older version (to_dict's layout) with the keys it lacks at their defaults."""
+    defaults = RunConfig().to_dict()
+    return {section: {**defaults.get(section, {}), **values} for section, values in saved.items()}
+
+
 def _section_class(name: str):
     return {"data": DataConfig, "schedule": ScheduleConfig, "weighting": WeightingConfig,
             "learned": LearnedConfig, "model": ModelConfig,

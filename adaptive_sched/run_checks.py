@@ -48,7 +48,6 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
     check_guidance(e.guidance, t.conditional)
 
 
-
 def check_image_options(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
     """[train] channels_last and [eval] clip_x0 need (C, H, W) images in [-1, 1], not vectors."""
     for on, name in ((config.train.channels_last, "channels_last"), (config.eval.clip_x0, "clip_x0")):
@@ -56,18 +55,17 @@ def check_image_options(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
             raise UsageError(f"{name} applies to images; data {config.data.name!r} is {len(shape)}-D vectors, "
                              f"not (C, H, W) images")
 
+
 def check_resumable(saved: dict, current: dict) -> None:
     """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
     run lacks (written by an older version) counts as that key's default."""
-    defaults = cfg.RunConfig().to_dict()
+    saved = cfg.with_defaults(saved)
     for section in sorted(set(saved) | set(current)):
         keys = set(saved.get(section, {})) | set(current.get(section, {}))
         for key in sorted(keys):
             if (section, key) in RESUMABLE_CHANGES:
                 continue
-            old_section = saved.get(section, {})
-            old = old_section[key] if key in old_section else defaults.get(section, {}).get(key)
-            new = current.get(section, {}).get(key)
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if old != new:
                 raise UsageError(f"cannot resume: [{section}] {key} was {old!r} in the saved run, now {new!r}; "
                                  f"use the same settings or another --out")

@@ -1,6 +1,7 @@
 """Sample from a finished (or checkpointed) run directory using its EMA snapshot; write .npz or .png."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.models import build_model, params_for_weights
+from adaptive_sched.run_checks import check_image_options
 from adaptive_sched.train import resolve_device
 
 
@@ -86,8 +88,8 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
         lam_grid = sampling_grid(grid_name, steps, lo, hi)
         steps = len(lam_grid) - 1
     clip = config.eval.clip_x0 if clip_x0 is None else clip_x0
-    if clip and len(snap["data_shape"]) != 3:
-        raise UsageError("--clip-x0 clamps to the pixel range [-1, 1]: it applies to image runs only")
+    check_image_options(dataclasses.replace(config, eval=dataclasses.replace(config.eval, clip_x0=clip)),
+                        tuple(snap["data_shape"]))
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev,
                  labels=labels, guidance=w, clip_x0=clip)
     if out.suffix == ".npz":

@@ -114,11 +114,10 @@ def check_settings(saved: dict, current: dict, study: str) -> None:
         raise UsageError(f"study {study!r} was created {target_text(old)}, now {target_text(new)}; use the same "
                          f"settings, or another --study")
     pairs = [(k, saved.get(k), current[k]) for k in ("schedule", "metric", "space")]
-    defaults = cfg.RunConfig().to_dict()
-    for section in sorted(set(saved.get("base", {})) | set(current["base"])):
-        old, new = saved.get("base", {}).get(section, {}), current["base"].get(section, {})
-        missing = defaults.get(section, {})
-        pairs += [(f"[{section}] {k}", old[k] if k in old else missing.get(k), new.get(k))
+    base = cfg.with_defaults(saved.get("base", {}))
+    for section in sorted(set(base) | set(current["base"])):
+        old, new = base.get(section, {}), current["base"].get(section, {})
+        pairs += [(f"[{section}] {k}", old.get(k), new.get(k))
                   for k in sorted(set(old) | set(new)) if (section, k) not in IGNORED_CHANGES]
     for what, old, new in pairs:
         if old != new:

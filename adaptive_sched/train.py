@@ -270,7 +270,8 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     distributed.assert_identical(run.schedule_params, run.world, "learned-schedule parameters")
     if not run.world.is_main:
         return
-    state = {"step": step, "logged_step": run.logged_step, "world_size": run.world.size, "config": run.config.to_dict(), "model": run.model.state_dict(),
+    state = {"step": step, "logged_step": run.logged_step, "world_size": run.world.size,
+             "config": run.config.to_dict(), "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(), "running": running.cpu(),
              "rng_cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
