@@ -38,8 +38,10 @@ def check_label(y, classes: int, shape: tuple | None = None):
         if shape is not None and tuple(y.shape) != tuple(shape):
             raise UsageError(f"class labels have shape {tuple(y.shape)}, expected {tuple(shape)} (one per value)")
         # value check on CPU only: on CUDA it would cost a host sync every training step, and an index outside
-        # 0..K−1 fails there anyway (a device-side assert in the gather), never silently
-        if y.numel() and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= classes):
+        # 0..K−1 fails there anyway (a device-side assert in the gather), never silently; not while torch.compile
+        # traces (DiffusionLoss checks the labels eagerly before its compiled core)
+        if y.numel() and y.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                (int(y.min()) < 0 or int(y.max()) >= classes):
             raise UsageError(f"class labels must lie in 0..{classes - 1}, got values in "
                              f"{int(y.min())}..{int(y.max())}")
         return y

@@ -1,10 +1,12 @@
-"""torch.compile for a training run: the denoiser's forward and, for a learned schedule, λ_φ(t) with its slope.
+"""torch.compile for a training run: the loss's `core` compiled whole, i.e. a learned schedule's λ_φ(t) and slope,
+the weighting, the denoiser's forward and the variance objective's gradient hooks in one graph (and one backward).
 
-Compiling only the denoiser left a learned schedule's ~270 small eager ops per step (forward and backward of
-the monotone network) outside the graph: on an H200 at batch 512 the compiled step went from 21.8 ms (cosine)
-to 27.6 ms (learned), +26%, against +1.7% in eager (results/bench/2026-11-26-NVIDIA-H200.jsonl); those ops are
-the likely cause (the profiled bench checks). Compiling `logsnr_and_slope` fuses them; the hooks of the
-variance objective stay on its eager outputs.
+Compiling the denoiser alone left a learned schedule's ~270 small eager ops per step outside the graph (+26% step
+time against cosine on an H200 at batch 512, against +1.7% eager); compiling the schedule network separately cut
+that to +4.3% (results/bench/2026-11-26-NVIDIA-H200.jsonl), the rest being host work around two compiled graphs
+(their calls and backward nodes, -log(-slope), the weighting, the hooks). One graph for all of it removes most of
+that (on a CPU-bound tiny model: the learned step's extra host time from ~0.7 ms to ~0.25 ms). The randomness
+(t or λ, ε) is drawn eagerly from the step's generator first, so compiled and eager steps draw the same numbers.
 
 `train` with `[train] compile = true` (`--compile`) takes its first step through `first_compiled_step`: a
 compilation error there sends the run back to eager with a warning (torch 2.11 crashed compiling our U-Net at
@@ -48,20 +50,15 @@ def error_line(err: BaseException) -> str:
 
 
 def compile_run(run: Run, mode: str = "default") -> None:
-    """Make train_step call torch.compile'd functions: the model's forward (as `run.train_model`) and the
-    learned schedule's `logsnr_and_slope` (as `run.loss.schedule_fn`). Compilation itself happens on first use."""
+    """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`); it compiles on first use."""
     import torch
     torch._dynamo.reset()      # one run per process at a time: a fresh cache, never dynamo's recompile limit
-    # a function, not the module: train_step tests `run.train_model or run.model`, which a compiled module fails
-    run.train_model = torch.compile(run.model.forward, mode=mode)
-    if run.loss.learned and hasattr(run.loss.schedule, "logsnr_and_slope"):
-        run.loss.schedule_fn = torch.compile(run.loss.schedule.logsnr_and_slope, mode=mode)
+    run.loss.core_fn = torch.compile(run.loss.core, mode=mode)
 
 
 def uncompile_run(run: Run) -> None:
-    """Back to the eager functions (after a compiled step failed)."""
-    run.train_model = None
-    run.loss.schedule_fn = None
+    """Back to the eager loss (after a compiled step failed)."""
+    run.loss.core_fn = None
 
 
 def first_compiled_step(run: Run, step: int, running: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptive_sched.adaptive import class_histograms, fit_loss, update_histogram
+from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import add_noise, check_target, log_target_weight, target_value
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules import is_learned
@@ -62,7 +63,7 @@ class DiffusionLoss:
             raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
         self.objective, self.smoothness = objective, smoothness
         self.histogram = None
-        self.schedule_fn = None        # a compiled schedule.logsnr_and_slope (adaptive_sched.compiling), else None
+        self.core_fn = None            # `core` compiled whole (adaptive_sched.compiling), else None
         if self.learned and hasattr(schedule, "histogram"):          # adaptive_binned: the histogram is the schedule
             self.histogram, self.objective = schedule.histogram, "adaptive"
         elif self.learned and objective == "adaptive":
@@ -75,7 +76,8 @@ class DiffusionLoss:
     def terms(self, model, x0: torch.Tensor, y: torch.Tensor | None = None,
               generator: torch.Generator | None = None, logsnr: torch.Tensor | None = None,
               cond: torch.Tensor | None = None) -> LossTerms:
-        """Draw λ and ε (from `generator`), run the model once, return the per-example loss terms.
+        """Draw λ (or t, for a learned schedule) and ε from `generator`, run the model once through `core`, return
+        the per-example loss terms; the cvdm curvature and the adaptive histogram are added here, eagerly.
 
         `y` is the denoiser's label (possibly the null class, for CFG); `cond` (N,) int64 is the schedule's
         condition (the true class), required when the schedule has num_classes > 0 and ignored otherwise."""
@@ -83,32 +85,20 @@ class DiffusionLoss:
         classes = getattr(self.schedule, "num_classes", 0)
         if classes and cond is None:
             raise UsageError(f"the schedule is conditioned on {classes} classes: pass cond, each example's class (N,)")
-        on = {"y": cond} if classes else {}                                            # the schedule's condition
-        log_density, slope, t = getattr(self.schedule, "log_density", None), None, None
-        if classes and log_density is not None:
-            log_density = lambda lam: self.schedule.log_density(lam, cond)            # noqa: E731
+        on = {"y": check_label(cond, classes, (n,))} if classes else {}                # the schedule's condition
+        t = log_p = None
         if logsnr is None and self.learned:
             t = uniform_t(n, generator, x0.device)
-            logsnr, slope = (self.schedule_fn or self.schedule.logsnr_and_slope)(t, **on)   # (N,), (N,), grad to φ
-            logsnr, slope = logsnr.float(), slope.float()
-            if self.objective == "adaptive":
-                logsnr, slope = logsnr.detach(), slope.detach()
-            log_p = -torch.log(-slope)
-            log_density = lambda lam: log_p                                            # noqa: E731
         elif logsnr is None:
             logsnr = self.schedule.sample(n, generator=generator, device=x0.device, **on)      # (N,)
+        if t is None and self.weighting.needs_density:                          # a given λ's log p(λ), eagerly
+            if not hasattr(self.schedule, "log_density"):
+                raise UsageError(f"weighting {self.weighting.name!r} needs the schedule's density")
+            log_p = self.schedule.log_density(logsnr, *on.values())
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = add_noise(x0, eps, logsnr)
-        pred = model(x_t, logsnr, y)
-        mse = per_example_mse(pred, target_value(x0, eps, logsnr, self.target))           # (N,)
-        log_factor = self.weighting.log_multiplier(logsnr, log_density, self.target)
-        eps_mse = mse * torch.exp(-log_target_weight(logsnr, self.target))
-        loss = mse * torch.exp(log_factor)
-        if slope is not None and logsnr.requires_grad and self.objective == "variance":
-            factor = 2 * loss.detach()                       # ∇φ E[f²] = E[2f ∇φ f], in the same backward pass
-            logsnr.register_hook(lambda grad: grad * factor)
-            log_p.register_hook(lambda grad: grad * factor)
-        elif slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
+        loss, logsnr, eps_mse, slope = (self.core_fn or self.core)(model, x0, eps, y, t, logsnr, log_p,
+                                                                   cond if classes else None)
+        if slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
             curvature = self.schedule.curvature(t, **on) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
             loss = loss + self.smoothness * curvature.square()
         extra = 0.0
@@ -117,6 +107,36 @@ class DiffusionLoss:
             if self.histogram is not getattr(self.schedule, "histogram", None):
                 extra = fit_loss(self.schedule, self.histogram)
         return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse, extra=extra)
+
+    def core(self, model, x0: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor | None,
+             logsnr: torch.Tensor | None, log_p: torch.Tensor | None, cond: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss, λ, ℓ_ε, dλ/dt or None), each (N,), for drawn noise: no randomness and no state, so that
+        `compile_run` compiles it whole (schedule network, weighting, denoiser and the variance hooks in one graph).
+
+        Learned schedule (t given): λ = λ_φ(t), log p(λ) = −log(−dλ/dt); else λ and log p(λ) (None unless the
+        weighting needs it) are given. x_λ = αx0 + σε; loss = c(λ)·ℓ_ε computed as ‖pred − target‖²·exp(log c −
+        log m_target)."""
+        slope = None
+        if t is not None:
+            on = {} if cond is None else {"y": cond}
+            logsnr, slope = self.schedule.logsnr_and_slope(t, **on)                 # (N,), (N,), grad to φ
+            logsnr, slope = logsnr.float(), slope.float()
+            if self.objective == "adaptive":
+                logsnr, slope = logsnr.detach(), slope.detach()
+            log_p = -torch.log(-slope)
+        x_t = add_noise(x0, eps, logsnr)
+        pred = model(x_t, logsnr, y)
+        mse = per_example_mse(pred, target_value(x0, eps, logsnr, self.target))           # (N,)
+        log_factor = self.weighting.log_multiplier(logsnr, None if log_p is None else (lambda lam: log_p),
+                                                   self.target)
+        eps_mse = mse * torch.exp(-log_target_weight(logsnr, self.target))
+        loss = mse * torch.exp(log_factor)
+        if slope is not None and logsnr.requires_grad and self.objective == "variance":
+            factor = 2 * loss.detach()                       # ∇φ E[f²] = E[2f ∇φ f], in the same backward pass
+            logsnr.register_hook(lambda grad: grad * factor)
+            log_p.register_hook(lambda grad: grad * factor)
+        return loss, logsnr, eps_mse, slope
 
     def __call__(self, model, x0, y=None, generator=None, cond=None) -> torch.Tensor:
         """The mean training loss over the batch."""

@@ -38,6 +38,11 @@ class Weighting:
     relative: bool
     params: dict = field(default_factory=dict)
 
+    @property
+    def needs_density(self) -> bool:
+        """Whether the factor divides by the schedule's density p(λ) (an absolute weighting: c = w/p)."""
+        return self.log_weight is not None and not self.relative
+
     def log_multiplier(self, logsnr: torch.Tensor, log_density: Callable | None, target: str) -> torch.Tensor:
         """log c(λ) − log m_target(λ): the factor applied to the target-space MSE of each example."""
         if self.log_weight is None:          # `schedule`: the target's own MSE, factor 1

@@ -1,5 +1,6 @@
-"""compile_run: the compiled learned schedule gives the eager λ, slope and gradients, and its ops leave the eager
-step (what made the compiled learned step 26% slower than cosine on the GPU)."""
+"""compile_run: the loss's core compiled whole gives the eager λ, loss and gradients (schedule network, weighting,
+denoiser and the variance objective's hooks in one graph), and the schedule's ops leave the eager step (what made
+the compiled learned step 26% slower than cosine on the GPU)."""
 import pytest
 import torch
 
@@ -48,7 +49,7 @@ def test_compiled_steps_match_eager_ones_and_the_schedule_leaves_the_eager_ops()
     torch._dynamo.reset()
     eager, compiled = gmm_run(), gmm_run()
     compile_run(compiled)
-    assert compiled.loss.schedule_fn is not None and compiled.train_model is not None
+    assert compiled.loss.core_fn is not None
     for step in range(3):
         for run in (eager, compiled):
             train_step(run, step, new_running(run.device))
@@ -59,7 +60,7 @@ def test_compiled_steps_match_eager_ones_and_the_schedule_leaves_the_eager_ops()
     # the monotone network's log-sigmoids run eagerly in the eager step, inside the compiled graph otherwise
     assert "aten::log_sigmoid" in aten_ops(eager, 3) and "aten::log_sigmoid" not in aten_ops(compiled, 3)
     uncompile_run(compiled)
-    assert compiled.train_model is None and compiled.loss.schedule_fn is None
+    assert compiled.loss.core_fn is None
     assert "aten::log_sigmoid" in aten_ops(compiled, 4)
 
 
@@ -143,7 +144,7 @@ class FailInBackward(torch.autograd.Function):
 def compile_failing_in_backward(fn, **kwargs):
     def compiled(*args, **kw):
         out = fn(*args, **kw)
-        return out if isinstance(out, tuple) else FailInBackward.apply(out)
+        return (FailInBackward.apply(out[0]), *out[1:])          # the loss's core: (loss, λ, ℓ_ε, slope)
     return compiled
 
 
@@ -162,3 +163,56 @@ def test_a_backward_that_fails_to_compile_retakes_the_step_with_the_histogram_as
     assert final_loss(tmp_path / "fallback") == final_loss(tmp_path / "eager")
     a, b = (checkpoint.load(tmp_path / name / "checkpoint.pt")["histogram"] for name in ("eager", "fallback"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CORE_CASES = {           # schedule, weighting, objective: every branch of DiffusionLoss.core
+    "learned-variance-hooks": ({"num_classes": 0}, ("like", {}), "variance", 0.0),
+    "learned-adaptive": ({"num_classes": 0}, ("sigmoid", {}), "adaptive", 0.0),
+    "learned-cvdm-smooth": ({"num_classes": 0}, ("edm", {}), "cvdm", 1e-3),
+    "conditional-learned": ({"num_classes": 3}, ("like", {}), "variance", 0.0),
+    "laplace-absolute": (None, ("sigmoid", {"b": 1.0}), "variance", 0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORE_CASES))
+def test_the_compiled_core_gives_the_eager_loss_and_gradients(case):
+    """One loss evaluation, eager and with the core compiled: the same draws, per-example losses and gradients of
+    every denoiser and schedule parameter (the variance hooks inside the compiled graph included)."""
+    from adaptive_sched import weighting
+    from adaptive_sched.losses import DiffusionLoss
+    from adaptive_sched.models.mlp import MLPDenoiser
+    sched_kw, (w_name, w_kw), objective, smoothness = CORE_CASES[case]
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    classes = (sched_kw or {}).get("num_classes", 0)
+    sched = schedules.build("laplace") if sched_kw is None else schedules.build("learned", hidden=16, **sched_kw)
+    model = MLPDenoiser(4, hidden=32, depth=2, num_classes=classes)
+    model_params, sched_params = list(model.parameters()), list(sched.parameters()) if sched_kw else []
+    with torch.no_grad():                              # away from the zero output layer and the initial schedule
+        for p in model_params + sched_params:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    loss = DiffusionLoss(sched, "v", weighting.build(w_name, **w_kw), objective, smoothness)
+    x0 = torch.randn(64, 4, generator=gen)
+    cond = torch.randint(classes, (64,), generator=gen) if classes else None
+    params = model_params + sched_params
+    histogram = None if loss.histogram is None else {k: v.clone() for k, v in loss.histogram.state_dict().items()}
+    results = []
+    for compiled in (False, True):
+        if histogram is not None:                      # adaptive: both passes fit the same loss histogram
+            loss.histogram.load_state_dict(histogram)
+        loss.core_fn = torch.compile(loss.core, fullgraph=True) if compiled else None
+        for p in params:
+            p.grad = None
+        terms = loss.terms(model, x0, cond, torch.Generator().manual_seed(1), **({"cond": cond} if classes else {}))
+        (terms.loss.mean() + terms.extra).backward()
+        results.append((terms.loss.detach(), terms.logsnr.detach(), [p.grad for p in params]))
+    (loss0, lam0, grads0), (loss1, lam1, grads1) = results
+    torch.testing.assert_close(lam1, lam0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-4, atol=1e-6)
+    assert all((g0 is None) == (g1 is None) for g0, g1 in zip(grads0, grads1))
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads0[:len(model_params)])
+    sched_grads = [g for g in grads0[len(model_params):] if g is not None and bool(g.abs().sum() > 0)]
+    assert len(sched_grads) == len(sched_params)          # φ learns (adaptive: through its fit to the histogram)
+    for g0, g1 in zip(grads0, grads1):
+        if g0 is not None:
+            torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-4 * float(g0.abs().max()))
