@@ -312,8 +312,6 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     try:
         run = build(config, world, device_name)
         if config.train.compile:
-            if world.enabled:
-                raise UsageError("compile = true is not supported under torchrun yet; drop it for DDP runs")
             compile_run(run)
         start, state = open_run_dir(run, out_dir, resume)
         running = new_running(run.device) if state is None else state["running"].to(run.device)

@@ -28,6 +28,7 @@ checkpoint_every = 20
 device = "cpu"
 target = "v"
 warmup = 10
+compile = {compile}
 [eval]
 every = 30
 n = 200
@@ -36,9 +37,9 @@ logsnr_points = 5
 """
 
 
-def torchrun(tmp_path, out, steps=60, batch=64, resume=False):
-    config = tmp_path / f"config_{steps}_{batch}.toml"
-    config.write_text(CONFIG.format(steps=steps, batch=batch))
+def torchrun(tmp_path, out, steps=60, batch=64, resume=False, compile=False):
+    config = tmp_path / f"config_{steps}_{batch}_{compile}.toml"
+    config.write_text(CONFIG.format(steps=steps, batch=batch, compile=str(compile).lower()))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "adaptive_sched", "train", "--config", str(config), "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,6 +68,20 @@ def test_two_ranks_train_log_once_and_resume_exactly(tmp_path):
     other = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     for key in ("model", "schedule"):
         assert all(torch.allclose(state[key][k], other[key][k], atol=1e-6) for k in state[key])
+
+
+@pytest.mark.slow
+def test_two_ranks_train_compiled_like_eager(tmp_path):
+    """compile = true under torchrun: each rank compiles the loss with its DDP-wrapped denoiser inside; the run
+    follows the eager one to float rounding and reaches the end compiled (no fallback warning)."""
+    eager, compiled = torchrun(tmp_path, tmp_path / "eager", steps=40), \
+        torchrun(tmp_path, tmp_path / "compiled", steps=40, compile=True)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert "training eagerly" not in compiled.stderr
+    a, b = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("eager", "compiled"))
+    assert list(a["step"]) == list(b["step"]) == [20, 30, 40]
+    assert b["loss"].tolist() == pytest.approx(a["loss"].tolist(), rel=2e-3)
+    assert b["eval_eps_mse"].dropna().tolist() == pytest.approx(a["eval_eps_mse"].dropna().tolist(), rel=2e-3)
 
 
 def test_a_batch_that_does_not_split_across_ranks_is_refused(tmp_path):
