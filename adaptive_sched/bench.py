@@ -38,7 +38,8 @@ if TYPE_CHECKING:              # torch and the trainer are imported on first use
 # mode name -> (torch.compile mode, or None for eager; channels_last weights: the mode sets [train] channels_last)
 MODES: dict[str, tuple[str | None, bool]] = {
     "eager": (None, False), "compiled": ("default", False), "reduce-overhead": ("reduce-overhead", False),
-    "channels_last": (None, True), "compiled+channels_last": ("default", True)}
+    "channels_last": (None, True), "compiled+channels_last": ("default", True),
+    "reduce-overhead+channels_last": ("reduce-overhead", True)}
 _PEAKS: dict[tuple[str, int], float] = {}          # matmul FLOP/s per (device, size), measured once per process
 
 
