@@ -25,7 +25,8 @@ class LossTerms:
     loss: torch.Tensor        # c(λ)·ℓ_ε(λ): the training loss of each example
     logsnr: torch.Tensor      # λ drawn for each example
     eps_mse: torch.Tensor     # ℓ_ε(λ) = mean over dimensions of (ε̂ − ε)², unweighted
-    extra: torch.Tensor | float = 0.0   # a scalar added to the batch mean (the schedule's own loss)
+    extra: torch.Tensor | float = 0.0   # a scalar added to the batch mean: the schedule's own loss (adaptive's fit,
+                                        # cvdm's smoothness penalty), not part of the logged training loss
 
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -98,10 +99,11 @@ class DiffusionLoss:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         loss, logsnr, eps_mse, slope = (self.core_fn or self.core)(model, x0, eps, y, t, logsnr, log_p,
                                                                    cond if classes else None)
-        if slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
-            curvature = self.schedule.curvature(t, **on) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
-            loss = loss + self.smoothness * curvature.square()
         extra = 0.0
+        if slope is not None and logsnr.requires_grad and self.objective == "cvdm" and self.smoothness > 0:
+            # the schedule's own term, beside (not inside) the denoiser's per-example loss, which is what gets logged
+            curvature = self.schedule.curvature(t, **on) / (self.schedule.logsnr_max - self.schedule.logsnr_min)
+            extra = self.smoothness * curvature.square().mean()
         if self.histogram is not None and slope is not None and torch.is_grad_enabled():
             update_histogram(self.histogram, logsnr, loss.detach() / (-slope), cond)   # w·ℓ = f·p, p = 1/|dλ/dt|
             if self.histogram is not getattr(self.schedule, "histogram", None):

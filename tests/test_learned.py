@@ -14,6 +14,7 @@ from adaptive_sched.data.gmm import make_gmm
 from adaptive_sched.errors import UsageError
 from adaptive_sched.export import export, load_run_schedule
 from adaptive_sched.losses import DiffusionLoss
+from adaptive_sched.schedules.base import uniform_t
 from adaptive_sched.schedules.learned import LearnedSchedule
 from adaptive_sched.train import train
 
@@ -240,11 +241,17 @@ def test_cvdm_objective_moves_the_schedule_through_the_loss_itself():
     loss = DiffusionLoss(sched, "eps", weighting.build("schedule"), objective="cvdm", smoothness=1e-3)
     x0 = mixture.sample(256, generator=torch.Generator().manual_seed(0))
     terms = loss.terms(OracleEps(mixture), x0, generator=torch.Generator().manual_seed(1))
-    terms.loss.mean().backward()
+    (terms.loss.mean() + terms.extra).backward()
     grads = [p.grad for p in sched.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
-    # the penalty is what the loss adds beyond c·ℓ: recompute without it
+    # the penalty is the batch's extra term, smoothness·mean((d²λ/dt²)²)/(λ_max − λ_min)² at the drawn t, and the
+    # per-example loss is c·ℓ alone: recompute both without it
     plain = DiffusionLoss(sched, "eps", weighting.build("schedule"), objective="cvdm", smoothness=0.0)
-    base = plain.terms(OracleEps(mixture), x0, generator=torch.Generator().manual_seed(1)).loss
-    assert (terms.loss.detach() >= base.detach() - 1e-6).all() and (terms.loss.detach() > base.detach()).any()
+    base = plain.terms(OracleEps(mixture), x0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(terms.loss.detach(), base.loss.detach()) and base.extra == 0.0
+    t = uniform_t(256, torch.Generator().manual_seed(1))                 # the t the loss drew first
+    width = sched.logsnr_max - sched.logsnr_min
+    with torch.no_grad():
+        penalty = 1e-3 * float((sched.curvature(t) / width).square().mean())
+    assert float(terms.extra.detach()) == pytest.approx(penalty, rel=1e-6)
