@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -168,6 +169,7 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
     try:
         if compile_mode is not None:
             compile_run(run, compile_mode)
+            row["compiled_loss"] = "parts" if isinstance(run.loss.core_fn, functools.partial) else "whole"
         mark_step = compile_mode == "reduce-overhead" and run.device.type == "cuda"
         row.update(time_windows(run, args, mark_step, bar))
         if args.profile:

@@ -7,6 +7,8 @@ that to +4.3% (results/bench/2026-11-26-NVIDIA-H200.jsonl), the rest being host 
 (their calls and backward nodes, -log(-slope), the weighting, the hooks). One graph for all of it removes most of
 that (on a CPU-bound tiny model: the learned step's extra host time from ~0.7 ms to ~0.25 ms). The randomness
 (t or λ, ε) is drawn eagerly from the step's generator first, so compiled and eager steps draw the same numbers.
+A torch that cannot trace the hooks (probed once: `traces_intermediate_hooks`) gets the schedule and denoiser parts
+compiled separately, with the hooks registered eagerly between them, where they see the whole gradient.
 
 `train` with `[train] compile = true` (`--compile`) takes its first step through `first_compiled_step`: a
 compilation error there sends the run back to eager with a warning (torch 2.11 crashed compiling our U-Net at
@@ -14,6 +16,7 @@ batch 512 on an H100); a device error that poisons the CUDA context stops it wit
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING
 
@@ -49,11 +52,45 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def compile_run(run: Run, mode: str = "default") -> None:
-    """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`); it compiles on first use."""
+def traces_intermediate_hooks() -> bool:
+    """Whether this torch compiles a gradient hook on an intermediate tensor into the graph (torch 2.13 does).
+    Older ones break the graph there (or refuse), and a hook registered after the break would miss the gradient
+    that flows inside the compiled graph: a silently wrong variance objective. Probed once per torch.compile."""
     import torch
+    return probe_hooks(torch.compile)
+
+
+@functools.lru_cache(maxsize=None)
+def probe_hooks(compile_fn) -> bool:
+    """traces_intermediate_hooks for one torch.compile (a test may replace it), with the aot_eager backend."""
+    import torch
+
+    def probe(x):
+        y = x * 2.0
+        factor = y.detach() + 1.0
+        y.register_hook(lambda grad: grad * factor)
+        return (y * y).sum()
+
+    x = torch.ones(3, requires_grad=True)
+    try:
+        compile_fn(probe, backend="aot_eager", fullgraph=True)(x).backward()
+    except Exception:                              # noqa: BLE001 - unsupported, in whatever way
+        return False
+    return bool(torch.equal(x.grad, torch.full((3,), 24.0)))     # dy = 2y·(y + 1) = 12, dx = 2·dy
+
+
+def compile_run(run: Run, mode: str = "default") -> None:
+    """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`): whole where torch traces the
+    variance hooks, else its schedule and denoiser parts compiled separately with the hooks between them, eager.
+    Compilation happens on first use."""
+    import torch
+    whole = traces_intermediate_hooks()
     torch._dynamo.reset()      # one run per process at a time: a fresh cache, never dynamo's recompile limit
-    run.loss.core_fn = torch.compile(run.loss.core, mode=mode)
+    if whole:
+        run.loss.core_fn = torch.compile(run.loss.core, mode=mode)
+    else:
+        parts = (torch.compile(run.loss.schedule_part, mode=mode), torch.compile(run.loss.denoiser_part, mode=mode))
+        run.loss.core_fn = functools.partial(run.loss.core, parts=parts)
 
 
 def uncompile_run(run: Run) -> None:

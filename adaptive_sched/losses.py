@@ -111,34 +111,46 @@ class DiffusionLoss:
         return LossTerms(loss=loss, logsnr=logsnr, eps_mse=eps_mse, extra=extra)
 
     def core(self, model, x0: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor | None,
-             logsnr: torch.Tensor | None, log_p: torch.Tensor | None, cond: torch.Tensor | None
+             logsnr: torch.Tensor | None, log_p: torch.Tensor | None, cond: torch.Tensor | None, parts=None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(loss, λ, ℓ_ε, dλ/dt or None), each (N,), for drawn noise: no randomness and no state, so that
-        `compile_run` compiles it whole (schedule network, weighting, denoiser and the variance hooks in one graph).
+        `compile_run` compiles it whole (schedule network, weighting, denoiser and the variance hooks in one graph),
+        or its two `parts` separately with the hooks between them, where torch cannot trace the hooks.
 
-        Learned schedule (t given): λ = λ_φ(t), log p(λ) = −log(−dλ/dt); else λ and log p(λ) (None unless the
-        weighting needs it) are given. x_λ = αx0 + σε; loss = c(λ)·ℓ_ε computed as ‖pred − target‖²·exp(log c −
-        log m_target)."""
+        Learned schedule (t given): λ, dλ/dt and log p(λ) from `schedule_part`; else λ and log p(λ) (None unless the
+        weighting needs it) are given. Then `denoiser_part`, and for the variance objective the hooks that make
+        φ's gradient ∇φ E[f²] = E[2f ∇φ f] in the same backward pass."""
+        schedule_part, denoiser_part = parts or (self.schedule_part, self.denoiser_part)
         slope = None
         if t is not None:
-            on = {} if cond is None else {"y": cond}
-            logsnr, slope = self.schedule.logsnr_and_slope(t, **on)                 # (N,), (N,), grad to φ
-            logsnr, slope = logsnr.float(), slope.float()
-            if self.objective == "adaptive":
-                logsnr, slope = logsnr.detach(), slope.detach()
-            log_p = -torch.log(-slope)
+            logsnr, slope, log_p = schedule_part(t, cond)
+        loss, eps_mse = denoiser_part(model, x0, eps, y, logsnr, log_p)
+        if slope is not None and logsnr.requires_grad and self.objective == "variance":
+            factor = 2 * loss.detach()
+            logsnr.register_hook(lambda grad: grad * factor)
+            log_p.register_hook(lambda grad: grad * factor)
+        return loss, logsnr, eps_mse, slope
+
+    def schedule_part(self, t: torch.Tensor, cond: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A learned schedule at t (N,): λ = λ_φ(t | cond), dλ/dt and log p(λ) = −log(−dλ/dt), float32, with
+        gradients to φ (none for the adaptive objective, which fits φ separately)."""
+        logsnr, slope = self.schedule.logsnr_and_slope(t, **({} if cond is None else {"y": cond}))
+        logsnr, slope = logsnr.float(), slope.float()
+        if self.objective == "adaptive":
+            logsnr, slope = logsnr.detach(), slope.detach()
+        return logsnr, slope, -torch.log(-slope)
+
+    def denoiser_part(self, model, x0: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None,
+                      logsnr: torch.Tensor, log_p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, ℓ_ε) per example: x_λ = αx0 + σε, one model call, loss = c(λ)·ℓ_ε computed in the target's space
+        as ‖pred − target‖²·exp(log c − log m_target)."""
         x_t = add_noise(x0, eps, logsnr)
         pred = model(x_t, logsnr, y)
         mse = per_example_mse(pred, target_value(x0, eps, logsnr, self.target))           # (N,)
         log_factor = self.weighting.log_multiplier(logsnr, None if log_p is None else (lambda lam: log_p),
                                                    self.target)
-        eps_mse = mse * torch.exp(-log_target_weight(logsnr, self.target))
-        loss = mse * torch.exp(log_factor)
-        if slope is not None and logsnr.requires_grad and self.objective == "variance":
-            factor = 2 * loss.detach()                       # ∇φ E[f²] = E[2f ∇φ f], in the same backward pass
-            logsnr.register_hook(lambda grad: grad * factor)
-            log_p.register_hook(lambda grad: grad * factor)
-        return loss, logsnr, eps_mse, slope
+        return mse * torch.exp(log_factor), mse * torch.exp(-log_target_weight(logsnr, self.target))
 
     def __call__(self, model, x0, y=None, generator=None, cond=None) -> torch.Tensor:
         """The mean training loss over the batch."""
