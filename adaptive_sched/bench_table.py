@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ["measure", "mode", "schedule", "batch", "shape", "img/s", "step ms", "MFU", "peak MiB", "notes"]
-NOTES = ("overhead_pct", "speedup", "workers", "img_s_each", "compile_error")
+NOTES = ("overhead_pct", "speedup", "workers", "img_s_each", "compiled_loss", "compile_error")
 
 
 def _number(value, digits: int) -> str:
