@@ -82,9 +82,12 @@ def probe_hooks(compile_fn) -> bool:
 def compile_run(run: Run, mode: str = "default") -> None:
     """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`): whole where torch traces the
     variance hooks, else its schedule and denoiser parts compiled separately with the hooks between them, eager.
+    Also in parts under DDP, whose forward breaks the graph: the hooks must not depend on where dynamo resumes
+    (with nested graph breaks a whole core's λ would feed the noise inside the first graph, out of the hooks' reach).
     Compilation happens on first use."""
     import torch
-    whole = traces_intermediate_hooks()
+    whole = traces_intermediate_hooks() and not run.world.enabled and \
+        not getattr(torch._dynamo.config, "nested_graph_breaks", False)
     torch._dynamo.reset()      # one run per process at a time: a fresh cache, never dynamo's recompile limit
     if whole:
         run.loss.core_fn = torch.compile(run.loss.core, mode=mode)

@@ -153,5 +153,6 @@ class DiffusionLoss:
         return mse * torch.exp(log_factor), mse * torch.exp(-log_target_weight(logsnr, self.target))
 
     def __call__(self, model, x0, y=None, generator=None, cond=None) -> torch.Tensor:
-        """The mean training loss over the batch."""
-        return self.terms(model, x0, y, generator, cond=cond).loss.mean()
+        """The batch's training objective: the mean loss plus the schedule's own term (`extra`)."""
+        terms = self.terms(model, x0, y, generator, cond=cond)
+        return terms.loss.mean() + terms.extra
