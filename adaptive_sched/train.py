@@ -117,7 +117,7 @@ class Run:
     ema: EMA
     loss_bins: LossHistogram     # per-λ-bin EMA of the ε-MSE seen in training (a diagnostic)
     world: distributed.World = distributed.World()
-    train_model: torch.nn.Module | None = None   # what the step calls: the model, or its DDP wrapper
+    train_model: torch.nn.Module | None = None   # what the step calls: the model, or its DDP wrapper (set by build)
     fid: object | None = None                    # FidEvaluator for image data (rank 0), see eval_features
     fid_info: dict | None = None
     ramps: dict | None = None                    # the parsed curriculum ({} for a static schedule)
@@ -420,8 +420,7 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
     y = drop_labels(labels, t.p_uncond, run.num_classes, gen) if run.num_classes else None   # CFG label dropout
     cond = run.condition(x0, labels)               # the schedule's condition: the true class (or an input bin)
     with autocast_for(run.device):
-        model = run.train_model if run.train_model is not None else run.model
-        terms = run.loss.terms(model, x0, y, gen, **({} if cond is None else {"cond": cond}))
+        terms = run.loss.terms(run.train_model, x0, y, gen, **({} if cond is None else {"cond": cond}))
         loss = terms.loss.mean() + terms.extra
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
