@@ -8,7 +8,8 @@ that to +4.3% (results/bench/2026-11-26-NVIDIA-H200.jsonl), the rest being host 
 that (on a CPU-bound tiny model: the learned step's extra host time from ~0.7 ms to ~0.25 ms). The randomness
 (t or λ, ε) is drawn eagerly from the step's generator first, so compiled and eager steps draw the same numbers.
 A torch that cannot trace the hooks (probed once: `traces_intermediate_hooks`) gets the schedule and denoiser parts
-compiled separately, with the hooks registered eagerly between them, where they see the whole gradient.
+compiled separately, with the hooks registered eagerly between them, where they see the whole gradient; a loss
+without hooks (fixed schedules, the adaptive and cvdm objectives) is compiled whole on any torch.
 
 `train` with `[train] compile = true` (`--compile`) takes its first step through `first_compiled_step`: a
 compilation error there sends the run back to eager with a warning (torch 2.11 crashed compiling our U-Net at
@@ -80,14 +81,14 @@ def probe_hooks(compile_fn) -> bool:
 
 
 def compile_run(run: Run, mode: str = "default") -> None:
-    """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`): whole where torch traces the
-    variance hooks, else its schedule and denoiser parts compiled separately with the hooks between them, eager.
-    Also in parts under DDP, whose forward breaks the graph: the hooks must not depend on where dynamo resumes
-    (with nested graph breaks a whole core's λ would feed the noise inside the first graph, out of the hooks' reach).
-    Compilation happens on first use."""
+    """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`): whole, unless the loss uses the
+    variance hooks and torch cannot trace them; then its schedule and denoiser parts are compiled separately with the
+    hooks between them, eager. With hooks also in parts under DDP, whose forward breaks the graph: the hooks must
+    not depend on where dynamo resumes (with nested graph breaks a whole core's λ would feed the noise inside the
+    first graph, out of the hooks' reach). Without hooks a graph break is harmless. Compiled on first use."""
     import torch
-    whole = traces_intermediate_hooks() and not run.world.enabled and \
-        not getattr(torch._dynamo.config, "nested_graph_breaks", False)
+    whole = not run.loss.uses_gradient_hooks or (traces_intermediate_hooks() and not run.world.enabled and
+                                                 not getattr(torch._dynamo.config, "nested_graph_breaks", False))
     torch._dynamo.reset()      # one run per process at a time: a fresh cache, never dynamo's recompile limit
     if whole:
         run.loss.core_fn = torch.compile(run.loss.core, mode=mode)

@@ -74,6 +74,11 @@ class DiffusionLoss:
                              f"{self.weighting.name!r}: with a relative one the objective itself would move with "
                              f"the schedule")
 
+    @property
+    def uses_gradient_hooks(self) -> bool:
+        """Whether `core` registers the variance objective's gradient hooks (a learned schedule, objective variance)."""
+        return self.learned and self.objective == "variance"
+
     def terms(self, model, x0: torch.Tensor, y: torch.Tensor | None = None,
               generator: torch.Generator | None = None, logsnr: torch.Tensor | None = None,
               cond: torch.Tensor | None = None) -> LossTerms:
@@ -125,7 +130,7 @@ class DiffusionLoss:
         if t is not None:
             logsnr, slope, log_p = schedule_part(t, cond)
         loss, eps_mse = denoiser_part(model, x0, eps, y, logsnr, log_p)
-        if slope is not None and logsnr.requires_grad and self.objective == "variance":
+        if slope is not None and logsnr.requires_grad and self.uses_gradient_hooks:
             factor = 2 * loss.detach()
             logsnr.register_hook(lambda grad: grad * factor)
             log_p.register_hook(lambda grad: grad * factor)

@@ -225,6 +225,23 @@ def test_without_traceable_hooks_compile_run_compiles_the_parts(monkeypatch):
     assert run.loss.core_fn.keywords["parts"][0] is not None and len(run.loss.core_fn.keywords["parts"]) == 2
 
 
+@pytest.mark.parametrize("objective", ["adaptive", "cvdm"])
+def test_a_loss_without_hooks_is_compiled_whole_under_ddp_and_on_any_torch(objective, monkeypatch):
+    """Only the variance objective registers hooks; without them a graph break cannot hide a gradient from one."""
+    from adaptive_sched import compiling
+    from adaptive_sched.distributed import World
+    monkeypatch.setattr(compiling, "traces_intermediate_hooks", lambda: False)
+    run = gmm_run(objective)
+    run.world = World(rank=0, size=2)
+    assert not run.loss.uses_gradient_hooks
+    compile_run(run)
+    assert run.loss.core_fn is not None and not isinstance(run.loss.core_fn, functools.partial)
+    variance = gmm_run("variance")
+    assert variance.loss.uses_gradient_hooks
+    compile_run(variance)
+    assert isinstance(variance.loss.core_fn, functools.partial)
+
+
 @pytest.mark.parametrize("whole", [True, False], ids=["whole", "parts"])
 @pytest.mark.parametrize("case", sorted(CORE_CASES))
 def test_the_compiled_core_gives_the_eager_loss_and_gradients(case, whole):

@@ -16,6 +16,8 @@ n = 2000
 dim = 4
 [schedule]
 name = "learned"
+[learned]
+objective = "{objective}"
 [model]
 name = "mlp"
 hidden = 64
@@ -37,9 +39,9 @@ logsnr_points = 5
 """
 
 
-def torchrun(tmp_path, out, steps=60, batch=64, resume=False, compile=False):
-    config = tmp_path / f"config_{steps}_{batch}_{compile}.toml"
-    config.write_text(CONFIG.format(steps=steps, batch=batch, compile=str(compile).lower()))
+def torchrun(tmp_path, out, steps=60, batch=64, resume=False, compile=False, objective="variance"):
+    config = tmp_path / f"config_{steps}_{batch}_{compile}_{objective}.toml"
+    config.write_text(CONFIG.format(steps=steps, batch=batch, compile=str(compile).lower(), objective=objective))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "adaptive_sched", "train", "--config", str(config), "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -71,11 +73,13 @@ def test_two_ranks_train_log_once_and_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_compiled_like_eager(tmp_path):
-    """compile = true under torchrun: each rank compiles the loss (its two parts: DDP breaks the graph) with its DDP-wrapped denoiser inside; the run
-    follows the eager one to float rounding and reaches the end compiled (no fallback warning)."""
-    eager, compiled = torchrun(tmp_path, tmp_path / "eager", steps=40), \
-        torchrun(tmp_path, tmp_path / "compiled", steps=40, compile=True)
+@pytest.mark.parametrize("objective", ["variance", "cvdm"])
+def test_two_ranks_train_compiled_like_eager(tmp_path, objective):
+    """compile = true under torchrun: each rank compiles the loss with its DDP-wrapped denoiser inside (variance: in
+    two parts, the hooks between them, as DDP breaks the graph; cvdm, which has no hooks: whole); the run follows
+    the eager one to float rounding and reaches the end compiled (no fallback warning)."""
+    eager, compiled = torchrun(tmp_path, tmp_path / "eager", steps=40, objective=objective), \
+        torchrun(tmp_path, tmp_path / "compiled", steps=40, compile=True, objective=objective)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert "training eagerly" not in compiled.stderr
     a, b = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("eager", "compiled"))
@@ -83,10 +87,14 @@ def test_two_ranks_train_compiled_like_eager(tmp_path):
     assert b["loss"].tolist() == pytest.approx(a["loss"].tolist(), rel=2e-3)
     assert b["eval_eps_mse"].dropna().tolist() == pytest.approx(a["eval_eps_mse"].dropna().tolist(), rel=2e-3)
     first, second = (checkpoint.load(tmp_path / name / "checkpoint.pt") for name in ("eager", "compiled"))
+    # cvdm's curvature penalty amplifies float rounding: in one process its compiled run (whole or in parts alike)
+    # drifts from the eager one by 1e-7 after 10 steps and 1.1e-5 after 40 (variance: 1e-7 throughout); under DDP
+    # seen 4.4e-5. Training on its own half-batch instead of the average moves a weight by ~5e-2 in 40 steps.
+    atol = {"variance": 1e-5, "cvdm": 3e-4}[objective]                      # variance seen: <= 5e-7
     for key in ("model", "schedule"):                      # the denoiser and φ took the same 40 steps
         for name, value in first[key].items():
             if value.is_floating_point():
-                torch.testing.assert_close(second[key][name], value, rtol=1e-4, atol=1e-5)   # seen: <= 5e-7
+                torch.testing.assert_close(second[key][name], value, rtol=1e-4, atol=atol)
 
 
 def test_a_batch_that_does_not_split_across_ranks_is_refused(tmp_path):
