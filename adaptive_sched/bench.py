@@ -109,17 +109,14 @@ def count_flops(run: Run, step: int = 0) -> int:
 
 def time_windows(run: Run, args: argparse.Namespace, mark_step: bool, bar) -> dict:
     """Warm up, then time `repeats` windows of `steps` train_steps; the device syncs only around windows."""
-    import torch
-    from adaptive_sched.train import new_running, train_step
+    from adaptive_sched.bench_profile import take_steps
+    from adaptive_sched.train import new_running
     running, steps = new_running(run.device), itertools.count(1)      # step 0 was the FLOP count
 
     def window(n: int) -> float:
         sync(run.device)
         t0 = time.perf_counter()
-        for _ in range(n):
-            if mark_step:                               # CUDA graphs: a new training iteration begins
-                torch.compiler.cudagraph_mark_step_begin()
-            train_step(run, next(steps), running)
+        take_steps(run, itertools.islice(steps, n), running, mark_step)
         sync(run.device)                                # asynchronous errors of compiled steps surface here
         elapsed = time.perf_counter() - t0
         bar.update(n)

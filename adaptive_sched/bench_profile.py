@@ -33,14 +33,23 @@ def is_device_work(event) -> bool:
     return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
+def take_steps(run: Run, steps, running, mark_step: bool = False) -> None:
+    """train_step for each step number in `steps`; with CUDA graphs (`mark_step`) each begins a new iteration."""
+    import torch
+    from adaptive_sched.train import train_step
+    for step in steps:
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        train_step(run, step, running)
+
+
 def profile_steps(run: Run, steps: int, path: Path, mark_step: bool = False) -> dict:
     """Profile `steps` train_steps of `run` (CPU ops, and CUDA kernels on a GPU); write the op tables to `path`;
     return the per-step summary fields (see the module docstring)."""
     import time
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     from adaptive_sched.compiling import sync
-    from adaptive_sched.train import new_running, train_step
+    from adaptive_sched.train import new_running
     cuda = run.device.type == "cuda"
     running = new_running(run.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -48,10 +57,8 @@ def profile_steps(run: Run, steps: int, path: Path, mark_step: bool = False) -> 
     with profile(activities=activities) as prof:
         began = time.perf_counter()
         for step in range(steps):
-            if mark_step:                                   # CUDA graphs: a new training iteration begins
-                torch.compiler.cudagraph_mark_step_begin()
             with record_function("train_step"):
-                train_step(run, 10_000 + step, running)
+                take_steps(run, [10_000 + step], running, mark_step)
         sync(run.device)
         wall = time.perf_counter() - began
     events = prof.events()
