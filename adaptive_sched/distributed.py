@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from adaptive_sched.errors import UsageError
+from adaptive_sched.seeding import step_generator
 
 
 @dataclass(frozen=True)
@@ -112,4 +113,4 @@ def rank0_says(flag: bool, world: World) -> bool:
 
 def rank_generator(seed: int, step: int, world: World, device: torch.device) -> torch.Generator:
     """The generator for this rank's noise and λ at `step`: seeded by (seed, step, rank)."""
-    return torch.Generator(device).manual_seed((((seed << 32) + step) * 1_000_003 + world.rank) % (2 ** 63))
+    return step_generator(seed, step, device, world.rank)

@@ -35,7 +35,7 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
     sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)   # refuse a bad grid now
     if t.steps <= 0:
         raise UsageError(f"steps must be > 0, got {t.steps}")
-    if t.steps >= 2 ** 32:                         # step_generator seeds with (seed << 32) + step
+    if t.steps >= 2 ** 32:                         # the per-step seed mixes (seed << 32) + step
         raise UsageError(f"steps must be < 2^32 (the per-step seeds would repeat), got {t.steps}")
     if not 0 < t.batch_size <= n_train:
         raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {t.batch_size}")

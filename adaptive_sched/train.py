@@ -29,6 +29,7 @@ from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
 from adaptive_sched.run_checks import check_image_options, check_resumable, metrics_gap, validate
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
+from adaptive_sched.seeding import step_generator
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
 
@@ -41,11 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for every random draw of step `step`: seeded by (seed, step) only."""
-    return torch.Generator(device).manual_seed((seed << 32) + step)
 
 
 def load_data(data_config: cfg.DataConfig, split: str) -> datasets.Dataset:
