@@ -80,6 +80,28 @@ def marginal_survival(schedule, logsnr, weights=None) -> torch.Tensor:
     return sum(float(w[c]) * schedule.t_of(lam, c).to(F64) for c in range(k))
 
 
+class Marginal:
+    """The marginal Σ_k w_k p(λ | k) as a schedule for `grids.quantile_grid`: t(λ) = t_marg(λ) exactly, and
+    λ(t) by bisection on it (64 halvings), so its quantiles carry no table's interpolation error."""
+
+    def __init__(self, schedule, weights=None):
+        self.schedule, self.weights = schedule, weights
+        self.logsnr_min, self.logsnr_max = float(schedule.logsnr_min), float(schedule.logsnr_max)
+
+    def t_of(self, logsnr) -> torch.Tensor:
+        return marginal_survival(self.schedule, logsnr, self.weights)
+
+    @torch.no_grad()
+    def logsnr(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        lo, hi = torch.full_like(t, self.logsnr_min), torch.full_like(t, self.logsnr_max)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = self.t_of(mid) > t                 # more mass above mid than t: λ(t) lies above mid
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+
 @torch.no_grad()
 def marginal_density(schedule, logsnr, weights=None) -> torch.Tensor:
     """p_marg(λ) = Σ_k w_k p(λ | k); float64, λ's shape."""

@@ -38,11 +38,9 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
         _, schedule, snap = load_run_schedule(run_dir)
         meta.update(training_params=config.schedule.params,
                     training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
-        from adaptive_sched.class_schedules import marginal_columns, num_classes
+        from adaptive_sched.class_schedules import Marginal, num_classes
         if num_classes(schedule):                    # a conditional schedule: the quantiles of its marginal
-            from adaptive_sched.schedules.table import Table
-            marginal = marginal_columns(schedule, 2001, snap.get("class_weights"))
-            schedule = Table(t=marginal["t"], logsnr=marginal["logsnr"])
+            schedule = Marginal(schedule, snap.get("class_weights"))
             meta["training_density"] = "marginal over the schedule's conditions"
         return grids.quantile_grid(schedule, steps, lo, hi), meta
     from adaptive_sched.generate import x0_denoiser
