@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.seeding import step_generator
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,3 @@ def rank0_says(flag: bool, world: World) -> bool:
     dist.broadcast(value, src=0)
     return bool(value.item())
 
-
-def rank_generator(seed: int, step: int, world: World, device: torch.device) -> torch.Generator:
-    """The generator for this rank's noise and λ at `step`: seeded by (seed, step, rank)."""
-    return step_generator(seed, step, device, world.rank)

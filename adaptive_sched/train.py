@@ -144,8 +144,7 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     num_classes = denoiser_classes(config, train_data)
     condition = parse_condition(config.learned.condition, train_data.x, train_data.y, train_data.num_classes)
     schedule = build_schedule(config.schedule, 0, config.train.steps, condition.num_classes)
-    loss = DiffusionLoss(schedule, config.train.target, build_weighting(config, schedules.is_learned(schedule)),
-                         config.learned.objective, config.learned.smoothness)
+    loss = build_loss(config, schedule)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)
     check_image_options(config, train_data.shape)
@@ -185,6 +184,12 @@ def denoiser_classes(config: cfg.RunConfig, train_data: datasets.Dataset) -> int
         raise UsageError(f"[train] conditional needs class labels, and dataset {config.data.name!r} has none; use "
                          f"digits, mnist5k, fashion-mnist, cifar10 or an npz file with a y array")
     return train_data.num_classes
+
+
+def build_loss(config: cfg.RunConfig, schedule) -> DiffusionLoss:
+    """The run's loss over `schedule`: its target, weighting, schedule objective and smoothness."""
+    return DiffusionLoss(schedule, config.train.target, build_weighting(config, schedules.is_learned(schedule)),
+                         config.learned.objective, config.learned.smoothness)
 
 
 def build_weighting(config: cfg.RunConfig, learned: bool):
@@ -407,7 +412,7 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
     if world.enabled:                              # this rank's share of the global batch, its own noise
         share = t.batch_size // world.size
         idx = idx[world.rank * share:(world.rank + 1) * share]
-        gen = distributed.rank_generator(t.seed, step, world, run.device)
+        gen = step_generator(t.seed, step, run.device, world.rank)
     lr = set_learning_rates(run, step)
     if run.ramps:                                 # a dynamic schedule: its parameters at this step
         run.loss.schedule = schedule_at(run.config.schedule, step, t.steps, run.ramps)

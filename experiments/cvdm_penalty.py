@@ -23,10 +23,9 @@ import torch
 from adaptive_sched import config as cfg
 from adaptive_sched.checkpoint import load_training_state
 from adaptive_sched.errors import UsageError
-from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model
 from adaptive_sched.seeding import step_generator
-from adaptive_sched.train import build_schedule, build_weighting, load_data
+from adaptive_sched.train import build_loss, build_schedule, load_data
 
 
 def gradient_norms(run_dir: Path, batches: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -37,8 +36,7 @@ def gradient_norms(run_dir: Path, batches: int) -> tuple[np.ndarray, np.ndarray,
         raise UsageError(f"{run_dir} is not a cvdm run (objective {config.learned.objective!r})")
     data = load_data(config.data, "train")
     schedule = build_schedule(config.schedule, 0, config.train.steps)
-    loss = DiffusionLoss(schedule, config.train.target, build_weighting(config, True), config.learned.objective,
-                         config.learned.smoothness)
+    loss = build_loss(config, schedule)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, data.shape, 0, **config.model.params)
     if state:
@@ -83,11 +81,16 @@ def main() -> None:
     try:
         for run_dir in args.run_dirs:
             data, penalty, where = gradient_norms(run_dir, args.batches)
-            ratio = penalty / np.maximum(data, 1e-30)
             print(f"{run_dir}: {where}, {args.batches} batches")
-            print(f"  |grad data| median {np.median(data):.3g}, |grad penalty| median {np.median(penalty):.3g} "
-                  f"(max {penalty.max():.3g}); penalty/data median {np.median(ratio):.3g} "
-                  f"(min {ratio.min():.3g}, max {ratio.max():.3g})")
+            line = (f"  |grad data| median {np.median(data):.3g}, |grad penalty| median {np.median(penalty):.3g} "
+                    f"(max {penalty.max():.3g}); ")
+            if (data > 0).all():
+                ratio = penalty / data
+                line += (f"penalty/data median {np.median(ratio):.3g} (min {ratio.min():.3g}, "
+                         f"max {ratio.max():.3g})")
+            else:
+                line += "no ratio: the loss has no gradient to φ in some batches (an untrained ε-target U-Net)"
+            print(line)
         print(f"max |λ(t) difference| between the runs: {seed_spread(args.run_dirs)}")
     except UsageError as err:
         sys.exit(f"error: {err}")
