@@ -70,6 +70,7 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     put("train", "p_uncond", args.p_uncond)
     put("train", "compile", getattr(args, "train_compile", None))     # train's --compile (bench has its own)
     put("train", "channels_last", getattr(args, "train_channels_last", None))
+    put("train", "compile_mode", getattr(args, "train_compile_mode", None))
     if args.curriculum:
         put("schedule", "curriculum", {k: str(v) for k, v in cfg.parse_assignments(args.curriculum,
                                                                                    "--curriculum").items()})
@@ -147,6 +148,8 @@ def make_parser() -> Parser:
                    help="torch.compile the denoiser (and a learned schedule); eager with a warning if that fails")
     p.add_argument("--channels-last", dest="train_channels_last", action="store_true", default=None,
                    help="keep the image denoiser's weights in channels_last (NHWC): no cudnn layout transposes")
+    p.add_argument("--compile-mode", dest="train_compile_mode", choices=["default", "reduce-overhead"], default=None,
+                   help="with --compile: reduce-overhead replays each step as CUDA graphs (one process only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -97,6 +97,8 @@ class TrainConfig:
     p_uncond: float = 0.1         # conditional: probability of replacing a label by the null class in training
     compile: bool = False         # torch.compile the denoiser (and a learned schedule); eager if compiling fails
     channels_last: bool = False   # image denoiser's weights in NHWC (cudnn's native layout for bf16 convs)
+    compile_mode: str = "default"  # with compile: "default", or "reduce-overhead" (CUDA graphs replay each step's
+                                  # kernels without the host launching them; single process only)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from adaptive_sched.sweep_space import space_to_dict
 HEARTBEAT_S = 60           # RDB storages: a RUNNING trial silent for 3 heartbeats is failed by the next worker
 # settings that do not make trials incomparable: where and how fast they run, and how often they log
 IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
-                   ("train", "channels_last")}
+                   ("train", "channels_last"), ("train", "compile_mode")}
 
 
 def mask(url: str) -> str:

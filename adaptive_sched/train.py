@@ -136,6 +136,9 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     validate(config, len(train_data))
     if config.train.batch_size % world.size:
         raise UsageError(f"batch_size {config.train.batch_size} must split evenly across {world.size} ranks")
+    if world.enabled and config.train.compile and config.train.compile_mode == "reduce-overhead":
+        raise UsageError("compile_mode 'reduce-overhead' (CUDA graphs) is for one process: under torchrun use "
+                         "compile_mode 'default'")
     eval_data = load_data(config.data, "test")
     n_eval = min(config.eval.n, len(eval_data))
     eval_data = datasets.Dataset(eval_data.name, eval_data.x[:n_eval],
@@ -313,7 +316,7 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     try:
         run = build(config, world, device_name)
         if config.train.compile:
-            compile_run(run)
+            compile_run(run, config.train.compile_mode)
         start, state = open_run_dir(run, out_dir, resume)
         running = new_running(run.device) if state is None else state["running"].to(run.device)
         if running.numel() == 2:                       # a checkpoint from before the non-finite counters
@@ -350,7 +353,10 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
     last_row = {}
     tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
     run.model.train()
+    graphs = t.compile and t.compile_mode == "reduce-overhead" and run.device.type == "cuda"
     for step in range(start, t.steps):
+        if graphs:                                  # each step a new CUDA-graph iteration (its outputs are read
+            torch.compiler.cudagraph_mark_step_begin()   # within the step, before the next replay overwrites them)
         lr = first_compiled_step(run, step, running) if step == start and config.train.compile else \
             train_step(run, step, running)
         done = step + 1

@@ -82,6 +82,24 @@ if want 7 && ! grep -qsE '"mode": "compiled\+channels_last".*"schedule": "learne
   bench 240 --batch-size 512 --compare-schedules cosine,learned --modes compiled,compiled+channels_last \
     --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
 fi
+# [train] compile_mode = "reduce-overhead" (CUDA graphs; added after the first call of 2026-11-26 measured them at
+# 18,606 img/s against 16,084 compiled, on an H100): its CUDA test, then the learned schedule's overhead under
+# graphs, whose 5 windows spread 0.1% where plain compiled ones spread 30% (host jitter), so the 3% target of
+# issue 3 can be resolved there
+if want 7 && ! grep -qs "CUDA GRAPHS TEST PASSED" results/bench/cuda-tests-*.txt && [ "$(left)" -gt 130 ]; then
+  echo "== 7 CUDA test: training with compile_mode reduce-overhead  $(date -u +%T)"
+  record="results/bench/cuda-tests-graphs-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
+  if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+       -k cuda_graphs > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA GRAPHS TEST PASSED" >> "$record"
+  else status=1; fi
+  tail -15 "$record"
+fi
+if want 7 && ! grep -qsE '"mode": "reduce-overhead".*"schedule": "learned"' results/bench/*.jsonl \
+    && [ "$(left)" -gt 200 ]; then
+  echo "== 7 bench: the learned schedule's overhead under CUDA graphs (issue 3)  $(date -u +%T)"
+  bench 190 --batch-size 512 --compare-schedules cosine,learned --modes reduce-overhead \
+    --warmup 10 --steps 20 --repeats 5 --no-sample || status=1
+fi
 if want 2; then
   compare experiments/fashion_mnist.toml results/fashion-mnist
   for label in cosine laplace_b=0.5; do       # the grids of the runs trained in this call, reported with earlier ones

@@ -275,3 +275,30 @@ def test_unresumable_names_the_run_dirs_whose_checkpoint_is_ahead_of_metrics(tmp
     assert "no metrics.csv" in unresumable(tmp_path / "lost")
     assert main(["--stale", *(str(tmp_path / name) for name in ("ok", "lost", "empty", "missing*"))]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "lost")]
+
+
+def test_compile_mode_reaches_torch_compile_and_bad_values_are_refused(tmp_path, monkeypatch):
+    from adaptive_sched import distributed, train as train_module
+    modes = []
+    monkeypatch.setattr(train_module, "compile_run", lambda run, mode="default": modes.append(mode))
+    train(gmm_config(steps=10, compile=True, compile_mode="reduce-overhead"), tmp_path / "graphs", progress=False)
+    assert modes == ["reduce-overhead"]
+    assert (tmp_path / "graphs" / "metrics.csv").exists()
+    with pytest.raises(UsageError, match=r"compile_mode must be one of default, reduce-overhead, got 'max'"):
+        train(gmm_config(steps=10, compile=True, compile_mode="max"), tmp_path / "bad", progress=False)
+    with pytest.raises(UsageError, match=r"compile_mode 'reduce-overhead' needs compile = true"):
+        train(gmm_config(steps=10, compile_mode="reduce-overhead"), tmp_path / "bad", progress=False)
+    with pytest.raises(UsageError, match=r"'reduce-overhead' \(CUDA graphs\) is for one process"):
+        train_module.build(gmm_config(steps=10, compile=True, compile_mode="reduce-overhead"),
+                           distributed.World(rank=0, size=2))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_train_compile_mode_on_the_command_line(tmp_path, capsys):
+    from adaptive_sched.cli import main
+    base = ["train", "--data", "gmm", "--model", "mlp", "--steps", "2", "--batch-size", "16", "--device", "cpu",
+            "--eval-every", "1000", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--compile-mode", "reduce-overhead"]) == 2
+    assert "needs compile = true (train --compile)" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "a"), "--compile-mode", "fast"]) == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
