@@ -153,7 +153,7 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
     """One training measurement: (row, run, None), or (partial row, None, error line) if the compiled path failed."""
     from tqdm.auto import tqdm
     from adaptive_sched.bench_profile import profile_steps
-    from adaptive_sched.compiling import compile_run
+    from adaptive_sched.compiling import compile_run, cuda_graphs
     from adaptive_sched.train import build
     compile_mode, channels_last = MODES[mode]
     run = build(dataclasses.replace(config, train=dataclasses.replace(config.train, channels_last=channels_last)))
@@ -167,7 +167,7 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
         if compile_mode is not None:
             compile_run(run, compile_mode)
             row["compiled_loss"] = "parts" if isinstance(run.loss.core_fn, functools.partial) else "whole"
-        mark_step = compile_mode == "reduce-overhead" and run.device.type == "cuda"
+        mark_step = cuda_graphs(compile_mode, run.device)
         row.update(time_windows(run, args, mark_step, bar))
         if args.profile:
             path = Path(args.profile) / f"{mode}-{config.schedule.name}-b{config.train.batch_size}.txt"

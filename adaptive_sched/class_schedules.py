@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from adaptive_sched.bisection import bisect_decreasing
 from adaptive_sched.errors import UsageError
 
 F64 = torch.float64
@@ -94,12 +95,7 @@ class Marginal:
     @torch.no_grad()
     def logsnr(self, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=F64)
-        lo, hi = torch.full_like(t, self.logsnr_min), torch.full_like(t, self.logsnr_max)
-        for _ in range(64):
-            mid = 0.5 * (lo + hi)
-            above = self.t_of(mid) > t                 # more mass above mid than t: λ(t) lies above mid
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        return 0.5 * (lo + hi)
+        return bisect_decreasing(self.t_of, t, torch.full_like(t, self.logsnr_min), torch.full_like(t, self.logsnr_max))
 
 
 @torch.no_grad()

@@ -148,7 +148,7 @@ def make_parser() -> Parser:
                    help="torch.compile the denoiser (and a learned schedule); eager with a warning if that fails")
     p.add_argument("--channels-last", dest="train_channels_last", action="store_true", default=None,
                    help="keep the image denoiser's weights in channels_last (NHWC): no cudnn layout transposes")
-    p.add_argument("--compile-mode", dest="train_compile_mode", choices=["default", "reduce-overhead"], default=None,
+    p.add_argument("--compile-mode", dest="train_compile_mode", choices=cfg.COMPILE_MODES, default=None,
                    help="with --compile: reduce-overhead replays each step as CUDA graphs (one process only)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -80,6 +80,12 @@ def probe_hooks(compile_fn) -> bool:
     return bool(torch.equal(x.grad, torch.full((3,), 24.0)))     # dy = 2y·(y + 1) = 12, dx = 2·dy
 
 
+def cuda_graphs(mode: str | None, device: torch.device) -> bool:
+    """Whether torch.compile's `mode` replays CUDA graphs on `device`; each training step must then begin a new
+    graph iteration (torch.compiler.cudagraph_mark_step_begin) before it reads the previous step's outputs."""
+    return mode == "reduce-overhead" and device.type == "cuda"
+
+
 def compile_run(run: Run, mode: str = "default") -> None:
     """Make train_step call a torch.compile'd `run.loss.core` (as `run.loss.core_fn`): whole, unless the loss uses the
     variance hooks and torch cannot trace them; then its schedule and denoiser parts are compiled separately with the

@@ -150,6 +150,7 @@ class RunConfig:
         return out
 
 
+COMPILE_MODES = ("default", "reduce-overhead")      # [train] compile_mode: torch.compile modes a run may use
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 OPEN_SECTIONS = ("schedule", "weighting", "model")   # extra keys are the component's own parameters
 

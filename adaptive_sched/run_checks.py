@@ -16,7 +16,6 @@ from adaptive_sched.runlog import CsvLog
 # config keys that may change between a run and its resumption
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
                      ("train", "device"), ("train", "compile"), ("train", "channels_last"), ("train", "compile_mode")}
-COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def validate(config: cfg.RunConfig, n_train: int) -> None:
@@ -47,8 +46,8 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
     if not (math.isfinite(t.p_uncond) and 0 <= t.p_uncond < 1):
         raise UsageError(f"p_uncond must be in [0, 1), got {t.p_uncond}")
     check_guidance(e.guidance, t.conditional)
-    if t.compile_mode not in COMPILE_MODES:
-        raise UsageError(f"[train] compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+    if t.compile_mode not in cfg.COMPILE_MODES:
+        raise UsageError(f"[train] compile_mode must be one of {', '.join(cfg.COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.compile_mode != "default" and not t.compile:
         raise UsageError(f"[train] compile_mode {t.compile_mode!r} needs compile = true (train --compile)")
 

@@ -17,7 +17,7 @@ import torch
 
 from adaptive_sched import (checkpoint, config as cfg, curriculum, data as datasets, distributed, run_artifacts,
                             schedules, weighting)
-from adaptive_sched.compiling import compile_run, first_compiled_step
+from adaptive_sched.compiling import compile_run, cuda_graphs, first_compiled_step
 from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, condition_frequencies,
                                          drop_labels, guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
@@ -353,7 +353,7 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
     last_row = {}
     tick, tick_step, began = time.perf_counter(), start, time.perf_counter()
     run.model.train()
-    graphs = t.compile and t.compile_mode == "reduce-overhead" and run.device.type == "cuda"
+    graphs = t.compile and cuda_graphs(t.compile_mode, run.device)
     for step in range(start, t.steps):
         if graphs:                                  # each step a new CUDA-graph iteration (its outputs are read
             torch.compiler.cudagraph_mark_step_begin()   # within the step, before the next replay overwrites them)

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from adaptive_sched.bisection import bisect_decreasing
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, check_count, check_finite,
                                            sample_by_inverse_transform)
 
-BISECTION_STEPS = 64
 LOGIT_WINDOW = 15.0          # L: every unit is renormalised to ℓ = logit(t) ∈ [−L, L]
 
 
@@ -135,12 +135,8 @@ class LearnedSchedule(nn.Module):
         """t(λ, y) by bisection on the monotone λ(t, y) (64 halvings: exact to the dtype's resolution)."""
         lam = self._as_float(logsnr)
         weights = self._weights(y, lam)
-        lo, hi = torch.zeros_like(lam), torch.ones_like(lam)
-        for _ in range(BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            above = self._logsnr_and_slope(mid, weights)[0] > lam          # λ(mid) still above the target: move right
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        t = 0.5 * (lo + hi)
+        t = bisect_decreasing(lambda mid: self._logsnr_and_slope(mid, weights)[0], lam, torch.zeros_like(lam),
+                              torch.ones_like(lam))
         t = torch.where(lam >= self.logsnr_max, torch.zeros_like(t), t)
         return torch.where(lam <= self.logsnr_min, torch.ones_like(t), t)
 
