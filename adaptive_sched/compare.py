@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 from adaptive_sched import config as cfg
-from adaptive_sched.conditioning import GUIDED_METRICS
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.run_artifacts import final_schedule, is_finished
@@ -275,7 +274,7 @@ def mean_ci(values) -> tuple[float, float, int]:
 
 def report(out: Path, plan: Plan) -> Path:
     """Write summary.csv, aggregates.csv, steps_to_target.csv, results.md and the plots from the runs on disk."""
-    from adaptive_sched import compare_plots
+    from adaptive_sched import compare_plots, compare_report
     entries, seeds, metric, base = plan.entries, plan.seeds, plan.metric, plan.base
     summary, profiles = collect(out, entries, seeds)
     summary.to_csv(out / "summary.csv", index=False)
@@ -303,7 +302,8 @@ def report(out: Path, plan: Plan) -> Path:
         trained = [(run_label(e), final_schedule(run_dir_of(out, e, seeds[0]))) for e in entries
                    if run_label(e) in labels]
         compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
-    write_results_md(out, aggregates, metric, base, target_text(plan), data_floor(base), reached, spread)
+    compare_report.write_results_md(out, aggregates, metric, base, target_text(plan), data_floor(base), reached,
+                                    spread, paired_with_reference(summary, metric, plan.reference))
     return out
 
 
@@ -331,52 +331,6 @@ def class_spread(out: Path, entries: list[dict], seeds: list[int]):
     return pd.DataFrame(rows, columns=["label", "seed", "condition", "median_logsnr"])
 
 
-def spread_lines(spread) -> list[str]:
-    """Markdown: do the per-condition schedules differ? The range of the condition medians (mean over seeds)
-    against the seed-to-seed standard deviation of one condition's median (the noise floor)."""
-    lines = ["", "## Per-condition schedules: spread of the medians λ(0.5 | c)", "",
-             "| schedule | conditions | range of medians (mean ± 95% CI over seeds) | seed-to-seed std of a "
-             "median (mean over conditions) | medians, seed mean (c = 0, 1, …) |", "|---|---|---|---|---|"]
-    for label, group in spread.groupby("label", sort=False):
-        ranges = group.groupby("seed")["median_logsnr"].agg(lambda m: m.max() - m.min())
-        mean, half, _ = mean_ci(ranges)
-        noise = group.groupby("condition")["median_logsnr"].std(ddof=1).mean()
-        medians = group.groupby("condition")["median_logsnr"].mean()
-        lines.append(f"| {label} | {len(medians)} | {mean:.3g} ± {half:.2g} | "
-                     f"{noise:.3g} | {', '.join(f'{m:.2f}' for m in medians)} |")
-    return lines
-
-
-def budget_table(curve, metric: str, order) -> list[str]:
-    """Markdown lines: `metric` (mean ± CI over seeds) at every eval step, one row per schedule."""
-    steps = sorted(int(v) for v in curve["step"].unique())
-    if len(steps) < 2:
-        return []
-    cells = {(r["label"], int(r["step"])): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in curve.iterrows()}
-    lines = ["", f"## {metric} at each eval step (training budget)", "",
-             "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    for label in order:
-        lines.append(f"| {label} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
-    return lines
-
-
-def guidance_table(final, metric: str, order) -> list[str]:
-    """Markdown lines: the sample metric (FID for images, else SWD) at every guidance scale, one row per schedule
-    (the paper's table layout: Hang & Gu 2024, Table 1)."""
-    base = metric.split("@")[0] if metric.split("@")[0] in GUIDED_METRICS else "eval_fid"
-    if not (final["metric"].str.startswith(base + "@w")).any():
-        base = "eval_swd"
-    scales = sorted({m.split("@w")[1] for m in final["metric"] if m.startswith(base + "@w")}, key=float)
-    if len(scales) < 2:
-        return []
-    cells = {(r["label"], r["metric"]): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in final.iterrows()}
-    lines = ["", f"## {base} by classifier-free guidance scale w (final step)", "",
-             "| schedule | " + " | ".join(f"w = {w}" for w in scales) + " |", "|---" * (len(scales) + 1) + "|"]
-    for label in order:
-        lines.append(f"| {label} | " + " | ".join(cells.get((label, f"{base}@w{w}"), "") for w in scales) + " |")
-    return lines
-
-
 def steps_to_target(curves, reference: str):
     """Per label: the first eval step whose seed-mean metric ≤ the reference's final seed-mean (lower is better).
 
@@ -396,6 +350,22 @@ def steps_to_target(curves, reference: str):
     return pd.DataFrame(rows)
 
 
+def paired_with_reference(summary, metric: str, reference: str):
+    """Per label at the final step: `metric` per seed, and the paired difference d_s = m_s − m_s(reference) over the
+    seeds both have: mean ± 95% Student-t half-width, and how many d_s < 0 (a DataFrame, one row per label)."""
+    import pandas as pd
+    final = summary[summary["step"] == summary["step"].max()].dropna(subset=[metric])
+    values = final.pivot_table(index="label", columns="seed", values=metric, sort=False)
+    rows = []
+    for label in values.index:
+        diffs = (values.loc[label] - values.loc[reference]).dropna() if reference in values.index else []
+        mean, half, n = mean_ci(diffs)
+        rows.append({"label": label, **{f"seed{int(s)}": values.loc[label, s] for s in values.columns},
+                     "reference": reference, "diff_mean": mean, "diff_ci95": half, "paired_seeds": n,
+                     "seeds_below": int(sum(d < 0 for d in diffs))})
+    return pd.DataFrame(rows)
+
+
 def data_floor(base: cfg.RunConfig) -> float | None:
     """eval_swd between held-out data and as many training examples: what a perfect sampler would score."""
     if base.eval.sample_n <= 0:
@@ -405,45 +375,3 @@ def data_floor(base: cfg.RunConfig) -> float | None:
     held_out, train = load_data(base.data, "test"), load_data(base.data, "train")
     n = min(base.eval.sample_n, base.eval.n, len(held_out), len(train))
     return sliced_wasserstein(train.x[:n], held_out.x[:n])
-
-
-def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
-                     floor: float | None = None, reached=None, spread=None) -> None:
-    """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
-    final_step = int(aggregates["step"].max())
-    final = aggregates[aggregates["step"] == final_step]
-    names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
-    table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
-    order = table[("mean", metric)].sort_values().index
-    lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
-             "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
-             f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
-             f"{target}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
-             f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
-             + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
-             "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
-    for label in order:
-        cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
-    lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
-    lines += guidance_table(final, metric, order)
-    if reached is not None and len(reached):
-        reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
-        lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",
-                  "| schedule | step | fraction of the reference's steps |", "|---|---|---|"]
-        for _, r in reached.iterrows():
-            if r["step"] == r["step"]:
-                lines.append(f"| {r['label']} | {int(r['step'])} | {r['fraction_of_reference']:.2f} |")
-            else:
-                lines.append(f"| {r['label']} | not reached | – |")
-    if spread is not None and len(spread):
-        lines += spread_lines(spread)
-    if floor is not None:
-        lines += ["", f"eval_swd floor (training data against held-out data, same n): {floor:.4g}"]
-    lines += ["", "eval_excess_mse: held-out ε-MSE above the exact denoiser's (gmm only), mean over λ in "
-              f"[{base.eval.logsnr_lo}, {base.eval.logsnr_hi}]; eval_eps_mse: the same without subtracting it; "
-              "eval_swd: sliced Wasserstein-1 between samples and held-out data; eval_fid / eval_kid: Fréchet and "
-              "kernel distances of sample features to held-out features (feature net in the run's eval_features.json); "
-              "eval_bpd: the VLB in bits/dim on held-out data (independent of the training schedule)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))

@@ -74,6 +74,9 @@ def test_two_processes_at_once_reproduce_the_sequential_runs(tmp_path):
     assert list(reached["label"]) == ["cosine", "laplace(b=1.0)"] and reached["step"].iloc[0] == 40
     text = (tmp_path / "par" / "results.md").read_text()
     assert "Steps to reach cosine's final eval_eps_mse" in text and "at each eval step" in text
+    assert "## eval_eps_mse per seed at step 40, paired with cosine" in text
+    final = b[b["step"] == 40].set_index("label")["eval_eps_mse"]
+    assert f"| laplace(b=1.0) | {final['laplace(b=1.0)']:.4g} | " in text     # one seed: no interval
 
 
 @pytest.mark.slow
@@ -138,3 +141,23 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, jobs):
     with pytest.raises(UsageError, match=r"1 of 2 runs failed \(first: cosine seed 0"):
         compare(config, tmp_path / "out", progress=False, jobs=jobs)
     assert (run_dir_of(tmp_path / "out", plan.entries[1], 0) / "finished.json").exists()
+
+
+def test_paired_differences_match_scipys_paired_t_interval():
+    from scipy import stats
+    from adaptive_sched.compare import paired_with_reference
+    fid = {"cos": [4.6, 4.2, 4.3], "lap": [8.8, 8.6, 4.0], "cau": [4.5, 4.1, 4.25]}
+    rows = [{"label": label, "seed": seed, "step": step, "eval_fid": v + (10 if step == 100 else 0)}
+            for label, vs in fid.items() for seed, v in enumerate(vs) for step in (100, 200)]
+    rows.append({"label": "cau", "seed": 3, "step": 200, "eval_fid": 1.0})     # no cosine seed 3 to pair with
+    paired = paired_with_reference(pd.DataFrame(rows), "eval_fid", "cos").set_index("label")
+    for label in ("lap", "cau"):
+        test = stats.ttest_rel(fid[label], fid["cos"])
+        low, high = test.confidence_interval(0.95)
+        assert paired.loc[label, "diff_mean"] == pytest.approx((low + high) / 2, rel=1e-12)
+        assert paired.loc[label, "diff_ci95"] == pytest.approx((high - low) / 2, rel=1e-12)
+        assert paired.loc[label, "paired_seeds"] == 3
+    assert paired.loc["cau", "seeds_below"] == 3 and paired.loc["lap", "seeds_below"] == 1
+    assert paired.loc["cau", "seed3"] == 1.0 and math.isnan(paired.loc["cos", "seed3"])
+    assert list(paired.loc["lap", ["seed0", "seed1", "seed2"]]) == fid["lap"]           # the final step's values
+    assert paired.loc["cos", "diff_mean"] == 0 and paired.loc["cos", "seeds_below"] == 0

@@ -1,0 +1,116 @@
+"""A comparison's results.md: the final-step table, the metric per eval step, per guidance scale and per seed
+(paired with the reference), the steps to the reference's final value and the per-condition spread."""
+from pathlib import Path
+
+from adaptive_sched import config as cfg
+from adaptive_sched.compare import mean_ci
+from adaptive_sched.conditioning import GUIDED_METRICS
+
+
+def spread_lines(spread) -> list[str]:
+    """Markdown: do the per-condition schedules differ? The range of the condition medians (mean over seeds)
+    against the seed-to-seed standard deviation of one condition's median (the noise floor)."""
+    lines = ["", "## Per-condition schedules: spread of the medians λ(0.5 | c)", "",
+             "| schedule | conditions | range of medians (mean ± 95% CI over seeds) | seed-to-seed std of a "
+             "median (mean over conditions) | medians, seed mean (c = 0, 1, …) |", "|---|---|---|---|---|"]
+    for label, group in spread.groupby("label", sort=False):
+        ranges = group.groupby("seed")["median_logsnr"].agg(lambda m: m.max() - m.min())
+        mean, half, _ = mean_ci(ranges)
+        noise = group.groupby("condition")["median_logsnr"].std(ddof=1).mean()
+        medians = group.groupby("condition")["median_logsnr"].mean()
+        lines.append(f"| {label} | {len(medians)} | {mean:.3g} ± {half:.2g} | "
+                     f"{noise:.3g} | {', '.join(f'{m:.2f}' for m in medians)} |")
+    return lines
+
+
+def budget_table(curve, metric: str, order) -> list[str]:
+    """Markdown lines: `metric` (mean ± CI over seeds) at every eval step, one row per schedule."""
+    steps = sorted(int(v) for v in curve["step"].unique())
+    if len(steps) < 2:
+        return []
+    cells = {(r["label"], int(r["step"])): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in curve.iterrows()}
+    lines = ["", f"## {metric} at each eval step (training budget)", "",
+             "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for label in order:
+        lines.append(f"| {label} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
+    return lines
+
+
+def guidance_table(final, metric: str, order) -> list[str]:
+    """Markdown lines: the sample metric (FID for images, else SWD) at every guidance scale, one row per schedule
+    (the paper's table layout: Hang & Gu 2024, Table 1)."""
+    base = metric.split("@")[0] if metric.split("@")[0] in GUIDED_METRICS else "eval_fid"
+    if not (final["metric"].str.startswith(base + "@w")).any():
+        base = "eval_swd"
+    scales = sorted({m.split("@w")[1] for m in final["metric"] if m.startswith(base + "@w")}, key=float)
+    if len(scales) < 2:
+        return []
+    cells = {(r["label"], r["metric"]): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in final.iterrows()}
+    lines = ["", f"## {base} by classifier-free guidance scale w (final step)", "",
+             "| schedule | " + " | ".join(f"w = {w}" for w in scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    for label in order:
+        lines.append(f"| {label} | " + " | ".join(cells.get((label, f"{base}@w{w}"), "") for w in scales) + " |")
+    return lines
+
+
+def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
+    """Markdown lines: `metric` per seed at the final step and its paired difference from the reference (the rows of
+    compare.paired_with_reference); a difference's interval that excludes 0 is what "below in every seed" needs."""
+    if paired is None or not len(paired):
+        return []
+    seeds = [c for c in paired.columns if c.startswith("seed") and c != "seeds_below"]
+    reference = paired["reference"].iloc[0]
+    rows = paired.set_index("label")
+    lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", "",
+             "| schedule | " + " | ".join(seeds) + f" | − {reference} (mean ± 95% CI over paired seeds) | "
+             f"seeds below {reference} |", "|---" * (len(seeds) + 3) + "|"]
+    for label in [o for o in order if o in rows.index]:
+        r = rows.loc[label]
+        cells = ["" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
+        diff = "–" if label == reference or r["paired_seeds"] == 0 else f"{r['diff_mean']:+.3g} ± {r['diff_ci95']:.2g}"
+        below = "–" if label == reference else f"{r['seeds_below']} of {r['paired_seeds']}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} | {below} |")
+    return lines
+
+
+def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
+                     floor: float | None = None, reached=None, spread=None, paired=None) -> None:
+    """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
+    final_step = int(aggregates["step"].max())
+    final = aggregates[aggregates["step"] == final_step]
+    names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
+    table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
+    order = table[("mean", metric)].sort_values().index
+    lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
+             "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
+             f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
+             f"{target}, weighting={base.weighting.name}, sampler={base.eval.sampler} "
+             f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
+             + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
+             "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
+    for label in order:
+        cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
+    lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
+    lines += guidance_table(final, metric, order)
+    lines += per_seed_lines(paired, metric, final_step, order)
+    if reached is not None and len(reached):
+        reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
+        lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",
+                  "| schedule | step | fraction of the reference's steps |", "|---|---|---|"]
+        for _, r in reached.iterrows():
+            if r["step"] == r["step"]:
+                lines.append(f"| {r['label']} | {int(r['step'])} | {r['fraction_of_reference']:.2f} |")
+            else:
+                lines.append(f"| {r['label']} | not reached | – |")
+    if spread is not None and len(spread):
+        lines += spread_lines(spread)
+    if floor is not None:
+        lines += ["", f"eval_swd floor (training data against held-out data, same n): {floor:.4g}"]
+    lines += ["", "eval_excess_mse: held-out ε-MSE above the exact denoiser's (gmm only), mean over λ in "
+              f"[{base.eval.logsnr_lo}, {base.eval.logsnr_hi}]; eval_eps_mse: the same without subtracting it; "
+              "eval_swd: sliced Wasserstein-1 between samples and held-out data; eval_fid / eval_kid: Fréchet and "
+              "kernel distances of sample features to held-out features (feature net in the run's eval_features.json); "
+              "eval_bpd: the VLB in bits/dim on held-out data (independent of the training schedule)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
