@@ -303,7 +303,8 @@ def report(out: Path, plan: Plan) -> Path:
                    if run_label(e) in labels]
         compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
     compare_report.write_results_md(out, aggregates, metric, base, target_text(plan), data_floor(base), reached,
-                                    spread, paired_with_reference(summary, metric, plan.reference))
+                                    spread, {m: paired_with_reference(summary, m, plan.reference)
+                                             for m in per_seed_metrics(summary, metric)})
     return out
 
 
@@ -348,6 +349,13 @@ def steps_to_target(curves, reference: str):
         rows.append({"label": label, "reference": reference, "target": target, "step": step,
                      "fraction_of_reference": step / ref_step if len(hit) else math.nan})
     return pd.DataFrame(rows)
+
+
+def per_seed_metrics(summary, metric: str) -> list[str]:
+    """The columns results.md lists per seed: `metric`, and for a guided one (eval_fid@w1.5) every guidance scale's."""
+    base = metric.split("@w")[0]
+    guided = [c for c in summary.columns if c.startswith(base + "@w") and summary[c].notna().any()]
+    return guided if "@w" in metric and metric in guided else [metric]
 
 
 def paired_with_reference(summary, metric: str, reference: str):

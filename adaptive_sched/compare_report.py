@@ -74,7 +74,7 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
 
 
 def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
-                     floor: float | None = None, reached=None, spread=None, paired=None) -> None:
+                     floor: float | None = None, reached=None, spread=None, paired: dict | None = None) -> None:
     """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
@@ -93,7 +93,8 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
-    lines += per_seed_lines(paired, metric, final_step, order)
+    for name, rows in (paired or {}).items():       # metric name -> compare.paired_with_reference's rows
+        lines += per_seed_lines(rows, name, final_step, order)
     if reached is not None and len(reached):
         reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
         lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",

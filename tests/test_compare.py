@@ -161,3 +161,11 @@ def test_paired_differences_match_scipys_paired_t_interval():
     assert paired.loc["cau", "seed3"] == 1.0 and math.isnan(paired.loc["cos", "seed3"])
     assert list(paired.loc["lap", ["seed0", "seed1", "seed2"]]) == fid["lap"]           # the final step's values
     assert paired.loc["cos", "diff_mean"] == 0 and paired.loc["cos", "seeds_below"] == 0
+
+
+def test_a_guided_metric_is_listed_per_seed_at_every_guidance_scale():
+    from adaptive_sched.compare import per_seed_metrics
+    summary = pd.DataFrame({"eval_fid": [1.0], "eval_fid@w1": [1.0], "eval_fid@w1.5": [1.0], "eval_swd@w1": [1.0],
+                            "eval_fid@w3": [float("nan")]})
+    assert per_seed_metrics(summary, "eval_fid@w1.5") == ["eval_fid@w1", "eval_fid@w1.5"]   # w3 never logged
+    assert per_seed_metrics(summary, "eval_fid") == ["eval_fid"]

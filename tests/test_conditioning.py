@@ -211,6 +211,8 @@ def test_compare_reports_the_metric_at_every_guidance_scale(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     want = summary[(summary["label"] == "cosine") & (summary["step"] == 20)]["eval_swd@w3"].mean()
     assert final.loc["eval_swd@w3", "seeds"] == 2 and abs(final.loc["eval_swd@w3", "mean"] - want) < 1e-9
+    sections = [line for line in text.splitlines() if " per seed at step 20, paired with cosine" in line]
+    assert sections == [f"## eval_swd@w{w} per seed at step 20, paired with cosine" for w in (1, 2, 3)]
 
 
 def test_learned_conditional_run_logs_per_class_densities_exports_and_samples_per_class(tmp_path):
