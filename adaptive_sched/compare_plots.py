@@ -46,7 +46,8 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
             sched = build_schedule(run_config(base, entry, seed).schedule)
         with torch.no_grad():
             density = sched.density(lam) if weights is None else marginal_density(sched, lam, weights)
-            ax.plot(lam.numpy(), density.numpy(), label=label)
+            ax.plot(lam.numpy(), density.numpy(), label=label,   # trained ones dashed: a fixed one can lie beneath
+                    linestyle="--" if trained is not None else "-")
     finish_line_plot(fig, ax, path, "logSNR λ", "p(λ)")
 
 
