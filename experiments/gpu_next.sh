@@ -3,9 +3,7 @@
 #
 #   device tool:  run(command="bash experiments/gpu_next.sh", carry=[".carry"], timeout_s=590)
 #   then here:    bash experiments/gpu_unpack.sh <files_at>    (then commit results/ and experiments/feature_cache/)
-#   The device tool copies the working tree and .carry only under 64 MiB in all; when the tree outgrows that, move
-#   the CPU-only results aside for the call (e.g. results/*-cond-cpu to /tmp) and back after (they are tracked, so
-#   `git checkout -- results` also restores them): no step reads them.
+#   (the device tool's 64 MiB limit on tree + .carry, and what to move aside: README, "Running the GPU experiments")
 #
 # Every step is skipped once its results are in the tree (they are committed between sessions), so the same
 # call next session continues where this one stopped. No work starts after BUDGET seconds: compare and sweep
