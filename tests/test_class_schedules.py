@@ -25,14 +25,23 @@ class FixedPair:
         self.logsnr_min = min(p.logsnr_min for p in self.parts)
         self.logsnr_max = max(p.logsnr_max for p in self.parts)
 
+    def _by_class(self, method, x, y):
+        """parts[y].method(x) for an int y; for labels shaped like x, each part on its own rows (the protocol)."""
+        if not isinstance(y, torch.Tensor):
+            return getattr(self.parts[y], method)(x)
+        out = torch.empty_like(x, dtype=F64)
+        for k, part in enumerate(self.parts):
+            out[y == k] = getattr(part, method)(x[y == k]).to(F64)
+        return out
+
     def logsnr(self, t, y=None):
-        return self.parts[y].logsnr(t)
+        return self._by_class("logsnr", t, y)
 
     def t_of(self, logsnr, y=None):
-        return self.parts[y].t_of(logsnr)
+        return self._by_class("t_of", logsnr, y)
 
     def density(self, logsnr, y=None):
-        return self.parts[y].density(logsnr)
+        return self._by_class("density", logsnr, y)
 
 
 def laplace_cauchy(lo=-10.0, hi=10.0):
@@ -156,6 +165,22 @@ def test_marginal_functions_against_the_analytic_mixture():
     cols = cs.marginal_columns(pair, 201, w)
     back = 0.3 * a.t_of(torch.tensor(cols["logsnr"])) + 0.7 * b.t_of(torch.tensor(cols["logsnr"]))
     np.testing.assert_allclose(back.numpy(), cols["t"], atol=2e-5)
+
+
+@pytest.mark.parametrize("elements", [1 << 16, 700, 1])
+def test_the_marginal_computed_a_block_of_classes_at_a_time_is_the_per_class_sum(elements, monkeypatch):
+    from adaptive_sched.schedules.learned import LearnedSchedule
+    sched = LearnedSchedule(hidden=8, init="none", num_classes=5)
+    with torch.no_grad():
+        sched.class_c.normal_(generator=torch.Generator().manual_seed(0))
+        sched.class_pi.normal_(generator=torch.Generator().manual_seed(1))
+    lam = torch.linspace(-12, 12, 7 * 43, dtype=F64).view(7, 43)
+    w = cs.class_weights(5, [1, 2, 3, 4, 5])
+    one_by_one = sum(float(w[k]) * sched.t_of(lam, k).to(F64) for k in range(5))
+    per_class = cs.per_class
+    monkeypatch.setattr(cs, "per_class", lambda *args: per_class(*args, elements=elements))   # blocks of 5, 2 and 1
+    torch.testing.assert_close(cs.marginal_survival(sched, lam, [1, 2, 3, 4, 5]), one_by_one, rtol=1e-15, atol=0)
+    assert cs.marginal_survival(sched, torch.tensor(0.0, dtype=F64)).shape == ()
 
 
 def test_class_table_marginal_is_the_exact_mixture_of_its_classes():

@@ -71,6 +71,20 @@ def test_init_fits_a_fixed_schedule(name, params):
         np.testing.assert_allclose(sched.density(lam).numpy(), ref.density(lam).numpy(), rtol=0.15, atol=2e-3)
 
 
+def test_the_initial_fit_is_done_once_per_shape_and_copied_bit_for_bit():
+    fresh = LearnedSchedule(hidden=12, floor=0.03, init="none", logsnr_min=-11.0, logsnr_max=8.0)
+    fresh.fit_to("cosine")
+    first = LearnedSchedule(hidden=12, floor=0.03, init="cosine", logsnr_min=-11.0, logsnr_max=8.0)
+    with torch.no_grad():
+        first.c.add_(1.0)                                       # training one schedule leaves the next one's start
+    second = LearnedSchedule(hidden=12, floor=0.03, init="cosine", logsnr_min=-11.0, logsnr_max=8.0, num_classes=3)
+    for a, b in zip((fresh.raw_u, fresh.c, fresh.raw_pi), (second.raw_u, second.c, second.raw_pi)):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.c, second.c)
+    other = LearnedSchedule(hidden=12, floor=0.03, init="laplace", logsnr_min=-11.0, logsnr_max=8.0)
+    assert not torch.equal(other.c, second.c)                   # a different target is fitted, not copied
+
+
 def test_bad_parameters():
     for kwargs in (dict(floor=0.0), dict(floor=1.5), dict(hidden=0), dict(logsnr_min=3.0, logsnr_max=2.0),
                    dict(init="laplase")):
