@@ -83,6 +83,16 @@ def test_the_initial_fit_is_done_once_per_shape_and_copied_bit_for_bit():
     assert not torch.equal(first.c, second.c)
     other = LearnedSchedule(hidden=12, floor=0.03, init="laplace", logsnr_min=-11.0, logsnr_max=8.0)
     assert not torch.equal(other.c, second.c)                   # a different target is fitted, not copied
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:                                                        # a float64 schedule gets a float64 fit
+        wide = LearnedSchedule(hidden=12, floor=0.03, init="cosine", logsnr_min=-11.0, logsnr_max=8.0)
+        wide_fresh = LearnedSchedule(hidden=12, floor=0.03, init="none", logsnr_min=-11.0, logsnr_max=8.0)
+        wide_fresh.fit_to("cosine")
+    finally:
+        torch.set_default_dtype(before)
+    assert wide.c.dtype == torch.float64 and torch.equal(wide.c, wide_fresh.c) and not torch.equal(wide.c.float(),
+                                                                                                    second.c)
 
 
 def test_bad_parameters():

@@ -37,7 +37,7 @@ from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MI
                                            sample_by_inverse_transform)
 
 LOGIT_WINDOW = 15.0          # L: every unit is renormalised to ℓ = logit(t) ∈ [−L, L]
-_INITIAL_FITS: dict[tuple, list[torch.Tensor]] = {}      # fit_initial's results: (hidden, floor, lo, hi, init) -> weights
+_INITIAL_FITS: dict[tuple, list[torch.Tensor]] = {}      # fit_initial: (hidden, floor, lo, hi, init, dtype) -> weights
 
 
 def window_units(ell: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +165,7 @@ class LearnedSchedule(nn.Module):
 
         The fit is deterministic given (hidden, floor, window, target), so later schedules of the same shape copy
         the first one's result (a few seconds of Adam saved per schedule built: sweeps, comparisons, tests)."""
-        key = (self.hidden, self.floor, self.logsnr_min, self.logsnr_max, name)
+        key = (self.hidden, self.floor, self.logsnr_min, self.logsnr_max, name, self.c.dtype)
         if key not in _INITIAL_FITS:
             self.fit_to(name)
             _INITIAL_FITS[key] = [p.detach().clone() for p in (self.raw_u, self.c, self.raw_pi)]
