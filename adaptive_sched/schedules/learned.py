@@ -163,7 +163,7 @@ class LearnedSchedule(nn.Module):
     def fit_initial(self, name: str) -> None:
         """Set the shared weights to `fit_to(name)` from the fresh initialisation, fitted once per process.
 
-        The fit is deterministic given (hidden, floor, window, target), so later schedules of the same shape copy
+        The fit is deterministic given (hidden, floor, window, target, dtype), so later schedules of the same shape copy
         the first one's result (a few seconds of Adam saved per schedule built: sweeps, comparisons, tests)."""
         key = (self.hidden, self.floor, self.logsnr_min, self.logsnr_max, name, self.c.dtype)
         if key not in _INITIAL_FITS:
