@@ -78,7 +78,12 @@ def marginal_survival(schedule, logsnr, weights=None) -> torch.Tensor:
     """t_marg(λ) = Σ_k w_k t(λ | k), the mixture's survival function P(Λ > λ); float64, λ's shape."""
     k, w = _classes_of(schedule, weights)
     lam = torch.as_tensor(logsnr, dtype=F64)
-    return sum(float(w[c]) * t_c for c, t_c in enumerate(per_class(schedule.t_of, lam, k)))
+    return weighted_sum(w, per_class(schedule.t_of, lam, k))
+
+
+def weighted_sum(w: np.ndarray, curves) -> torch.Tensor:
+    """Σ_k w_k curve_k, accumulated in class order (the mixture of per-class survival functions or densities)."""
+    return sum(float(w_k) * curve for w_k, curve in zip(w, curves))
 
 
 def per_class(method, x: torch.Tensor, k: int, elements: int = 1 << 16):
@@ -114,7 +119,7 @@ def marginal_density(schedule, logsnr, weights=None) -> torch.Tensor:
     """p_marg(λ) = Σ_k w_k p(λ | k); float64, λ's shape."""
     k, w = _classes_of(schedule, weights)
     lam = torch.as_tensor(logsnr, dtype=F64)
-    return sum(float(w[c]) * schedule.density(lam, c).to(F64) for c in range(k))
+    return weighted_sum(w, per_class(schedule.density, lam, k))
 
 
 def marginal_table(schedule, logsnr_grid, weights=None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,9 +187,9 @@ def median_of_density(logsnr, density) -> float:
 def per_class_density_rows(schedule, logsnr_grid, step: int, weights=None) -> list[dict]:
     """Rows {step, class, logsnr, density} for a long-format CSV: p(λ | k) for k = 0..K−1 on the grid, then
     class "all" = the marginal Σ_k w_k p(λ | k)."""
-    k, _ = _classes_of(schedule, weights)
+    k, w = _classes_of(schedule, weights)
     lam = torch.as_tensor(logsnr_grid, dtype=F64).reshape(-1)
-    curves = [(c, schedule.density(lam, c).to(F64)) for c in range(k)]
-    curves.append(("all", marginal_density(schedule, lam, weights)))
+    densities = list(per_class(schedule.density, lam, k))
+    curves = [*enumerate(densities), ("all", weighted_sum(w, densities))]      # the marginal from the same curves
     return [{"step": int(step), "class": c, "logsnr": float(x), "density": float(p)}
             for c, dens in curves for x, p in zip(lam.tolist(), dens.tolist())]

@@ -168,10 +168,14 @@ class LearnedSchedule(nn.Module):
         key = (self.hidden, self.floor, self.logsnr_min, self.logsnr_max, name, self.c.dtype)
         if key not in _INITIAL_FITS:
             self.fit_to(name)
-            _INITIAL_FITS[key] = [p.detach().clone() for p in (self.raw_u, self.c, self.raw_pi)]
+            _INITIAL_FITS[key] = [p.detach().clone() for p in self._shared_parameters()]
         with torch.no_grad():
-            for p, fitted in zip((self.raw_u, self.c, self.raw_pi), _INITIAL_FITS[key]):
+            for p, fitted in zip(self._shared_parameters(), _INITIAL_FITS[key]):
                 p.copy_(fitted)
+
+    def _shared_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The weights every class shares (what fit_to fits): slopes, centres, mixture logits."""
+        return self.raw_u, self.c, self.raw_pi
 
     def fit_to(self, name: str, steps: int = 400, **params) -> float:
         """Fit the shared λ_φ(t) to a fixed schedule's λ(t) on the window (least squares on a t grid); returns the RMSE.
@@ -183,7 +187,7 @@ class LearnedSchedule(nn.Module):
         t = torch.linspace(0.0, 1.0, 513, dtype=torch.float64)
         target = target_schedule.logsnr(t).float()
         t = t.float()
-        opt = torch.optim.Adam([self.raw_u, self.c, self.raw_pi], lr=0.1)
+        opt = torch.optim.Adam(self._shared_parameters(), lr=0.1)
         for step in range(steps):
             opt.param_groups[0]["lr"] = 0.1 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
             opt.zero_grad()
