@@ -17,8 +17,11 @@ from adaptive_sched.errors import UsageError
 
 def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
                  seed: int = 0, ays_samples: int = 64, ays_sweeps: int = 3, ays_candidates: int = 12,
-                 ays_coarse: int = 10, ays_data: int = 1000) -> tuple[torch.Tensor, dict]:
-    """(grid, provenance) for a run: `method` in grids.METHODS, in the run's sampling window; steps=None: the run's."""
+                 ays_coarse: int = 10, ays_data: int = 1000, ays_memo: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """(grid, provenance) for a run: `method` in grids.METHODS, in the run's sampling window; steps=None: the run's.
+
+    `ays_memo`: a dict kept by the caller for this run (see grids.ays_grid), so AYS at 10 then 20 steps refines
+    the 10-step stage once."""
     from adaptive_sched import checkpoint, config as cfg
     if method not in grids.METHODS:
         raise UsageError(f"unknown grid method {method!r}; choose one of: {', '.join(grids.METHODS)}")
@@ -52,7 +55,7 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     x0 = held_out.x[:ays_data].to(dev)                                                  # (n, ...)
     grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
                                 coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
-                                samples=ays_samples, seed=seed)
+                                samples=ays_samples, seed=seed, memo=ays_memo)
     return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0),
                                   "clip_x0": config.eval.clip_x0}}
 

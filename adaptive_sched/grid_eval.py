@@ -55,9 +55,9 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     scorer, _ = build_evaluator(config.eval, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
     classes = snap.get("num_classes", 0)
     labels = balanced_labels(n, classes) if classes else None
-    rows = []
+    rows, ays_memo = [], {}                          # AYS's shared stages (10 → 20) are refined once per run
     for method, steps in todo:
-        grid, meta = grid_for_run(run_dir, steps, method, device=device)
+        grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo)
         write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, config.eval.sampler, seed=777,
                      device=dev, labels=labels, guidance=config.eval.guidance[0], clip_x0=config.eval.clip_x0)

@@ -169,16 +169,28 @@ def _refine(denoise: Denoiser, x0: torch.Tensor, grid: torch.Tensor, sweeps: int
     return grid
 
 
+def ays_stages(steps: int, coarse_steps: int) -> list[int]:
+    """AYS's step counts stage by stage: min(steps, coarse_steps), doubled until `steps` (the last one capped)."""
+    stages = [min(steps, coarse_steps)]
+    while stages[-1] < steps:
+        stages.append(min(2 * stages[-1], steps))
+    return stages
+
+
 @torch.no_grad()
 def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: float, *, coarse_steps: int = 10,
              sweeps: int = 3, candidates: int = 12, samples: int = 64, seed: int = 0,
-             init: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             init: torch.Tensor | None = None, memo: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Align Your Steps: minimise Σ_i KLUB(λ_i, λ_{i+1}) (see `klub`) by coarse-to-fine coordinate descent.
 
     Start from `init` or the cosine grid at min(steps, coarse_steps) steps; refine (`sweeps` sweeps of
     `_refine`); while fewer than `steps`, double the step count by log-linear interpolation and refine again.
     Each interior point of a sweep costs (3·candidates + 4)·samples denoiser rows in 3 batched calls, on
     `samples` rows of x0 drawn afresh (seeded). Returns (grid, info) with the settings and KLUB estimates.
+
+    `memo` (a dict the caller keeps for one denoiser and one x0): the state after every stage is stored, and a
+    later call whose stages begin with stored ones (10 → 20 after 10, with the default coarse_steps) resumes
+    from there; the grid and info are bit for bit those of a call without it.
     """
     _check(steps, lo, hi)
     for name, value in (("coarse_steps", coarse_steps), ("candidates", candidates), ("samples", samples)):
@@ -194,22 +206,28 @@ def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: flo
             torch.randint(len(x0), (samples,), generator=gen)
         return x0[idx.to(x0.device)]
 
-    n = min(steps, coarse_steps)
-    grid = cosine_grid(n, lo, hi) if init is None else loglinear_interp(torch.as_tensor(init, dtype=F64), n)
-    grid = _pin(grid, lo, hi, "initial")
-    held = rows()                                   # the KLUB reports use the same rows and draws (seed + 1)
-    start = klub_total(denoise, held, grid, torch.Generator().manual_seed(seed + 1))
-    stages = []
-    while True:
+    plan = ays_stages(steps, coarse_steps)
+    key = (lo, hi, coarse_steps, sweeps, candidates, samples, seed)
+    if memo is None or init is not None:
+        memo = {}
+    done = max((k for k in range(1, len(plan) + 1) if (key, tuple(plan[:k])) in memo), default=0)
+    if done:
+        grid, state, held, start = memo[(key, tuple(plan[:done]))]
+        gen.set_state(state)
+    else:
+        n = plan[0]
+        grid = cosine_grid(n, lo, hi) if init is None else loglinear_interp(torch.as_tensor(init, dtype=F64), n)
+        grid = _pin(grid, lo, hi, "initial")
+        held = rows()                               # the KLUB reports use the same rows and draws (seed + 1)
+        start = klub_total(denoise, held, grid, torch.Generator().manual_seed(seed + 1))
+    for k in range(done, len(plan)):
+        if k:
+            grid = loglinear_interp(grid, plan[k])
         grid = _pin(_refine(denoise, rows(), grid, sweeps, candidates, gen), lo, hi, "ays")
-        stages.append(n)
-        if n == steps:
-            break
-        n = min(2 * n, steps)
-        grid = loglinear_interp(grid, n)
+        memo[(key, tuple(plan[:k + 1]))] = (grid, gen.get_state(), held, start)
     final = klub_total(denoise, held, grid, torch.Generator().manual_seed(seed + 1))
     cosine = klub_total(denoise, held, cosine_grid(steps, lo, hi), torch.Generator().manual_seed(seed + 1))
-    info = {"coarse_steps": coarse_steps, "stages": stages, "sweeps": sweeps, "candidates": candidates,
+    info = {"coarse_steps": coarse_steps, "stages": plan, "sweeps": sweeps, "candidates": candidates,
             "samples": samples, "seed": seed, "sampler_step": "first order (DDIM), denoiser frozen per interval",
             "klub_initial_coarse": start, "klub_final": final, "klub_cosine": cosine}
     return grid, info

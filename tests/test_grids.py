@@ -164,6 +164,32 @@ def test_ays_is_seeded_and_validates_its_settings():
             ays(5, **bad)
 
 
+def test_ays_memo_resumes_from_a_stored_stage_bit_for_bit():
+    """With a memo, 10 steps after 5 (coarse 5: stages 5 → 10) and 20 after 10 (→ 20) refine only their new
+    stage, and every grid and info equals a call without the memo; a different seed shares nothing."""
+    calls = []
+
+    def counted(x, lam):
+        calls.append(len(x))
+        return MIX.denoise(x, lam)
+
+    memo = {}
+    for steps in (5, 10, 20, 7):
+        calls.clear()
+        with_memo = grids.ays_grid(counted, X0, steps, LO, HI, coarse_steps=5, memo=memo, **FAST_AYS)
+        used = sum(calls)
+        calls.clear()
+        alone = grids.ays_grid(counted, X0, steps, LO, HI, coarse_steps=5, **FAST_AYS)
+        assert torch.equal(with_memo[0], alone[0]) and with_memo[1] == alone[1]
+        if steps != 5:                     # its first stage (5 steps) came from the memo
+            assert used < sum(calls)
+    assert grids.ays_stages(20, 5) == [5, 10, 20] and grids.ays_stages(7, 5) == [5, 7]
+    assert grids.ays_stages(23, 10) == [10, 20, 23] and grids.ays_stages(4, 10) == [4]
+    other = grids.ays_grid(MIX.denoise, X0, 10, LO, HI, coarse_steps=5, memo=memo, **{**FAST_AYS, "seed": 1})
+    assert torch.equal(other[0], grids.ays_grid(MIX.denoise, X0, 10, LO, HI, coarse_steps=5,
+                                                **{**FAST_AYS, "seed": 1})[0])
+
+
 def test_sampling_grid_cli_on_a_trained_run(tmp_path):
     from adaptive_sched import config as cfg, grid_cli
     from adaptive_sched.cli import Parser
