@@ -96,7 +96,7 @@ def parse(path: str | Path) -> Plan:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
-    from adaptive_sched.train import build_schedule, metric_columns
+    from adaptive_sched.train import build_loss, build_schedule, metric_columns
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
@@ -104,8 +104,9 @@ def parse(path: str | Path) -> Plan:
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
-    for entry in entries:
-        build_schedule(run_config(base, entry, seeds[0]).schedule)     # refuse bad parameters before any run
+    for entry in entries:             # refuse bad parameters, objectives and weightings before any run
+        config = run_config(base, entry, seeds[0])
+        build_loss(config, build_schedule(config.schedule))
     jobs, samples = section.get("jobs", 1), section.get("samples", 64)
     if not isinstance(jobs, int) or jobs < 1 or not isinstance(samples, int) or samples < 0:
         raise UsageError("[compare] jobs must be an integer >= 1 and samples an integer >= 0")

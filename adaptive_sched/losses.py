@@ -37,6 +37,13 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 OBJECTIVES = ("variance", "adaptive", "cvdm")
 
 
+def check_objective(objective: str) -> str:
+    """The learned schedule's objective, or a UsageError naming the choices."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    return objective
+
+
 class DiffusionLoss:
     """λ-sampling (the schedule), prediction target and weighting, combined into one loss.
 
@@ -60,8 +67,7 @@ class DiffusionLoss:
         self.target = check_target(target)
         self.weighting = weighting or schedule_weighting()
         self.learned = is_learned(schedule)
-        if objective not in OBJECTIVES:
-            raise UsageError(f"unknown schedule objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        check_objective(objective)
         self.objective, self.smoothness = objective, smoothness
         self.histogram = None
         self.core_fn = None            # `core` compiled whole (adaptive_sched.compiling), else None

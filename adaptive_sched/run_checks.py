@@ -10,6 +10,7 @@ from pathlib import Path
 from adaptive_sched import config as cfg, samplers
 from adaptive_sched.conditioning import check_guidance
 from adaptive_sched.errors import UsageError
+from adaptive_sched.losses import check_objective
 from adaptive_sched.generate import sampling_grid
 from adaptive_sched.runlog import CsvLog
 
@@ -30,6 +31,7 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
         raise UsageError("[eval] n and logsnr_points must be >= 1, sample_n >= 0, sample_steps >= 1")
     if e.bpd_n < 0 or e.bpd_points < 1 or e.bpd_bins == 1 or e.bpd_bins < 0 or e.kid_subsets < 1:
         raise UsageError("[eval] bpd_n must be >= 0, bpd_points >= 1, bpd_bins 0 (continuous) or >= 2, kid_subsets >= 1")
+    check_objective(config.learned.objective)       # before the learned schedule's initial fit
     if e.sampler not in samplers.names():
         raise UsageError(f"unknown sampler {e.sampler!r}; choose one of: {', '.join(samplers.names())}")
     sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)   # refuse a bad grid now

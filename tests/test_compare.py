@@ -61,6 +61,22 @@ def test_compare_options_are_validated(tmp_path):
         parse(write_config(tmp_path, extra="jobs = 0"))
 
 
+def test_a_bad_learned_objective_or_weighting_is_refused_before_any_run(tmp_path):
+    """Not at the start of that row's run, perhaps an hour into the comparison."""
+    learned = 'schedules = [{ name = "cosine" }, { name = "learned", objective = "%s" }]\n'
+    for objective, weighting, message in (("magic", "", "unknown schedule objective 'magic'"),
+                                          ("variance", '[weighting]\nname = "eps"\n', "needs an absolute weighting")):
+        path = write_config(tmp_path)
+        text = path.read_text().replace('schedules = [{ name = "cosine" }, { name = "laplace", b = 1.0 }]\n',
+                                        learned % objective)
+        path.write_text(weighting + text)
+        with pytest.raises(UsageError, match=message):
+            parse(path)
+        with pytest.raises(UsageError, match=message):
+            compare(path, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out" / "runs").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_at_once_reproduce_the_sequential_runs(tmp_path):
     config = write_config(tmp_path)
