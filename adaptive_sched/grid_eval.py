@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from adaptive_sched.errors import UsageError
@@ -35,8 +36,8 @@ def run_slug(run_dir: Path) -> str:
 
 
 def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | None, device: str,
-              progress: bool) -> list[dict]:
-    """Rows {run, method, steps, metrics} for the (method, steps) pairs of one run."""
+              progress: bool) -> Iterator[dict]:
+    """Rows {run, method, steps, metrics} for the (method, steps) pairs of one run, each as soon as it is scored."""
     from adaptive_sched.conditioning import balanced_labels
     from adaptive_sched.data import Dataset
     from adaptive_sched.eval_features import build_evaluator
@@ -55,7 +56,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     scorer, _ = build_evaluator(config.eval, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
     classes = snap.get("num_classes", 0)
     labels = balanced_labels(n, classes) if classes else None
-    rows, ays_memo = [], {}                          # AYS's shared stages (10 → 20) are refined once per run
+    ays_memo = {}                                    # AYS's shared stages (10 → 20) are refined once per run
     for method, steps in todo:
         grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo)
         write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
@@ -65,11 +66,10 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
                "eval_swd": sliced_wasserstein(x, held_out.x.cpu())}
         if scorer is not None:
             row.update(scorer(x.clamp(-1, 1)))
-        rows.append(row)
         if progress:
             print(f"{run_dir} {method} {steps} steps: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                                     if k.startswith("eval_")), flush=True)
-    return rows
+        yield row
 
 
 def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out: str | Path, n: int | None = None,
@@ -98,7 +98,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     for run_dir, todo in todos.items():
         if todo:
             for row in score_run(run_dir, todo, out, n, device, progress):
-                log.append(row)
+                log.append(row)                      # row by row: an interrupted call keeps what it scored
     report(out, [str(r) for r in run_dirs], methods, steps)
     return out
 

@@ -254,3 +254,34 @@ def test_grid_eval_scores_every_method_and_step_count_and_resumes(tmp_path, caps
                  "--quiet"]) == 0
     assert pd.read_csv(out / "grid_eval.csv").equals(table) and "2 run(s)" in (out / "grid_eval.md").read_text()
     assert main(["grid-eval", *runs, "--steps", "4", "--methods", "cosine", "--out", str(out), "--quiet"]) == 2
+
+
+def test_grid_eval_keeps_the_rows_it_scored_when_interrupted(tmp_path, monkeypatch):
+    """A call stopped in the middle of a run's rows (Ctrl-C, a job's time limit) keeps the rows already scored,
+    and the same command again adds only the missing ones, equal to an uninterrupted call's."""
+    import pandas as pd
+    from adaptive_sched import config as cfg, generate
+    from adaptive_sched.grid_eval import grid_eval
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10},
+                            "eval": {"every": 10, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
+    train(config, tmp_path / "run", progress=False)
+    args = ([str(tmp_path / "run")], [3, 5], ["cosine", "karras"])
+    grid_eval(*args, tmp_path / "whole", progress=False)
+    real, calls = generate.generate, []
+
+    def stopped_at_the_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(generate, "generate", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        grid_eval(*args, tmp_path / "cut", progress=False)
+    assert len(pd.read_csv(tmp_path / "cut" / "grid_eval.csv")) == 2
+    monkeypatch.setattr(generate, "generate", real)
+    grid_eval(*args, tmp_path / "cut", progress=False)
+    assert pd.read_csv(tmp_path / "cut" / "grid_eval.csv").equals(pd.read_csv(tmp_path / "whole" / "grid_eval.csv"))
