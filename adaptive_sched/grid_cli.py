@@ -51,6 +51,8 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     from adaptive_sched.train import load_data, resolve_device
     dev = resolve_device(device)
     config, model, _ = load_snapshot(run_dir, dev)
+    check_ays_settings({"ays_samples": ays_samples, "ays_sweeps": ays_sweeps, "ays_candidates": ays_candidates,
+                        "ays_coarse": ays_coarse, "ays_data": ays_data})
     held_out = load_data(config.data, "test")
     x0 = held_out.x[:ays_data].to(dev)                                                  # (n, ...)
     grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
@@ -71,13 +73,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=7.0, help="karras: ρ of the noise-level spacing")
     p.add_argument("--seed", type=int, default=0, help="ays: seed of the Monte Carlo draws")
     p.add_argument("--device", default="auto")
-    p.add_argument("--ays-samples", type=int, default=64, help="ays: data rows per KLUB estimate")
-    p.add_argument("--ays-sweeps", type=int, default=3, help="ays: refinement sweeps per stage")
-    p.add_argument("--ays-candidates", type=int, default=12, help="ays: candidate positions per point and sweep")
-    p.add_argument("--ays-coarse", type=int, default=10, help="ays: steps of the first (coarse) stage")
-    p.add_argument("--ays-data", type=int, default=1000, help="ays: held-out examples to draw the rows from")
+    add_ays_options(p)
     p.set_defaults(func=cmd_sampling_grid)
     return p
+
+
+AYS_DEFAULTS = {"ays_samples": 64, "ays_sweeps": 3, "ays_candidates": 12, "ays_coarse": 10, "ays_data": 1000}
+
+
+def add_ays_options(p: argparse.ArgumentParser) -> None:
+    """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
+    helps = {"ays_samples": "data rows per KLUB estimate", "ays_sweeps": "refinement sweeps per stage",
+             "ays_candidates": "candidate positions per point and sweep",
+             "ays_coarse": "steps of the first (coarse) stage", "ays_data": "held-out examples to draw the rows from"}
+    for key, default in AYS_DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=default, help=f"ays: {helps[key]} "
+                                                                                     f"(default {default})")
+
+
+def check_ays_settings(settings: dict) -> None:
+    """UsageError unless every ays_* setting is an integer >= 1 (sweeps >= 0)."""
+    for key, value in settings.items():
+        low = 0 if key == "ays_sweeps" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+def ays_settings(args: argparse.Namespace) -> dict:
+    """The ays_* keyword arguments of grid_for_run from parsed add_ays_options."""
+    return {key: getattr(args, key) for key in AYS_DEFAULTS}
 
 
 def cmd_sampling_grid(args) -> int:
@@ -88,9 +112,7 @@ def cmd_sampling_grid(args) -> int:
     if not out.parent.exists():
         raise UsageError(f"output folder does not exist: {out.parent}")
     grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=args.rho, device=args.device,
-                              seed=args.seed, ays_samples=args.ays_samples, ays_sweeps=args.ays_sweeps,
-                              ays_candidates=args.ays_candidates, ays_coarse=args.ays_coarse,
-                              ays_data=args.ays_data)
+                              seed=args.seed, **ays_settings(args))
     path = grids.write_grid(out, grid, meta)
     shown = ", ".join(f"{v:.4g}" for v in grid.tolist())
     extra = f"; KLUB {meta['ays']['klub_final']:.4g} (cosine {meta['ays']['klub_cosine']:.4g})" if "ays" in meta else ""

@@ -9,6 +9,7 @@ has), DIR/grid_eval.md (mean ± 95% CI over runs) and DIR/grid_eval.png (the met
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ def run_slug(run_dir: Path) -> str:
 
 
 def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | None, device: str,
-              progress: bool) -> Iterator[dict]:
+              progress: bool, ays: dict) -> Iterator[dict]:
     """Rows {run, method, steps, metrics} for the (method, steps) pairs of one run, each as soon as it is scored."""
     from adaptive_sched.conditioning import balanced_labels
     from adaptive_sched.data import Dataset
@@ -58,7 +59,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     labels = balanced_labels(n, classes) if classes else None
     ays_memo = {}                                    # AYS's shared stages (10 → 20) are refined once per run
     for method, steps in todo:
-        grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo)
+        grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo, **ays)
         write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, config.eval.sampler, seed=777,
                      device=dev, labels=labels, guidance=config.eval.guidance[0], clip_x0=config.eval.clip_x0)
@@ -73,11 +74,17 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
 
 
 def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out: str | Path, n: int | None = None,
-              device: str = "auto", progress: bool = True) -> Path:
-    """Score every run × method × steps (skipping rows already in DIR/grid_eval.csv); write the table and plot."""
+              device: str = "auto", progress: bool = True, ays: dict | None = None) -> Path:
+    """Score every run × method × steps (skipping rows already in DIR/grid_eval.csv); write the table and plot.
+
+    `ays`: grid_cli's ays_* settings (default grid_cli.AYS_DEFAULTS), kept in DIR/grid_eval.json: a folder's rows
+    all come from one setting, so a call with other settings into the same folder is refused."""
+    from adaptive_sched.grid_cli import AYS_DEFAULTS, check_ays_settings
     from adaptive_sched.grids import METHODS
     from adaptive_sched.runlog import CsvLog
     out = Path(out)
+    ays = {**AYS_DEFAULTS, **(ays or {})}
+    check_ays_settings(ays)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown grid method {bad[0]!r}; choose from: {', '.join(METHODS)}")
@@ -93,14 +100,38 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     for run_dir, todo in todos.items():             # a run scored before needs no checkpoint now
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
+    claim_settings(out, ays, any(m == "ays" for todo in todos.values() for m, _ in todo))
     (out / "grids").mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
-            for row in score_run(run_dir, todo, out, n, device, progress):
+            for row in score_run(run_dir, todo, out, n, device, progress, ays):
                 log.append(row)                      # row by row: an interrupted call keeps what it scored
     report(out, [str(r) for r in run_dirs], methods, steps)
     return out
+
+
+def claim_settings(out: Path, ays: dict, uses_ays: bool) -> None:
+    """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
+    DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
+    from adaptive_sched.grid_cli import AYS_DEFAULTS
+    from adaptive_sched.runlog import CsvLog, atomic_write_json
+    if not uses_ays:
+        return
+    path, table = out / "grid_eval.json", out / "grid_eval.csv"
+    try:
+        before = json.loads(path.read_text())["ays"] if path.exists() else None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a grid-eval settings file") from None
+    if before is None and table.exists() and any(r["method"] == "ays" for r in CsvLog(table, COLUMNS).rows()):
+        before = dict(AYS_DEFAULTS)
+    if before is not None and before != ays:
+        changed = ", ".join(f"--{k.replace('_', '-')} {before.get(k)} (now {v})" for k, v in ays.items()
+                            if before.get(k) != v)
+        raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"ays": ays}, indent=2)
 
 
 def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:
@@ -132,6 +163,7 @@ def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `grid-eval` on the CLI's subparsers."""
+    from adaptive_sched.grid_cli import add_ays_options, ays_settings
     p = subparsers.add_parser("grid-eval", help="sample quality of each sampling-grid method at several step counts, "
                                                 "same model(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN")
@@ -141,7 +173,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    add_ays_options(p)
     p.set_defaults(func=lambda args: grid_eval(args.run_dirs, parse_list(args.steps, "steps", int),
                                                parse_list(args.methods, "methods"), args.out, args.n, args.device,
-                                               not args.quiet) and 0)
+                                               not args.quiet, ays_settings(args)) and 0)
     return p

@@ -285,3 +285,39 @@ def test_grid_eval_keeps_the_rows_it_scored_when_interrupted(tmp_path, monkeypat
     monkeypatch.setattr(generate, "generate", real)
     grid_eval(*args, tmp_path / "cut", progress=False)
     assert pd.read_csv(tmp_path / "cut" / "grid_eval.csv").equals(pd.read_csv(tmp_path / "whole" / "grid_eval.csv"))
+
+
+def test_grid_eval_passes_ays_settings_and_keeps_a_folder_to_one_setting(tmp_path, capsys):
+    """--ays-* reach the AYS grids (their sidecars say so) and are recorded in grid_eval.json; other settings
+    into the same folder are refused before any work, as are non-default ones into a folder scored before the
+    file existed (its AYS rows used the defaults)."""
+    import pandas as pd
+    from adaptive_sched import config as cfg
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10},
+                            "eval": {"every": 10, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    fast = ["--ays-samples", "8", "--ays-sweeps", "1", "--ays-candidates", "2", "--ays-data", "40"]
+    out = tmp_path / "ge"
+    assert main(["grid-eval", str(run), "--steps", "3", "--methods", "ays", "--out", str(out), "--quiet", *fast]) == 0
+    assert json.loads((out / "grid_eval.json").read_text())["ays"] == {
+        "ays_samples": 8, "ays_sweeps": 1, "ays_candidates": 2, "ays_coarse": 10, "ays_data": 40}
+    meta = json.loads(next((out / "grids").glob("*_ays_3.csv.json")).read_text())["ays"]
+    assert (meta["samples"], meta["sweeps"], meta["candidates"], meta["data_rows"]) == (8, 1, 2, 40)
+    capsys.readouterr()
+    assert main(["grid-eval", str(run), "--steps", "3,4", "--methods", "ays", "--out", str(out), "--quiet"]) == 2
+    assert "--ays-samples 8 (now 64)" in capsys.readouterr().err
+    assert main(["grid-eval", str(run), "--steps", "3,4", "--methods", "cosine,ays", "--out", str(out), "--quiet",
+                 *fast]) == 0
+    assert len(pd.read_csv(out / "grid_eval.csv")) == 4
+    (out / "grid_eval.json").unlink()                  # as a folder scored before grid_eval.json existed
+    assert main(["grid-eval", str(run), "--steps", "5", "--methods", "ays", "--out", str(out), "--quiet",
+                 *fast]) == 2
+    assert main(["grid-eval", str(run), "--steps", "5", "--methods", "cosine", "--out", str(out), "--quiet",
+                 *fast]) == 0                          # no AYS row to score: the settings do not matter
+    assert main(["grid-eval", str(run), "--methods", "ays", "--out", str(tmp_path / "g2"), "--ays-data", "0"]) == 2
+    assert "--ays-data must be an integer >= 1" in capsys.readouterr().err and not (tmp_path / "g2").exists()
