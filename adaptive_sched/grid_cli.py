@@ -78,17 +78,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-AYS_DEFAULTS = {"ays_samples": 64, "ays_sweeps": 3, "ays_candidates": 12, "ays_coarse": 10, "ays_data": 1000}
+AYS_OPTIONS = {"ays_samples": (64, "data rows per KLUB estimate"), "ays_sweeps": (3, "refinement sweeps per stage"),
+               "ays_candidates": (12, "candidate positions per point and sweep"),
+               "ays_coarse": (10, "steps of the first (coarse) stage"),
+               "ays_data": (1000, "held-out examples to draw the rows from")}
+AYS_DEFAULTS = {key: default for key, (default, _) in AYS_OPTIONS.items()}
 
 
 def add_ays_options(p: argparse.ArgumentParser) -> None:
     """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
-    helps = {"ays_samples": "data rows per KLUB estimate", "ays_sweeps": "refinement sweeps per stage",
-             "ays_candidates": "candidate positions per point and sweep",
-             "ays_coarse": "steps of the first (coarse) stage", "ays_data": "held-out examples to draw the rows from"}
-    for key, default in AYS_DEFAULTS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=default, help=f"ays: {helps[key]} "
-                                                                                     f"(default {default})")
+    for key, (default, text) in AYS_OPTIONS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=default, help=f"ays: {text} (default {default})")
 
 
 def check_ays_settings(settings: dict) -> None:

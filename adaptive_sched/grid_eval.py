@@ -93,15 +93,16 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     if n is not None and n < 2:
         raise UsageError(f"--n must be >= 2 samples, got {n}")
     run_dirs = [Path(r) for r in runs]
-    log = CsvLog(out / "grid_eval.csv", COLUMNS) if (out / "grid_eval.csv").exists() else None
-    done = {(r["run"], r["method"], int(r["steps"])) for r in log.rows()} if log else set()
+    scored = CsvLog(out / "grid_eval.csv", COLUMNS).rows() if (out / "grid_eval.csv").exists() else []
+    done = {(r["run"], r["method"], int(r["steps"])) for r in scored}
     todos = {run_dir: [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
              for run_dir in run_dirs}
     for run_dir, todo in todos.items():             # a run scored before needs no checkpoint now
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
-    claim_settings(out, ays, any(m == "ays" for todo in todos.values() for m, _ in todo))
     (out / "grids").mkdir(parents=True, exist_ok=True)
+    claim_settings(out, ays, any(m == "ays" for todo in todos.values() for m, _ in todo),
+                   any(r["method"] == "ays" for r in scored))
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
@@ -111,26 +112,25 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     return out
 
 
-def claim_settings(out: Path, ays: dict, uses_ays: bool) -> None:
+def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
     """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
     DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
     from adaptive_sched.grid_cli import AYS_DEFAULTS
-    from adaptive_sched.runlog import CsvLog, atomic_write_json
+    from adaptive_sched.runlog import atomic_write_json
     if not uses_ays:
         return
-    path, table = out / "grid_eval.json", out / "grid_eval.csv"
+    path = out / "grid_eval.json"
     try:
         before = json.loads(path.read_text())["ays"] if path.exists() else None
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a grid-eval settings file") from None
-    if before is None and table.exists() and any(r["method"] == "ays" for r in CsvLog(table, COLUMNS).rows()):
+    if before is None and has_ays_rows:
         before = dict(AYS_DEFAULTS)
     if before is not None and before != ays:
         changed = ", ".join(f"--{k.replace('_', '-')} {before.get(k)} (now {v})" for k, v in ays.items()
                             if before.get(k) != v)
         raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
     if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"ays": ays}, indent=2)
 
 

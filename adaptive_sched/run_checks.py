@@ -10,8 +10,8 @@ from pathlib import Path
 from adaptive_sched import config as cfg, samplers
 from adaptive_sched.conditioning import check_guidance
 from adaptive_sched.errors import UsageError
-from adaptive_sched.losses import check_objective
 from adaptive_sched.generate import sampling_grid
+from adaptive_sched.losses import check_objective
 from adaptive_sched.runlog import CsvLog
 
 # config keys that may change between a run and its resumption
