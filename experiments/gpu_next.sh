@@ -25,11 +25,13 @@
 # run took 98 s on an H200), TRIAL_S (s a sweep trial may take, 90), JOBS (concurrent runs or sweep workers, 1:
 # K runs sharing the GPU each take ~K times as long, and a run still going at the hard stop is lost), DEVICE
 # (cuda), STEPS (the list of steps to
-# run, default "0 1 2 3 4 5 6 7"), BENCH_ARGS (extra bench arguments, e.g. for a CPU smoke test).
+# run, default "0 1 2 3 4 5 6 7"), BENCH_ARGS (extra bench arguments, e.g. for a CPU smoke test), GRID_ARGS (extra
+# grid-eval arguments, e.g. cheaper --ays-* settings for a CPU smoke test; grid-eval refuses a change of them into
+# a folder that holds AYS rows).
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose contents come back}"
 export BUDGET=${BUDGET:-480} RUN_S=${RUN_S:-150} TRIAL_S=${TRIAL_S:-90} DEVICE=${DEVICE:-cuda} JOBS=${JOBS:-1}
-export STEPS=${STEPS:-0 1 2 3 4 5 6 7} BENCH_ARGS=${BENCH_ARGS:-} GPU_NEXT_START=$(date +%s)
+export STEPS=${STEPS:-0 1 2 3 4 5 6 7} BENCH_ARGS=${BENCH_ARGS:-} GRID_ARGS=${GRID_ARGS:-} GPU_NEXT_START=$(date +%s)
 HARD=${HARD:-560}
 stamp=$(mktemp)
 mkdir -p "$OUT"

@@ -111,7 +111,7 @@ if want 2; then
     done
     $trained && [ "$(left)" -gt 60 ] || continue
     echo "== grid-eval ${runs[*]}  $(date -u +%T)"
-    as grid-eval "${runs[@]}" --steps 5,10,20 --methods cosine,karras,quantile,ays --out "$grids" --quiet || status=1
+    as grid-eval "${runs[@]}" --steps 5,10,20 --methods cosine,karras,quantile,ays --out "$grids" --quiet $GRID_ARGS || status=1
   done
 fi
 done2=false; as compare experiments/fashion_mnist.toml --out results/fashion-mnist --status | grep -q "(all)" && done2=true

@@ -1,6 +1,7 @@
 """experiments/gpu_next.sh and gpu_unpack.sh on the CPU: a comparison runs within its budget, grid-eval scores the
 runs trained in the call, the results come back packed without checkpoints, unpack into another checkout, and
 the next call there skips what is finished."""
+import json
 import os
 import shutil
 import subprocess
@@ -47,9 +48,12 @@ def checkout(path: Path) -> Path:
     return path
 
 
+CHEAP_AYS = "--ays-samples 8 --ays-sweeps 1 --ays-candidates 4 --ays-data 32"   # grid-eval's AYS, cut to a smoke test
+
+
 def run_script(cwd: Path, out: Path, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DEVICE": "cpu",
-            "STEPS": "2", "BUDGET": "900", "RUN_S": "1", "OMP_NUM_THREADS": "1", **env}
+            "STEPS": "2", "BUDGET": "900", "RUN_S": "1", "OMP_NUM_THREADS": "1", "GRID_ARGS": CHEAP_AYS, **env}
     return subprocess.run(["bash", "experiments/gpu_next.sh"], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=900)
 
@@ -84,6 +88,8 @@ def test_gpu_next_runs_packs_without_checkpoints_and_the_next_call_continues(tmp
     assert set(summary["label"]) == {"cosine", "cauchy"}
     grids = pd.read_csv(here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.csv")
     assert len(grids) == 4 * 3 and set(grids["steps"]) == {5, 10, 20}
+    settings = json.loads((here / "results" / "fashion-mnist-grids" / "cosine" / "grid_eval.json").read_text())
+    assert settings["ays"]["ays_samples"] == 8 and settings["ays"]["ays_sweeps"] == 1     # GRID_ARGS reached grid-eval
 
     again = run_script(here, tmp_path / "out2")                 # the next session: nothing left to train
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
