@@ -1,6 +1,6 @@
 """`adaptive-sched bench`: steady-state speed of the real training step, one JSON line per measurement (issue 6).
 
-Each measurement builds a fresh Run with train.build and times train.train_step itself (never a copy): the
+Each measurement builds a fresh Run with run_build.build and times train.train_step itself (never a copy): the
 FLOPs of one step from FlopCounterMode, W warm-up steps, then `repeats` windows of N steps with a device
 synchronise only at window ends; the median window gives step_ms and img_s. MFU is against a matmul peak
 measured in the same process (bf16 on CUDA, fp32 on CPU). Eager runs first, so a torch.compile crash that
@@ -34,7 +34,7 @@ from adaptive_sched.errors import UsageError
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
     import torch
-    from adaptive_sched.train import Run
+    from adaptive_sched.run_build import Run
 
 # mode name -> (torch.compile mode, or None for eager; channels_last weights: the mode sets [train] channels_last)
 MODES: dict[str, tuple[str | None, bool]] = {
@@ -154,7 +154,7 @@ def measure_train(config: cfg.RunConfig, mode: str, args: argparse.Namespace,
     from tqdm.auto import tqdm
     from adaptive_sched.bench_profile import profile_steps
     from adaptive_sched.compiling import compile_run, cuda_graphs
-    from adaptive_sched.train import build
+    from adaptive_sched.run_build import build
     compile_mode, channels_last = MODES[mode]
     run = build(dataclasses.replace(config, train=dataclasses.replace(config.train, channels_last=channels_last)))
     reset_memory(run.device)
@@ -300,14 +300,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the bench: JSON lines on stdout (and appended to --out); progress and warnings on stderr."""
-    from adaptive_sched.train import resolve_device
+    from adaptive_sched.run_build import resolve_device
     base = resolve_config(args)
     device = resolve_device(base.train.device)
     base.train.device = str(device)
     check_args(args)
     if any(MODES[mode][1] for mode in args.modes):         # refuse a channels_last mode for vectors before any row
         from adaptive_sched.run_checks import check_image_options
-        from adaptive_sched.train import load_data
+        from adaptive_sched.run_build import load_data
         check_image_options(dataclasses.replace(base, train=dataclasses.replace(base.train, channels_last=True)),
                             load_data(base.data, "train").shape)
     out = Path(args.out) if args.out else None

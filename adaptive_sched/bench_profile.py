@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from adaptive_sched.runlog import atomic_write_text
 
 if TYPE_CHECKING:
-    from adaptive_sched.train import Run
+    from adaptive_sched.run_build import Run
 
 
 def is_host_op(event) -> bool:

@@ -96,7 +96,7 @@ def parse(path: str | Path) -> Plan:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
-    from adaptive_sched.train import build_loss, build_schedule, metric_columns
+    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
@@ -380,7 +380,7 @@ def data_floor(base: cfg.RunConfig) -> float | None:
     if base.eval.sample_n <= 0:
         return None
     from adaptive_sched.evaluate import sliced_wasserstein
-    from adaptive_sched.train import load_data
+    from adaptive_sched.run_build import load_data
     held_out, train = load_data(base.data, "test"), load_data(base.data, "train")
     n = min(base.eval.sample_n, base.eval.n, len(held_out), len(train))
     return sliced_wasserstein(train.x[:n], held_out.x[:n])

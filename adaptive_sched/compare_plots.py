@@ -26,7 +26,7 @@ def densities(entries: list[dict], base, path: Path, out: Path | None = None, se
     from adaptive_sched.run_artifacts import final_schedule
     from adaptive_sched.run_eval import density_grid
     from adaptive_sched.schedules import SCHEDULES, is_learned
-    from adaptive_sched.train import build_schedule
+    from adaptive_sched.run_build import build_schedule
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     lo, hi = base.schedule.logsnr_min, base.schedule.logsnr_max
@@ -98,7 +98,7 @@ def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) 
     from adaptive_sched.plots import image_grid, show_image
     from adaptive_sched.run_artifacts import cached_panel
     from adaptive_sched.sample_run import load_snapshot
-    from adaptive_sched.train import resolve_device
+    from adaptive_sched.run_build import resolve_device
     device = resolve_device("auto")                  # the GPU when there is one: a U-Net samples slowly on CPU
 
     def draw(run_dir: Path, label: str):

@@ -25,7 +25,7 @@ from adaptive_sched.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
-    from adaptive_sched.train import Run
+    from adaptive_sched.run_build import Run
 
 
 def sync(device: torch.device) -> None:

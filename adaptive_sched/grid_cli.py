@@ -48,7 +48,7 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
         return grids.quantile_grid(schedule, steps, lo, hi), meta
     from adaptive_sched.generate import x0_denoiser
     from adaptive_sched.sample_run import load_snapshot
-    from adaptive_sched.train import load_data, resolve_device
+    from adaptive_sched.run_build import load_data, resolve_device
     dev = resolve_device(device)
     config, model, _ = load_snapshot(run_dir, dev)
     check_ays_settings({"ays_samples": ays_samples, "ays_sweeps": ays_sweeps, "ays_candidates": ays_candidates,

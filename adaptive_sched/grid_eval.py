@@ -47,7 +47,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     from adaptive_sched.grid_cli import grid_for_run
     from adaptive_sched.grids import write_grid
     from adaptive_sched.sample_run import load_snapshot
-    from adaptive_sched.train import load_data, resolve_device
+    from adaptive_sched.run_build import load_data, resolve_device
     dev = resolve_device(device)
     config, model, snap = load_snapshot(run_dir, dev)
     train_data, held_out = load_data(config.data, "train"), load_data(config.data, "test")

@@ -13,7 +13,7 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.models import build_model, params_for_weights
 from adaptive_sched.run_checks import check_image_options
-from adaptive_sched.train import resolve_device
+from adaptive_sched.run_build import resolve_device
 
 
 def load_snapshot(run_dir: str | Path, device: torch.device):

@@ -183,7 +183,7 @@ def run_workers(job: Job, remaining: int) -> None:
     import subprocess
 
     from adaptive_sched.jobs import child_env, threads_per_job
-    from adaptive_sched.train import resolve_device
+    from adaptive_sched.run_build import resolve_device
     if not isinstance(job.pruner, str):
         raise UsageError(f"--workers > 1 needs a pruner by name ({', '.join(PRUNERS)}), not an object")
     k = job.workers

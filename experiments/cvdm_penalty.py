@@ -25,7 +25,7 @@ from adaptive_sched.checkpoint import load_training_state
 from adaptive_sched.errors import UsageError
 from adaptive_sched.models import build_model
 from adaptive_sched.seeding import step_generator
-from adaptive_sched.train import build_loss, build_schedule, load_data
+from adaptive_sched.run_build import build_loss, build_schedule, load_data
 
 
 def gradient_norms(run_dir: Path, batches: int) -> tuple[np.ndarray, np.ndarray, str]:

@@ -8,7 +8,8 @@ import torch
 
 from adaptive_sched import config as cfg, schedules
 from adaptive_sched.compiling import compile_run, uncompile_run
-from adaptive_sched.train import build, new_running, train_step
+from adaptive_sched.run_build import build
+from adaptive_sched.train import new_running, train_step
 
 pytestmark = pytest.mark.slow          # inductor compiles C++ on the CPU: tens of seconds
 

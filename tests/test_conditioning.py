@@ -116,7 +116,8 @@ def _conditional_config(data, steps=300, p_uncond=0.2):
 
 
 def test_trainer_drops_labels_at_the_configured_rate(tmp_path):
-    from adaptive_sched.train import build, train_step
+    from adaptive_sched.run_build import build
+    from adaptive_sched.train import train_step
     from adaptive_sched.step_guard import new_running
     config = _conditional_config(_two_class_npz(tmp_path / "two.npz"), p_uncond=0.25)
     run = build(config)
@@ -152,7 +153,7 @@ def test_conditional_training_learns_the_classes_and_guidance_is_logged(tmp_path
 
 
 def test_conditional_needs_labels_and_guidance_needs_conditional(tmp_path):
-    from adaptive_sched.train import build
+    from adaptive_sched.run_build import build
     base = {"train": {"steps": 10, "batch_size": 8, "device": "cpu"}, "eval": {"features": "none"}}
     with pytest.raises(UsageError, match="needs class labels"):
         build(cfg.from_dict({**base, "data": {"name": "checkerboard"}, "train": {**base["train"], "conditional": True}}))

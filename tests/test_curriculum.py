@@ -8,7 +8,8 @@ from adaptive_sched import config as cfg
 from adaptive_sched.compare import parse as parse_compare
 from adaptive_sched.curriculum import Ramp, parse, parse_ramp, progress, values_at
 from adaptive_sched.errors import UsageError
-from adaptive_sched.train import build_schedule, schedule_at, train
+from adaptive_sched.run_build import build_schedule, schedule_at
+from adaptive_sched.train import train
 
 
 @pytest.mark.parametrize("shape,g", [("linear", lambda p: p), ("cosine", lambda p: (1 - math.cos(math.pi * p)) / 2),

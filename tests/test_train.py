@@ -219,7 +219,7 @@ def digits_config(steps=20, **train_overrides):
 
 
 def test_channels_last_trains_the_same_model_in_the_other_memory_layout(tmp_path):
-    from adaptive_sched.train import build
+    from adaptive_sched.run_build import build
     run = build(digits_config(channels_last=True))
     convs = [p for p in run.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -253,7 +253,7 @@ def test_resuming_in_the_other_layout_moves_the_optimizer_state_too(tmp_path):
     # load_state_dict keeps the saved strides; CUDA's fused AdamW refuses state whose layout differs from the param's
     train(digits_config(steps=10), tmp_path / "run", progress=False)
     train(digits_config(steps=20, channels_last=True), tmp_path / "run", resume=True, progress=False)
-    from adaptive_sched.train import build
+    from adaptive_sched.run_build import build
     names = [name for name, _ in build(digits_config()).model.named_parameters()]   # the optimizer's order
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     model, moments = state["model"], state["optimizer"]["state"]
