@@ -1,5 +1,6 @@
 """A comparison's results.md: the final-step table, the metric per eval step, per guidance scale and per seed
 (paired with the reference), the steps to the reference's final value and the per-condition spread."""
+import re
 from pathlib import Path
 
 from adaptive_sched import config as cfg
@@ -58,7 +59,7 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     compare.paired_with_reference); a difference's interval that excludes 0 is what "below in every seed" needs."""
     if paired is None or not len(paired):
         return []
-    seeds = [c for c in paired.columns if c.startswith("seed") and c != "seeds_below"]
+    seeds = [c for c in paired.columns if re.fullmatch(r"seed\d+", c)]          # seed0, seed1, ... (not seeds_below)
     reference = paired["reference"].iloc[0]
     rows = paired.set_index("label")
     lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", "",

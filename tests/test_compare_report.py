@@ -17,3 +17,5 @@ def test_per_seed_lines_list_each_seed_and_the_paired_difference():
     assert lines[5] == "| laplace | 1 | 2.5 | -0.75 ± 3.2 | 2 of 2 |"
     assert lines[6] == "| cosine | 2 | 3 | – | – |"
     assert per_seed_lines(paired.iloc[:0], "eval_fid", 50, ["cosine"]) == []
+    # only seed<k> columns are seeds: another column that starts with "seed" is not one
+    assert per_seed_lines(paired.assign(seeds_total=2, seed_note="x"), "eval_fid", 50, ["laplace"])[5] == lines[5]
