@@ -163,3 +163,35 @@ def test_a_checkpoint_ahead_of_its_metrics_is_cleared_before_the_steps(tmp_path)
     assert not ghost.exists() and not behind.exists() and (kept / "checkpoint.pt").exists()
     log = (tmp_path / "out" / "log").read_text()
     assert "retraining results/fashion-mnist/runs/edm/seed0" in log and "runs/cosine" not in log
+
+
+def test_gpu_trim_moves_the_cpu_results_aside_and_back(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "experiments").mkdir(parents=True)
+    shutil.copy(ROOT / "experiments" / "gpu_trim.sh", repo / "experiments" / "gpu_trim.sh")
+    for folder in ("digits-cpu", "mnist-cpu-grids", "demo", "fashion-mnist", "bench"):
+        (repo / "results" / folder).mkdir(parents=True)
+        (repo / "results" / folder / "summary.csv").write_text("x" * 300_000)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "."], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=repo, check=True)
+    env = {**os.environ, "HELD": str(tmp_path / "held")}
+
+    def trim(*args):
+        return subprocess.run(["bash", "experiments/gpu_trim.sh", *args], cwd=repo, env=env, capture_output=True,
+                              text=True)
+
+    assert "tree 1.4 MiB" in trim("size").stdout                          # five 0.29 MiB files and the script
+    aside = trim("aside")
+    assert aside.returncode == 0 and "tree 0.6 MiB" in aside.stdout       # what the GPU steps read stays
+    assert sorted(p.name for p in (repo / "results").iterdir()) == ["bench", "fashion-mnist"]
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["demo", "digits-cpu", "mnist-cpu-grids"]
+    (repo / "results" / "demo").mkdir()                                   # something reappeared: nothing is overwritten
+    refused = trim("back")
+    assert refused.returncode == 2 and "results/demo is back already" in refused.stderr
+    (repo / "results" / "demo").rmdir()
+    assert trim("back").returncode == 0 and not list((tmp_path / "held").iterdir())
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert status == ""
+    assert trim("nonsense").returncode == 2

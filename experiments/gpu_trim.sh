@@ -1,0 +1,46 @@
+#!/bin/bash
+# Keep the device call's copy under its 64 MiB limit (working tree + .carry): move the results folders that no GPU
+# step reads (results/*-cpu*, results/demo) out of the tree before the call, and back after it.
+#
+#   bash experiments/gpu_trim.sh aside    # before run(command="bash experiments/gpu_next.sh", carry=[".carry"], ...)
+#   bash experiments/gpu_trim.sh back     # after the call(s) and gpu_unpack.sh
+#   bash experiments/gpu_trim.sh size     # what the device tool would copy now, in MiB
+#
+# HELD (default /tmp/adaptive_sched_held) holds the folders in between; `back` refuses to overwrite a folder that
+# reappeared in results/ (git checkout -- results restores the committed ones too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HELD=${HELD:-/tmp/adaptive_sched_held}
+
+size() {   # tracked files present + untracked files git does not ignore + .carry, in MiB
+  { git ls-files -z; git ls-files -z --others --exclude-standard; } | python3 -c '
+import os, sys
+files = [f for f in sys.stdin.read().split("\0") if f and os.path.isfile(f)]
+tree = sum(os.path.getsize(f) for f in files)
+carry = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(".carry") for f in fs) if os.path.isdir(".carry") else 0
+print(f"tree {tree / 2**20:.1f} MiB + .carry {carry / 2**20:.1f} MiB = {(tree + carry) / 2**20:.1f} MiB (limit 64)")'
+}
+
+case "${1:-}" in
+  aside)
+    mkdir -p "$HELD"
+    shopt -s nullglob
+    for dir in results/*-cpu results/*-cpu-* results/demo; do
+      [ -d "$dir" ] || continue
+      name=$(basename "$dir")
+      if [ -e "$HELD/$name" ]; then echo "error: $HELD/$name exists already (run 'back' first)" >&2; exit 2; fi
+      mv "$dir" "$HELD/$name"
+      echo "moved $dir -> $HELD/$name"
+    done
+    size ;;
+  back)
+    shopt -s nullglob
+    for held in "$HELD"/*; do
+      name=$(basename "$held")
+      if [ -e "results/$name" ]; then echo "error: results/$name is back already; left $held" >&2; exit 2; fi
+      mv "$held" "results/$name"
+      echo "restored results/$name"
+    done ;;
+  size) size ;;
+  *) echo "usage: bash experiments/gpu_trim.sh aside | back | size" >&2; exit 2 ;;
+esac
