@@ -31,6 +31,7 @@ from adaptive_sched.cli import add_run_options, resolve_config
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.compiling import device_ok, error_line, sync
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_dir, output_file
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
     import torch
@@ -311,8 +312,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_image_options(dataclasses.replace(base, train=dataclasses.replace(base.train, channels_last=True)),
                             load_data(base.data, "train").shape)
     out = Path(args.out) if args.out else None
-    if out is not None:
+    if out is not None:                           # before any measurement: a bad --out would lose them all
+        output_dir(out.parent, "--out's folder")
         out.parent.mkdir(parents=True, exist_ok=True)
+        output_file(out)
 
     def emit(row: dict) -> None:
         print(json.dumps(row), flush=True)

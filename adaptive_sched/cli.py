@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         status = 2
     except BrokenPipeError:      # output piped into `head` and the like
         status = 0
+    except OSError as err:       # a path the checks before the work could not foresee (permissions, a full disk)
+        print(f"error: {err}", file=sys.stderr)
+        status = 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)
         status = 130

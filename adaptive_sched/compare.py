@@ -31,6 +31,7 @@ from pathlib import Path
 from adaptive_sched import config as cfg
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_artifacts import final_schedule, is_finished
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
@@ -168,7 +169,7 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     deadline = deadline_after(time_budget)
-    out = Path(out)
+    out = output_dir(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "compare.toml").write_text(Path(config_file).read_text())
     todo = []

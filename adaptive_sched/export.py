@@ -22,6 +22,7 @@ from adaptive_sched import checkpoint, config as cfg, schedules
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_file
 from adaptive_sched.runlog import atomic_write_json
 from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
@@ -90,8 +91,7 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
     fmt = fmt or ("json" if out.suffix == ".json" else "csv")
     if fmt not in ("csv", "json"):
         raise UsageError(f"unknown format {fmt!r}; use csv or json")
-    if not out.parent.exists():
-        raise UsageError(f"output folder does not exist: {out.parent}")
+    output_file(out)
     config, schedule, snap = load_run_schedule(run_dir)
     classes = num_classes(schedule)
     meta = {"schedule": config.schedule.name, "params": config.schedule.params,

@@ -13,6 +13,7 @@ import torch
 
 from adaptive_sched import grids
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_file
 
 
 def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
@@ -109,8 +110,7 @@ def cmd_sampling_grid(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {out.name}")
-    if not out.parent.exists():
-        raise UsageError(f"output folder does not exist: {out.parent}")
+    output_file(out)
     grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=args.rho, device=args.device,
                               seed=args.seed, **ays_settings(args))
     path = grids.write_grid(out, grid, meta)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_dir
 
 COLUMNS = ["run", "method", "steps", "eval_swd", "eval_fid", "eval_kid"]
 
@@ -82,7 +83,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     from adaptive_sched.grid_cli import AYS_DEFAULTS, check_ays_settings
     from adaptive_sched.grids import METHODS
     from adaptive_sched.runlog import CsvLog
-    out = Path(out)
+    out = output_dir(out)
     ays = {**AYS_DEFAULTS, **(ays or {})}
     check_ays_settings(ays)
     bad = [m for m in methods if m not in METHODS]

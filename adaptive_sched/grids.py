@@ -22,6 +22,7 @@ import torch
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
+from adaptive_sched.out_paths import output_file
 from adaptive_sched.runlog import atomic_write_json
 from adaptive_sched.schedules.table import read_csv_rows
 
@@ -238,8 +239,7 @@ def write_grid(path: str | Path, grid: torch.Tensor, meta: dict) -> Path:
     path, grid = Path(path), grid.to(F64)
     if path.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {path.name}")
-    if not path.parent.exists():
-        raise UsageError(f"output folder does not exist: {path.parent}")
+    output_file(path)
     alpha, sigma = alpha_sigma(grid)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as handle:

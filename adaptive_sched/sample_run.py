@@ -12,6 +12,7 @@ from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.models import build_model, params_for_weights
+from adaptive_sched.out_paths import output_file
 from adaptive_sched.run_checks import check_image_options
 from adaptive_sched.run_build import resolve_device
 
@@ -69,8 +70,7 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
         raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
     if out.suffix not in (".npz", ".png"):
         raise UsageError(f"--out must end in .npz or .png, got {out.name}")
-    if not out.parent.exists():
-        raise UsageError(f"output folder does not exist: {out.parent}")
+    output_file(out)
     dev = resolve_device(device)
     config, model, snap = load_snapshot(run_dir, dev)
     sampler = sampler or config.eval.sampler

@@ -28,6 +28,7 @@ from adaptive_sched import config as cfg
 from adaptive_sched import sweep_space as spaces
 from adaptive_sched.errors import UsageError
 from adaptive_sched.jobs import deadline_after
+from adaptive_sched.out_paths import output_dir
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.sweep_pareto import not_reached
 from adaptive_sched.sweep_storage import (check_out_dir, check_settings, claim_out_dir, counted, default_storage,
@@ -47,7 +48,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     With `time_budget` (seconds) no trial starts after that much time; the same call again continues.
     """
     import optuna
-    out, schedule = Path(out), base.schedule.name
+    out, schedule = output_dir(out), base.schedule.name
     eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"unknown metric {metric!r}{cfg.suggest(metric, eval_metrics)}; choose one of: "

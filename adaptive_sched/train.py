@@ -21,6 +21,7 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import autocast_for
 from adaptive_sched.models import constructor_params, count_parameters, resolve_name
 from adaptive_sched.optim import match_state_layout, warmup_lr
+from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_build import Run, build, metric_columns, schedule_at
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
 from adaptive_sched.run_checks import check_resumable, metrics_gap
@@ -133,9 +134,7 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
     on_eval(step, row) is called (on rank 0) after every eval row is logged and the state saved; an
     exception it raises (e.g. optuna.TrialPruned) stops the run and propagates.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file, not a run directory")
+    out_dir = output_dir(out_dir)
     world, device_name = distributed.setup(config.train.device)
     try:
         run = build(config, world, device_name)

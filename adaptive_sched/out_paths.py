@@ -1,0 +1,31 @@
+"""Checks on where a command will write, made before any work: one-line UsageErrors instead of an OSError later."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptive_sched.errors import UsageError
+
+
+def output_file(path: str | Path, what: str = "--out") -> Path:
+    """`path` as a file to (over)write: not a folder, and its folder exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.exists():
+        raise UsageError(f"output folder does not exist: {path.parent}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{what} {path}: {path.parent} is a file, not a folder")
+    return path
+
+
+def output_dir(path: str | Path, what: str = "--out") -> Path:
+    """`path` as a folder to create or reuse: not a file, and nothing above it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+    return path
