@@ -97,7 +97,10 @@ def parse(path: str | Path) -> Plan:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
-    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"[compare] seeds lists a seed twice: {seeds}")
+    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns, resolve_device
+    from adaptive_sched.run_checks import validate
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
@@ -105,7 +108,10 @@ def parse(path: str | Path) -> Plan:
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
-    for entry in entries:             # refuse bad parameters, objectives and weightings before any run
+    resolve_device(base.train.device)
+    for entry in entries:             # refuse bad settings, parameters, objectives and weightings before any run
+        for seed in seeds:
+            validate(run_config(base, entry, seed))
         config = run_config(base, entry, seeds[0])
         build_loss(config, build_schedule(config.schedule))
     jobs, samples = section.get("jobs", 1), section.get("samples", 64)

@@ -19,14 +19,25 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "chec
                      ("train", "device"), ("train", "compile"), ("train", "channels_last"), ("train", "compile_mode")}
 
 
-def validate(config: cfg.RunConfig, n_train: int) -> None:
-    """Refuse impossible settings before any work is done."""
+def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
+    """Refuse impossible settings before any work is done (the batch size against `n_train` when given)."""
     t, e = config.train, config.eval
     for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} must be a finite number >= 0, got {value}")
     if not 0 <= t.seed < 2 ** 31:
         raise UsageError(f"seed must be in 0..2^31-1, got {t.seed}")
+    if not 0 <= config.data.seed < 2 ** 31:
+        raise UsageError(f"[data] seed must be in 0..2^31-1, got {config.data.seed}")
+    if t.warmup < 0 or t.max_nonfinite < 1:
+        raise UsageError(f"warmup must be >= 0 and max_nonfinite >= 1, got {t.warmup} and {t.max_nonfinite}")
+    if not e.logsnr_lo < e.logsnr_hi:
+        raise UsageError(f"[eval] logsnr_lo must be below logsnr_hi, got {e.logsnr_lo} and {e.logsnr_hi}")
+    learned = config.learned
+    for name, value in (("lr", learned.lr), ("weight_decay", learned.weight_decay),
+                        ("smoothness", learned.smoothness), ("freeze_steps", learned.freeze_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UsageError(f"[learned] {name} must be a finite number >= 0, got {value!r}")
     if e.n < 1 or e.sample_n < 0 or e.logsnr_points < 1 or e.sample_steps < 1:
         raise UsageError("[eval] n and logsnr_points must be >= 1, sample_n >= 0, sample_steps >= 1")
     if e.bpd_n < 0 or e.bpd_points < 1 or e.bpd_bins == 1 or e.bpd_bins < 0 or e.kid_subsets < 1:
@@ -39,7 +50,7 @@ def validate(config: cfg.RunConfig, n_train: int) -> None:
         raise UsageError(f"steps must be > 0, got {t.steps}")
     if t.steps >= 2 ** 32:                         # the per-step seed mixes (seed << 32) + step
         raise UsageError(f"steps must be < 2^32 (the per-step seeds would repeat), got {t.steps}")
-    if not 0 < t.batch_size <= n_train:
+    if not 0 < t.batch_size <= (t.batch_size if n_train is None else n_train):
         raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {t.batch_size}")
     if t.lr <= 0 or t.log_every <= 0 or t.checkpoint_every <= 0 or config.eval.every <= 0:
         raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")

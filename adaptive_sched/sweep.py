@@ -48,7 +48,11 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     With `time_budget` (seconds) no trial starts after that much time; the same call again continues.
     """
     import optuna
+    from adaptive_sched.run_build import resolve_device
+    from adaptive_sched.run_checks import validate
     out, schedule = output_dir(out), base.schedule.name
+    validate(base)                                      # settings every trial shares: refused once, before any trial
+    resolve_device(base.train.device)
     eval_metrics = [c for c in METRIC_COLUMNS if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"unknown metric {metric!r}{cfg.suggest(metric, eval_metrics)}; choose one of: "
@@ -137,7 +141,8 @@ def report_only(out: str | Path, storage: str | None = None, study: str | None =
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """The `sweep` subcommand; returns 0, 1 when trials are missing, 130 on Ctrl-C."""
+    """The `sweep` subcommand; returns 0, 1 when trials are missing, 2 when every trial failed, 130 on Ctrl-C."""
+    from optuna.trial import TrialState
     out = args.report or args.out
     if not out:
         raise UsageError("sweep needs --out DIR")
@@ -164,6 +169,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "`sweep --report` to render it", file=sys.stderr)
         return 130
     missing = trials - len(counted(study))
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    if finished and all(t.state == TrialState.FAIL for t in finished):      # nothing to tune from: say why
+        error = next((t.user_attrs["error"] for t in finished if t.user_attrs.get("error")), "no message")
+        raise UsageError(f"all {len(finished)} trials failed; the first: {error.splitlines()[0] if error else ''}")
     if missing > 0 and args.time_budget is not None:
         print(f"time budget spent: {trials - missing} of {trials} trials; run the same command to continue")
         return 0

@@ -23,6 +23,8 @@ RUN_OPTIONS = ["--data", "gmm", "--model", "mlp", "--model-param", "hidden=16", 
                "--steps", "5", "--device", "cpu"]                  # train's and sweep's
 TRAIN = ["train", *RUN_OPTIONS, "--quiet", "--out", "{d}/out"]
 TRAIN_TOY = [a.replace("gmm", "checkerboard") for a in TRAIN]    # a dataset without labels or a dim
+TRAIN_UNET = ["train", "--data", "digits", "--model", "unet", "--steps", "5", "--device", "cpu", "--quiet", "--out",
+              "{d}/out"]
 SWEEP = ["sweep", *RUN_OPTIONS, "--schedule", "laplace", "--trials", "1", "--out", "{d}/sw"]
 
 
@@ -222,6 +224,33 @@ CASES = [
      MAIN),
     ("sweep-storage-unknown", [*SWEEP, "--storage", "redis://localhost"], {}, ["unknown storage URL", "sqlite:///PATH"],
      MAIN),
+    # out-of-range settings found by fuzzing the CLI (2026-11-27): each refused before any work
+    ("warmup-negative", [*TRAIN, "--config", "{d}/c.toml"], toml("[train]\nwarmup = -1\n"), ["warmup must be >= 0"],
+     MAIN),
+    ("max-nonfinite-negative", [*TRAIN, "--config", "{d}/c.toml"], toml("[train]\nmax_nonfinite = -1\n"),
+     ["max_nonfinite >= 1"], MAIN),
+    ("eval-window-reversed", [*TRAIN, "--config", "{d}/c.toml"], toml("[eval]\nlogsnr_lo = 10\nlogsnr_hi = -10\n"),
+     ["logsnr_lo must be below logsnr_hi"], MAIN),
+    ("data-seed-negative", [*TRAIN, "--config", "{d}/c.toml"], toml("[data]\nseed = -1\n"),
+     ["[data] seed must be in 0..2^31-1"], MAIN),
+    ("learned-lr-nan", [*TRAIN, "--schedule", "learned", "--config", "{d}/c.toml"], toml("[learned]\nlr = nan\n"),
+     ["[learned] lr must be a finite number >= 0"], MAIN),
+    ("learned-smoothness-negative", [*TRAIN, "--schedule", "learned", "--config", "{d}/c.toml"],
+     toml("[learned]\nsmoothness = -1\n"), ["[learned] smoothness"], MAIN),
+    ("learned-freeze-negative", [*TRAIN, "--schedule", "learned", "--config", "{d}/c.toml"],
+     toml("[learned]\nfreeze_steps = -1\n"), ["[learned] freeze_steps"], MAIN),
+    ("mlp-emb-dim-zero", [*TRAIN, "--model-param", "emb_dim=0"], {}, ["emb_dim must be an integer >= 1"], SUBPROCESS),
+    ("unet-zero-channels", [*TRAIN_UNET, "--model-param", "channels=[0]"], {}, ["UNet channels must be integers >= 1"], MAIN),
+    ("unet-dropout-nan", [*TRAIN_UNET, "--model-param", "dropout=nan"], {}, ["UNet dropout must be in [0, 1)"], MAIN),
+    ("unet-groups-zero", [*TRAIN_UNET, "--model-param", "groups=0"], {}, ["UNet groups must be an integer >= 1"], MAIN),
+    ("sweep-bad-base-setting", [*SWEEP, "--lr", "nan"], {}, ["lr must be a finite number >= 0"], MAIN),
+    ("compare-seed-twice", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nseeds = [0, 0]\nschedules = [{ name = "cosine" }]\n'), ["lists a seed twice"], MAIN),
+    ("compare-seed-negative", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nseeds = [-1]\nschedules = [{ name = "cosine" }]\n'), ["seed must be in 0..2^31-1"], MAIN),
+    ("compare-bad-base-setting", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[train]\nsteps = -1\n[compare]\nschedules = [{ name = "cosine" }, { name = "laplace" }]\n'),
+     ["steps must be > 0"], MAIN),
     # bad compare entries are refused before any run
     ("compare-bad-parameter", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
      toml('[compare]\nschedules = [{ name = "cosine" }, { name = "laplace", b = -1.0 }]\n'), ["b must be > 0"], MAIN),

@@ -167,6 +167,17 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "best.json").read_text())["trial"] in (0, 4)
 
 
+def test_a_sweep_whose_every_trial_failed_exits_2_with_the_first_error(tmp_path, monkeypatch, capsys):
+    fail = {i: RuntimeError(f"CUDA out of memory ({i})\nmore") for i in range(3)}
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train(fail))
+    args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm"]
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: all 3 trials failed; the first: CUDA out of memory (0); more"
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())       # (trial 3 logs NaN: failed too)
+    assert sweep.main(["--schedule", "laplace", "--trials", "5", "--out", str(tmp_path), "--data", "gmm"]) == 0
+
+
 def test_a_time_budget_stops_starting_trials_and_the_same_call_continues(tmp_path, monkeypatch, capsys):
     import time
     slow, pause = fake_train(), [2.0]

@@ -25,6 +25,8 @@ class LogSNREmbedding(nn.Module):
 
     def __init__(self, dim: int, num_classes: int = 0, num_freqs: int = 64, max_freq: float = 1000.0):
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"emb_dim must be an integer >= 1, got {dim!r}")
         # Geometric spacing 1 .. max_freq, as transformer position encodings (Vaswani et al. 2017).
         freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), num_freqs))
         self.register_buffer("freqs", freqs, persistent=False)

@@ -119,6 +119,13 @@ class UNet(nn.Module):
         channels = tuple(channels)
         if not channels:
             raise UsageError("UNet needs at least one level in `channels`")
+        for name, value, low in (("channels", min(channels), 1), ("blocks_per_level", blocks_per_level, 1),
+                                 ("groups", groups, 1), ("mid_blocks", mid_blocks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "integers" if name == "channels" else "an integer"
+                raise UsageError(f"UNet {name} must be {kind} >= {low}, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):      # (NaN fails the comparison)
+            raise UsageError(f"UNet dropout must be in [0, 1), got {dropout!r}")
         bad = [i for i in attention_levels if not 0 <= i < len(channels)]
         if bad:
             raise UsageError(f"attention_levels {bad} out of range; valid levels: 0..{len(channels) - 1}")
