@@ -93,6 +93,10 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if n is not None and n < 2:
         raise UsageError(f"--n must be >= 2 samples, got {n}")
+    for what, values in (("run", [str(Path(r).resolve()) for r in runs]), ("--steps", steps), ("--methods", methods)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise UsageError(f"{what} {', '.join(twice)} is given twice")
     run_dirs = [Path(r) for r in runs]
     scored = CsvLog(out / "grid_eval.csv", COLUMNS).rows() if (out / "grid_eval.csv").exists() else []
     done = {(r["run"], r["method"], int(r["steps"])) for r in scored}
@@ -152,7 +156,8 @@ def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> 
         cells, means = [], []
         for s in steps:
             mean, half, k = mean_ci(table[(table["method"] == method) & (table["steps"] == s)][metric])
-            cells.append(f"{mean:.4g} ± {half:.2g}" if k else "")
+            partial = f" ({k} of {len(runs)} runs)" if k != len(runs) else ""     # a run without this metric
+            cells.append(f"{mean:.4g} ± {half:.2g}{partial}" if k else "")
             means.append(mean)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         ax.plot(steps, means, marker="o", label=method)

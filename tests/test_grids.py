@@ -254,6 +254,20 @@ def test_grid_eval_scores_every_method_and_step_count_and_resumes(tmp_path, caps
                  "--quiet"]) == 0
     assert pd.read_csv(out / "grid_eval.csv").equals(table) and "2 run(s)" in (out / "grid_eval.md").read_text()
     assert main(["grid-eval", *runs, "--steps", "4", "--methods", "cosine", "--out", str(out), "--quiet"]) == 2
+    for twice in ([runs[0], runs[0] + "/", "--steps", "3"], [runs[0], "--steps", "3,3"],     # one run given twice
+                  [runs[0], "--steps", "3", "--methods", "cosine,cosine"]):                # would count as two
+        assert main(["grid-eval", *twice, "--out", str(tmp_path / "dup"), "--quiet"]) == 2
+        assert "given twice" in capsys.readouterr().err
+
+
+def test_grid_eval_report_says_how_many_runs_a_cell_averages(tmp_path):
+    """A run without FID (vector data) beside one with it: the FID cell averages one run, and says so."""
+    import pandas as pd
+    from adaptive_sched.grid_eval import COLUMNS, report
+    rows = [["a", "cosine", 5, 0.1, 4.0, 0.1], ["b", "cosine", 5, 0.2, None, None]]
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp_path / "grid_eval.csv", index=False)
+    report(tmp_path, ["a", "b"], ["cosine"], [5])
+    assert "| cosine | 4 ± 0 (1 of 2 runs) |" in (tmp_path / "grid_eval.md").read_text()
 
 
 def test_grid_eval_keeps_the_rows_it_scored_when_interrupted(tmp_path, monkeypatch):
