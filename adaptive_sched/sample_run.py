@@ -92,6 +92,10 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
                         tuple(snap["data_shape"]))
     x = generate(model, config.train.target, tuple(snap["data_shape"]), n, lam_grid, sampler, seed, dev,
                  labels=labels, guidance=w, clip_x0=clip)
+    if not torch.isfinite(x).all():          # e.g. a guidance scale so large that ε̂ overflows: write nothing
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise UsageError(f"{bad} of {n} samples hold NaN or infinite values (guidance {w:g}, {sampler} {steps} "
+                         f"steps); nothing was written")
     if out.suffix == ".npz":
         tmp = out.with_name(out.stem + ".tmp.npz")
         grids = torch.stack([lam_grid[k] for k in sorted(lam_grid)]) if isinstance(lam_grid, dict) else lam_grid
