@@ -248,7 +248,16 @@ class ScriptedFeatures(nn.Module):
         if self.input_size is not None and tuple(x.shape[2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         x = self.lo + (x + 1) / 2 * (self.hi - self.lo)
-        return self.net(x, **self.forward_kwargs).flatten(1)
+        try:
+            out = self.net(x, **self.forward_kwargs)
+        except Exception as err:  # noqa: BLE001 - the user's network failing on our images is one user error
+            last = (str(err).strip().splitlines() or [type(err).__name__])[-1]    # TorchScript's own traceback ends
+            raise UsageError(f"the feature network failed on images of shape {tuple(x.shape)}: {last[:160]}") from None
+        if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != x.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UsageError(f"the feature network must return (N, F) features for N images; for {x.shape[0]} "
+                             f"images it returned {shape}")
+        return out.reshape(x.shape[0], -1)
 
 
 def load_torchscript_features(path: str | Path, input_size: int | tuple[int, int] | None = None,

@@ -198,3 +198,33 @@ def test_bad_torchscript_files_raise_one_line_usage_errors(tmp_path):
         with pytest.raises(UsageError, match="not a TorchScript file") as info:
             load_torchscript_features(bad)
         assert "\n" not in str(info.value)
+
+
+class ScalarOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+
+class BadReshape(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 5)
+
+
+class PerImageScore(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+def test_a_feature_network_that_fails_or_returns_the_wrong_shape_is_one_usage_error(tmp_path):
+    x = torch.rand(4, 1, 6, 6) * 2 - 1                               # 144 values: not a multiple of 5
+    for module, message in ((ScalarOut(), r"must return \(N, F\) features for N images; for 4 images it returned \(\)"),
+                            (BadReshape(), r"failed on images of shape \(4, 1, 6, 6\): .*shape '\[-1, 5\]' is invalid")):
+        path = tmp_path / f"{type(module).__name__}.pt"
+        torch.jit.save(torch.jit.script(module), str(path))
+        with pytest.raises(UsageError, match=message) as info:
+            load_torchscript_features(path)(x)
+        assert "\n" not in str(info.value)
+    path = tmp_path / "score.pt"                                       # (N,): one feature per image
+    torch.jit.save(torch.jit.script(PerImageScore()), str(path))
+    assert load_torchscript_features(path)(x).shape == (4, 1)
