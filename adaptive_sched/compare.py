@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from adaptive_sched import config as cfg
+from adaptive_sched import config as cfg, schedules
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_dir
@@ -105,11 +105,19 @@ def parse(path: str | Path) -> Plan:
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
                          f"{', '.join(eval_metrics)}")
+    blank = [e for e in entries if "label" in e and not (isinstance(e["label"], str) and e["label"].strip())]
+    if blank:
+        raise UsageError(f"[compare] a schedule's label must be a non-empty string, got {blank[0]['label']!r}")
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
     resolve_device(base.train.device)
+    learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)} - {"condition"}   # (a table takes one)
     for entry in entries:             # refuse bad settings, parameters, objectives and weightings before any run
+        ignored = sorted(learned_keys & set(entry))
+        if ignored and not schedules.is_learned(schedules.lookup(str(entry["name"]))):
+            raise UsageError(f"[compare] entry {run_label(entry)!r} sets {', '.join(ignored)}, which only a learned "
+                             f"schedule uses; drop it or use name = \"learned\"")
         for seed in seeds:
             validate(run_config(base, entry, seed))
         config = run_config(base, entry, seeds[0])

@@ -111,6 +111,8 @@ def cmd_sampling_grid(args) -> int:
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {out.name}")
     output_file(out)
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in 0..2^63-1, got {args.seed}")
     grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=args.rho, device=args.device,
                               seed=args.seed, **ays_settings(args))
     path = grids.write_grid(out, grid, meta)

@@ -251,6 +251,10 @@ CASES = [
     ("compare-bad-base-setting", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
      toml('[train]\nsteps = -1\n[compare]\nschedules = [{ name = "cosine" }, { name = "laplace" }]\n'),
      ["steps must be > 0"], MAIN),
+    ("compare-learned-key-on-a-fixed-schedule", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nschedules = [{ name = "cosine", objective = "cvdm" }]\n'), ["only a learned schedule uses"], MAIN),
+    ("compare-blank-label", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nschedules = [{ name = "cosine", label = " " }]\n'), ["label must be a non-empty string"], MAIN),
     # bad compare entries are refused before any run
     ("compare-bad-parameter", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
      toml('[compare]\nschedules = [{ name = "cosine" }, { name = "laplace", b = -1.0 }]\n'), ["b must be > 0"], MAIN),
