@@ -99,19 +99,18 @@ def parse(path: str | Path) -> Plan:
         raise UsageError("[compare] seeds must be a non-empty list of integers")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"[compare] seeds lists a seed twice: {seeds}")
-    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns, resolve_device
+    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns
     from adaptive_sched.run_checks import validate
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
                          f"{', '.join(eval_metrics)}")
-    blank = [e for e in entries if "label" in e and not (isinstance(e["label"], str) and e["label"].strip())]
+    blank = [e for e in entries if "label" in e and not str(e["label"]).strip()]
     if blank:
-        raise UsageError(f"[compare] a schedule's label must be a non-empty string, got {blank[0]['label']!r}")
+        raise UsageError(f"[compare] a schedule's label must not be blank, got {blank[0]['label']!r}")
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
-    resolve_device(base.train.device)
     learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)} - {"condition"}   # (a table takes one)
     for entry in entries:             # refuse bad settings, parameters, objectives and weightings before any run
         ignored = sorted(learned_keys & set(entry))
@@ -178,7 +177,9 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     """
     from adaptive_sched.jobs import deadline_after
     from adaptive_sched.train import train
+    from adaptive_sched.run_build import resolve_device
     plan = parse(config_file)
+    resolve_device(plan.base.train.device)           # (not in parse: --status reads a config on any machine)
     jobs = plan.jobs if jobs is None else jobs
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")

@@ -250,9 +250,12 @@ class ScriptedFeatures(nn.Module):
         x = self.lo + (x + 1) / 2 * (self.hi - self.lo)
         try:
             out = self.net(x, **self.forward_kwargs)
-        except Exception as err:  # noqa: BLE001 - the user's network failing on our images is one user error
+        except torch.OutOfMemoryError:
+            raise                                 # the device's limit, not the network's fault
+        except (RuntimeError, torch.jit.Error) as err:      # the user's network failing on our images: a user error
             last = (str(err).strip().splitlines() or [type(err).__name__])[-1]    # TorchScript's own traceback ends
-            raise UsageError(f"the feature network failed on images of shape {tuple(x.shape)}: {last[:160]}") from None
+            raise UsageError(f"the feature network failed on images of shape {tuple(x.shape)} "
+                             f"({type(err).__name__}): {last[:160]}") from None
         if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UsageError(f"the feature network must return (N, F) features for N images; for {x.shape[0]} "

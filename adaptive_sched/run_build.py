@@ -15,7 +15,7 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model
 from adaptive_sched.optim import EMA, build_optimizer
-from adaptive_sched.run_checks import check_image_options, validate
+from adaptive_sched.run_checks import check_batch_size, check_image_options, validate
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.schedules.binned import LossHistogram
 
@@ -119,8 +119,9 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     device = resolve_device(device_name or config.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # fixed shapes every step: let cuDNN pick its fastest kernels
+    validate(config)                               # the config alone, before any data is loaded
     train_data = load_data(config.data, "train")
-    validate(config, len(train_data))
+    check_batch_size(config, len(train_data))
     if config.train.batch_size % world.size:
         raise UsageError(f"batch_size {config.train.batch_size} must split evenly across {world.size} ranks")
     if world.enabled and config.train.compile and config.train.compile_mode == "reduce-overhead":

@@ -31,8 +31,9 @@ def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
         raise UsageError(f"[data] seed must be in 0..2^31-1, got {config.data.seed}")
     if t.warmup < 0 or t.max_nonfinite < 1:
         raise UsageError(f"warmup must be >= 0 and max_nonfinite >= 1, got {t.warmup} and {t.max_nonfinite}")
-    if not e.logsnr_lo < e.logsnr_hi:
-        raise UsageError(f"[eval] logsnr_lo must be below logsnr_hi, got {e.logsnr_lo} and {e.logsnr_hi}")
+    if not (e.logsnr_lo < e.logsnr_hi or (e.logsnr_lo == e.logsnr_hi and e.logsnr_points == 1)):
+        raise UsageError(f"[eval] logsnr_lo must be below logsnr_hi (or equal, with logsnr_points = 1), got "
+                         f"{e.logsnr_lo} and {e.logsnr_hi}")
     learned = config.learned
     for name, value in (("lr", learned.lr), ("weight_decay", learned.weight_decay),
                         ("smoothness", learned.smoothness), ("freeze_steps", learned.freeze_steps)):
@@ -50,8 +51,10 @@ def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
         raise UsageError(f"steps must be > 0, got {t.steps}")
     if t.steps >= 2 ** 32:                         # the per-step seed mixes (seed << 32) + step
         raise UsageError(f"steps must be < 2^32 (the per-step seeds would repeat), got {t.steps}")
-    if not 0 < t.batch_size <= (t.batch_size if n_train is None else n_train):
-        raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {t.batch_size}")
+    if n_train is None and t.batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {t.batch_size}")
+    if n_train is not None:
+        check_batch_size(config, n_train)
     if t.lr <= 0 or t.log_every <= 0 or t.checkpoint_every <= 0 or config.eval.every <= 0:
         raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")
     if not 0 <= t.ema_decay < 1:
@@ -63,6 +66,12 @@ def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
         raise UsageError(f"[train] compile_mode must be one of {', '.join(cfg.COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.compile_mode != "default" and not t.compile:
         raise UsageError(f"[train] compile_mode {t.compile_mode!r} needs compile = true (train --compile)")
+
+
+def check_batch_size(config: cfg.RunConfig, n_train: int) -> None:
+    """batch_size in 1..n_train (the training set size)."""
+    if not 0 < config.train.batch_size <= n_train:
+        raise UsageError(f"batch_size must be in 1..{n_train} (the training set size), got {config.train.batch_size}")
 
 
 def check_image_options(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:

@@ -169,16 +169,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "`sweep --report` to render it", file=sys.stderr)
         return 130
     missing = trials - len(counted(study))
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    finished = [t for t in study.get_trials(deepcopy=False,
+                                            states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+                if not stopped_from_outside(t)]
     if finished and all(t.state == TrialState.FAIL for t in finished):      # nothing to tune from: say why
-        error = next((t.user_attrs["error"] for t in finished if t.user_attrs.get("error")), "no message")
-        raise UsageError(f"all {len(finished)} trials failed; the first: {error.splitlines()[0] if error else ''}")
+        error = next((t.user_attrs["error"] for t in finished if t.user_attrs.get("error")), "")
+        first = (error.strip().splitlines() or ["no message"])[0]
+        raise UsageError(f"all {len(finished)} trials failed; the first: {first}")
     if missing > 0 and args.time_budget is not None:
         print(f"time budget spent: {trials - missing} of {trials} trials; run the same command to continue")
         return 0
     if missing > 0:
         print(f"warning: {missing} trials short of {trials}; run the same command again", file=sys.stderr)
     return 1 if missing > 0 else 0
+
+
+def stopped_from_outside(trial) -> bool:
+    """A trial failed by Ctrl-C or a killed worker, not by its own settings (it says nothing about them)."""
+    error = str(trial.user_attrs.get("error", ""))
+    return error == "interrupted" or error.startswith("stale:")
 
 
 def base_config(args: argparse.Namespace, run_raw: dict) -> cfg.RunConfig:

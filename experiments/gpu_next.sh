@@ -3,7 +3,8 @@
 #
 #   device tool:  run(command="bash experiments/gpu_next.sh", carry=[".carry"], timeout_s=590)
 #   then here:    bash experiments/gpu_unpack.sh <files_at>    (then commit results/ and experiments/feature_cache/)
-#   around both:  bash experiments/gpu_trim.sh aside / back   (the device tool's 64 MiB limit on tree + .carry)
+#   around both:  bash experiments/gpu_trim.sh aside / back   (the device tool's 64 MiB limit on tree + .carry;
+#                 `back` before committing: while the CPU results are aside git sees them as deleted)
 #
 # Every step is skipped once its results are in the tree (they are committed between sessions), so the same
 # call next session continues where this one stopped. No work starts after BUDGET seconds: compare and sweep

@@ -6,11 +6,14 @@
 #   bash experiments/gpu_trim.sh back     # after the call(s) and gpu_unpack.sh
 #   bash experiments/gpu_trim.sh size     # what the device tool would copy now, in MiB
 #
-# HELD (default /tmp/adaptive_sched_held) holds the folders in between; `back` refuses to overwrite a folder that
-# reappeared in results/ (git checkout -- results restores the committed ones too).
+# HELD (default /tmp/adaptive_sched_held-<hash of this checkout's path>, one per checkout) holds the folders in
+# between; `back` refuses to overwrite a folder that reappeared in results/ (git checkout -- results restores the
+# committed ones too). Run `back` before committing: while the folders are aside git sees them as deleted.
 set -euo pipefail
+[ -z "${HELD:-}" ] || HELD=$(realpath -m "$HELD")            # a relative HELD means from where it was called
 cd "$(dirname "$0")/.."
-HELD=${HELD:-/tmp/adaptive_sched_held}
+HELD=${HELD:-/tmp/adaptive_sched_held-$(pwd -P | md5sum | cut -c1-8)}
+case "$HELD/" in "$(pwd -P)/"*) echo "error: HELD ($HELD) must be outside the checkout" >&2; exit 2 ;; esac
 
 size() {   # tracked files present + untracked files git does not ignore + .carry, in MiB
   { git ls-files -z; git ls-files -z --others --exclude-standard; } | python3 -c '
@@ -25,10 +28,15 @@ case "${1:-}" in
   aside)
     mkdir -p "$HELD"
     shopt -s nullglob
+    dirs=()
     for dir in results/*-cpu results/*-cpu-* results/demo; do
       [ -d "$dir" ] || continue
       name=$(basename "$dir")
       if [ -e "$HELD/$name" ]; then echo "error: $HELD/$name exists already (run 'back' first)" >&2; exit 2; fi
+      dirs+=("$dir")
+    done
+    for dir in ${dirs[@]+"${dirs[@]}"}; do                    # (all checked first: nothing moves on a refusal)
+      name=$(basename "$dir")
       mv "$dir" "$HELD/$name"
       echo "moved $dir -> $HELD/$name"
     done

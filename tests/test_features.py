@@ -219,7 +219,7 @@ class PerImageScore(nn.Module):
 def test_a_feature_network_that_fails_or_returns_the_wrong_shape_is_one_usage_error(tmp_path):
     x = torch.rand(4, 1, 6, 6) * 2 - 1                               # 144 values: not a multiple of 5
     for module, message in ((ScalarOut(), r"must return \(N, F\) features for N images; for 4 images it returned \(\)"),
-                            (BadReshape(), r"failed on images of shape \(4, 1, 6, 6\): .*shape '\[-1, 5\]' is invalid")):
+                            (BadReshape(), r"failed on images of shape \(4, 1, 6, 6\) \(\w+\): .*shape '\[-1, 5\]' is invalid")):
         path = tmp_path / f"{type(module).__name__}.pt"
         torch.jit.save(torch.jit.script(module), str(path))
         with pytest.raises(UsageError, match=message) as info:

@@ -195,3 +195,8 @@ def test_gpu_trim_moves_the_cpu_results_aside_and_back(tmp_path):
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     assert status == ""
     assert trim("nonsense").returncode == 2
+    inside = subprocess.run(["bash", "experiments/gpu_trim.sh", "aside"], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "HELD": "held"})                  # relative: inside the checkout
+    assert inside.returncode == 2 and "must be outside the checkout" in inside.stderr
+    (tmp_path / "held" / "demo").mkdir()                                   # a collision: nothing moves at all
+    assert trim("aside").returncode == 2 and (repo / "results" / "digits-cpu").is_dir()

@@ -56,7 +56,8 @@ def test_every_command_refuses_an_unwritable_out_in_one_line(tmp_path, run_dir, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out") and err.count("\n") == 1, err
-    assert [p.name for p in (tmp_path / "folder").iterdir()] == []           # nothing written, no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.toml", "folder"]   # nothing written, no temp
+    assert (tmp_path / "afile").read_text() == "x" and not list((tmp_path / "folder").iterdir())   # file left
 
 
 def test_an_oserror_the_checks_missed_is_one_line_and_exit_2(monkeypatch, run_dir, tmp_path, capsys):

@@ -119,8 +119,9 @@ class UNet(nn.Module):
         channels = tuple(channels)
         if not channels:
             raise UsageError("UNet needs at least one level in `channels`")
-        for name, value, low in (("channels", min(channels), 1), ("blocks_per_level", blocks_per_level, 1),
-                                 ("groups", groups, 1), ("mid_blocks", mid_blocks, 0)):
+        sizes = [("channels", c, 1) for c in channels] + [("blocks_per_level", blocks_per_level, 1),
+                                                          ("groups", groups, 1), ("mid_blocks", mid_blocks, 0)]
+        for name, value, low in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 kind = "integers" if name == "channels" else "an integer"
                 raise UsageError(f"UNet {name} must be {kind} >= {low}, got {value!r}")
