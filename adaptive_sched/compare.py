@@ -35,6 +35,7 @@ from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_artifacts import final_schedule, is_finished
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
 
+LEARNED_KEYS = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}   # an entry's keys that go to [learned]
 COMPARE_KEYS = {"seeds", "metric", "schedules", "targets", "jobs", "reference", "samples"}
 RUN_KEYS = {"label", "target"}          # entry keys that are not schedule parameters
 
@@ -111,16 +112,15 @@ def parse(path: str | Path) -> Plan:
     dirs = [run_dir_of(Path("."), e, 0) for e in entries]
     if len(set(dirs)) != len(dirs):
         raise UsageError("[compare] two schedules share a label (or its folder name); give one a distinct `label`")
-    learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)} - {"condition"}   # (a table takes one)
     for entry in entries:             # refuse bad settings, parameters, objectives and weightings before any run
-        ignored = sorted(learned_keys & set(entry))
+        ignored = sorted((LEARNED_KEYS - {"condition"}) & set(entry))                 # (a table takes a condition)
         if ignored and not schedules.is_learned(schedules.lookup(str(entry["name"]))):
             raise UsageError(f"[compare] entry {run_label(entry)!r} sets {', '.join(ignored)}, which only a learned "
                              f"schedule uses; drop it or use name = \"learned\"")
-        for seed in seeds:
-            validate(run_config(base, entry, seed))
-        config = run_config(base, entry, seeds[0])
-        build_loss(config, build_schedule(config.schedule))
+        configs = [run_config(base, entry, seed) for seed in seeds]
+        for config in configs:
+            validate(config)
+        build_loss(configs[0], build_schedule(configs[0].schedule))
     jobs, samples = section.get("jobs", 1), section.get("samples", 64)
     if not isinstance(jobs, int) or jobs < 1 or not isinstance(samples, int) or samples < 0:
         raise UsageError("[compare] jobs must be an integer >= 1 and samples an integer >= 0")
@@ -151,9 +151,8 @@ def tuned_entry(entry: dict, config_file: Path) -> dict:
 
 def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
     """The config of one run: the base with this schedule and seed."""
-    learned_keys = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}
-    schedule = {k: v for k, v in entry.items() if k not in RUN_KEYS and k not in learned_keys}
-    learned = {k: v for k, v in entry.items() if k in learned_keys}
+    schedule = {k: v for k, v in entry.items() if k not in RUN_KEYS and k not in LEARNED_KEYS}
+    learned = {k: v for k, v in entry.items() if k in LEARNED_KEYS}
     config = copy.deepcopy(base)
     config.schedule = dataclasses.replace(config.schedule, params={}, curriculum={})  # an entry names them all
     train = {"seed": seed, **({"target": entry["target"]} if "target" in entry else {})}

@@ -19,8 +19,8 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "chec
                      ("train", "device"), ("train", "compile"), ("train", "channels_last"), ("train", "compile_mode")}
 
 
-def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
-    """Refuse impossible settings before any work is done (the batch size against `n_train` when given)."""
+def validate(config: cfg.RunConfig) -> None:
+    """Refuse impossible settings before any work is done (the batch size against the data: check_batch_size)."""
     t, e = config.train, config.eval
     for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
         if not math.isfinite(value) or value < 0:
@@ -51,10 +51,8 @@ def validate(config: cfg.RunConfig, n_train: int | None = None) -> None:
         raise UsageError(f"steps must be > 0, got {t.steps}")
     if t.steps >= 2 ** 32:                         # the per-step seed mixes (seed << 32) + step
         raise UsageError(f"steps must be < 2^32 (the per-step seeds would repeat), got {t.steps}")
-    if n_train is None and t.batch_size < 1:
+    if t.batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {t.batch_size}")
-    if n_train is not None:
-        check_batch_size(config, n_train)
     if t.lr <= 0 or t.log_every <= 0 or t.checkpoint_every <= 0 or config.eval.every <= 0:
         raise UsageError("lr, log_every, checkpoint_every and eval.every must be > 0")
     if not 0 <= t.ema_decay < 1:

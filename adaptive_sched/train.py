@@ -41,9 +41,8 @@ def set_learning_rates(run: Run, step: int) -> float:
 
 
 def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | None]:
-    """Phase 2: create or reopen the run directory; return (start step, saved training state or None)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file, not a run directory")
+    """Phase 2: create or reopen the run directory (checked by train's output_dir); return (start step, saved
+    training state or None)."""
     if run.world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.load_training_state(out_dir) if (out_dir / checkpoint.STATE_NAME).exists() or \
