@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptive_sched.runlog import atomic_write_text
+from adaptive_sched.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from adaptive_sched.run_build import Run

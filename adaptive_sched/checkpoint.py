@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sched.atomic import atomic_open
 from adaptive_sched.errors import UsageError
 
 STATE_NAME = "checkpoint.pt"          # full training state, for resume
@@ -15,19 +16,9 @@ EMA_NAME = "ema.pt"                   # small EMA snapshot + config, for samplin
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    """torch.save, written atomically (atomic.atomic_open: temp file, fsync, os.replace)."""
+    with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

@@ -23,7 +23,7 @@ from adaptive_sched.class_schedules import class_medians, class_weights, margina
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file
-from adaptive_sched.runlog import atomic_write_json
+from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,7 @@ from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file
-from adaptive_sched.runlog import atomic_write_json
+from adaptive_sched.atomic import atomic_open, atomic_write_json
 from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
@@ -241,13 +240,11 @@ def write_grid(path: str | Path, grid: torch.Tensor, meta: dict) -> Path:
         raise UsageError(f"--out must end in .csv, got {path.name}")
     output_file(path)
     alpha, sigma = alpha_sigma(grid)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         out = csv.writer(handle)
         out.writerow(["step", "logsnr", "alpha", "sigma", "edm_sigma"])
         for i, (lam, a, s) in enumerate(zip(grid.tolist(), alpha.tolist(), sigma.tolist())):
             out.writerow([i, repr(lam), repr(a), repr(s), repr(math.exp(-lam / 2))])
-    os.replace(tmp, path)
     atomic_write_json(path.with_name(path.name + ".json"), {**meta, "points": len(grid)})
     return path
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptive_sched.runlog import METRIC_COLUMNS, CsvLog, atomic_write_json
+from adaptive_sched.atomic import atomic_open, atomic_write_json
+from adaptive_sched.runlog import METRIC_COLUMNS, CsvLog
 
 FINISHED = "finished.json"
 FINAL_TABLE = "schedule_final.csv"
@@ -76,9 +77,8 @@ def cached_panel(run_dir: str | Path, n: int, draw) -> tuple[np.ndarray, str] | 
     path = run_dir / SAMPLE_PANEL
     if (run_dir / "ema.pt").exists():
         image, title = draw()
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, image=np.asarray(image), title=np.array(title), n=np.array(n))
-        tmp.replace(path)
+        with atomic_open(path, "wb") as handle:
+            np.savez_compressed(handle, image=np.asarray(image), title=np.array(title), n=np.array(n))
         return np.asarray(image), title
     if path.exists():
         with np.load(path) as cached:

@@ -3,26 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 from pathlib import Path
+
+from adaptive_sched.atomic import atomic_open
 
 METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "skipped", "eval_eps_mse", "eval_excess_mse", "eval_swd",
                   "eval_fid", "eval_kid", "eval_bpd"]
 PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temp file in the same folder and os.replace, so a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, data: dict, indent: int = 1) -> None:
-    """JSON (UTF-8, newline-terminated) written atomically."""
-    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 def _format(value) -> str:
@@ -67,12 +54,8 @@ class CsvLog:
         self._rewrite([r for r in self.rows() if int(r["step"]) <= step])
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_open(self.path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.columns)
             for row in rows:
                 writer.writerow([row.get(c, "") for c in self.columns])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from adaptive_sched import checkpoint, config as cfg
+from adaptive_sched.atomic import atomic_open
 from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
@@ -97,12 +98,11 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
         raise UsageError(f"{bad} of {n} samples hold NaN or infinite values (guidance {w:g}, {sampler} {steps} "
                          f"steps); nothing was written")
     if out.suffix == ".npz":
-        tmp = out.with_name(out.stem + ".tmp.npz")
         grids = torch.stack([lam_grid[k] for k in sorted(lam_grid)]) if isinstance(lam_grid, dict) else lam_grid
         extra = {} if labels is None else {"y": labels.numpy()}
-        np.savez(tmp, x=x.numpy(), logsnr_grid=grids.numpy(), sampler=sampler, grid=grid_name, step=snap["step"],
-                 guidance=w, clip_x0=clip, **extra)
-        tmp.replace(out)
+        with atomic_open(out, "wb") as handle:
+            np.savez(handle, x=x.numpy(), logsnr_grid=grids.numpy(), sampler=sampler, grid=grid_name,
+                     step=snap["step"], guidance=w, clip_x0=clip, **extra)
     else:
         from adaptive_sched.plots import save_samples_png
         guided = "" if labels is None else f", guidance {w:g}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_pareto as pareto
 from adaptive_sched.plots import _pyplot, finish_line_plot
-from adaptive_sched.runlog import atomic_write_text
+from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.sweep_space import EXTRAS, Dim, space_from_dict
 
 

@@ -177,7 +177,7 @@ def check_out_dir(out: Path, study: str) -> None:
 def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str,
                   target: float | None = None) -> None:
     """DIR/sweep.json names the study DIR belongs to, its storage, metric and target (when it has one)."""
-    from adaptive_sched.runlog import atomic_write_text
+    from adaptive_sched.atomic import atomic_write_text
     check_out_dir(out, study)
     out.mkdir(parents=True, exist_ok=True)
     claim = {"study": study, "storage": mask(storage), "schedule": schedule, "metric": metric}

@@ -10,12 +10,12 @@ class, following the conditional-schedule protocol of adaptive_sched.class_sched
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adaptive_sched.atomic import atomic_open
 from adaptive_sched.class_schedules import check_label, class_weights, marginal_table
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
@@ -27,10 +27,17 @@ MARGINAL = "all"
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
-    """(header, rows as dicts) of a CSV whose '#' lines are comments (the table and grid file formats)."""
+    """(header, rows as dicts) of a CSV whose '#' lines are comments (the table and grid file formats); a row with
+    more or fewer fields than the header is a UsageError (never read as shifted or partial values)."""
     with path.open(newline="") as handle:
         reader = csv.DictReader(row for row in handle if not row.startswith("#"))
-        return list(reader.fieldnames or []), list(reader)
+        rows = list(reader)
+    fields = list(reader.fieldnames or [])
+    for number, row in enumerate(rows, 1):
+        if None in row or None in row.values():
+            count = len(fields) + len(row.get(None, [])) - sum(v is None for v in row.values())
+            raise UsageError(f"{path}: data row {number} has {count} fields, the header {len(fields)}")
+    return fields, rows
 
 
 def _table_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
@@ -189,16 +196,11 @@ def _table_columns(t: np.ndarray, logsnr: np.ndarray, density: np.ndarray | None
 
 
 def _write_csv(path: str | Path, header: list[str], rows) -> None:
-    """Write header and rows to a temp file beside `path`, fsync, then os.replace onto it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    """Write header and rows atomically (atomic.atomic_open: temp file, fsync, os.replace)."""
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_table(path: str | Path, t: np.ndarray, logsnr: np.ndarray, density: np.ndarray | None = None,

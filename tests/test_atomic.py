@@ -1,0 +1,52 @@
+"""atomic_open: the target is replaced whole on success and untouched, with no temp file left, on failure."""
+import json
+
+import pytest
+
+from adaptive_sched.atomic import atomic_open, atomic_write_json, atomic_write_text
+
+
+def test_success_replaces_the_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+    with atomic_open(path, "w", newline="") as handle:
+        handle.write("a,b\r\n1,2\r\n")
+        assert path.read_text() == "old\n"          # readers see the old file until the block ends
+    assert path.read_bytes() == b"a,b\r\n1,2\r\n"   # newline="" keeps the csv module's line ends
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failure_keeps_the_old_file_and_removes_the_temp(tmp_path, error):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"previous")
+    with pytest.raises(type(error)):
+        with atomic_open(path, "wb") as handle:
+            handle.write(b"half of it")
+            raise error
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    with pytest.raises(RuntimeError):               # a new file that fails is never created
+        with atomic_open(tmp_path / "new.txt") as handle:
+            raise RuntimeError
+    assert not (tmp_path / "new.txt").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_text_and_json_writers(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "héllo\n")
+    atomic_write_json(tmp_path / "b.json", {"x": [1, 2.5]})
+    assert (tmp_path / "a.txt").read_text() == "héllo\n"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": [1, 2.5]}
+    assert (tmp_path / "b.json").read_text().endswith("\n")
+
+
+def test_checkpoint_and_npz_writers_leave_nothing_behind_on_failure(tmp_path):
+    """The writers built on atomic_open: a torch.save that fails (an unpicklable object) keeps the old checkpoint."""
+    import torch
+    from adaptive_sched import checkpoint
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.atomic_save({"step": 1}, path)
+    with pytest.raises(Exception):
+        checkpoint.atomic_save({"step": 2, "bad": lambda: 0}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
