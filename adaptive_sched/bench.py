@@ -295,6 +295,8 @@ def check_args(args: argparse.Namespace) -> None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UsageError(f"--profile {args.profile}: cannot make that folder ({err.strerror})") from None
+    if args.peak_n is not None and args.peak_n < 0:
+        raise UsageError(f"--peak-n must be >= 0 (0: skip the FLOP/s peak), got {args.peak_n}")
     if args.concurrent and min(parse_list(args.concurrent, int)) < 1:
         raise UsageError("--concurrent takes worker counts >= 1, e.g. 1,2,4,8")
 

@@ -83,7 +83,13 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     for key in ("steps", "batch_size", "lr", "seed", "device", "checkpoint_every", "log_every", "optimizer", "target"):
         put("train", key, getattr(args, key))
     put("eval", "every", args.eval_every)
-    return cfg.from_dict(overlay, config)
+    config = cfg.from_dict(overlay, config)
+    from adaptive_sched import schedules
+    if args.schedule_objective is not None and not schedules.is_learned(schedules.lookup(config.schedule.name)):
+        raise UsageError(f"--schedule-objective applies only to a learned schedule, not {config.schedule.name!r}")
+    if args.p_uncond is not None and not config.train.conditional:
+        raise UsageError("--p-uncond applies only to a conditional run (add --conditional)")
+    return config
 
 
 def cmd_train(args) -> int:

@@ -71,8 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampler steps N; the grid has N + 1 points (default: the run's)")
     p.add_argument("--method", choices=list(grids.METHODS), default="ays")
     p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json)")
-    p.add_argument("--rho", type=float, default=7.0, help="karras: ρ of the noise-level spacing")
-    p.add_argument("--seed", type=int, default=0, help="ays: seed of the Monte Carlo draws")
+    p.add_argument("--rho", type=float, help="karras: ρ of the noise-level spacing (default 7)")
+    p.add_argument("--seed", type=int, help="ays: seed of the Monte Carlo draws (default 0)")
     p.add_argument("--device", default="auto")
     add_ays_options(p)
     p.set_defaults(func=cmd_sampling_grid)
@@ -89,7 +89,7 @@ AYS_DEFAULTS = {key: default for key, (default, _) in AYS_OPTIONS.items()}
 def add_ays_options(p: argparse.ArgumentParser) -> None:
     """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
     for key, (default, text) in AYS_OPTIONS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=default, help=f"ays: {text} (default {default})")
+        p.add_argument("--" + key.replace("_", "-"), type=int, help=f"ays: {text} (default {default})")
 
 
 def check_ays_settings(settings: dict) -> None:
@@ -101,8 +101,16 @@ def check_ays_settings(settings: dict) -> None:
 
 
 def ays_settings(args: argparse.Namespace) -> dict:
-    """The ays_* keyword arguments of grid_for_run from parsed add_ays_options."""
-    return {key: getattr(args, key) for key in AYS_DEFAULTS}
+    """The ays_* keyword arguments of grid_for_run that the command line gave (add_ays_options)."""
+    return {key: getattr(args, key) for key in AYS_DEFAULTS if getattr(args, key) is not None}
+
+
+def refuse_unused(options: dict, method: str, uses: str) -> None:
+    """UsageError when options (flag -> value, None when not given) were given but `uses` is not the method."""
+    given = [flag for flag, value in options.items() if value is not None and value != {}]
+    if given and method != uses:
+        raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to {uses} grids, "
+                         f"not {method}")
 
 
 def cmd_sampling_grid(args) -> int:
@@ -110,11 +118,15 @@ def cmd_sampling_grid(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {out.name}")
+    ays = ays_settings(args)
+    refuse_unused({"--rho": args.rho}, args.method, "karras")
+    refuse_unused({"--seed": args.seed, **{"--" + k.replace("_", "-"): v for k, v in ays.items()}}, args.method, "ays")
     output_file(out)
-    if not 0 <= args.seed < 2 ** 63:
-        raise UsageError(f"--seed must be in 0..2^63-1, got {args.seed}")
-    grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=args.rho, device=args.device,
-                              seed=args.seed, **ays_settings(args))
+    seed = 0 if args.seed is None else args.seed
+    if not 0 <= seed < 2 ** 63:
+        raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
+    grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=7.0 if args.rho is None else args.rho,
+                              device=args.device, seed=seed, **ays)
     path = grids.write_grid(out, grid, meta)
     shown = ", ".join(f"{v:.4g}" for v in grid.tolist())
     extra = f"; KLUB {meta['ays']['klub_final']:.4g} (cosine {meta['ays']['klub_cosine']:.4g})" if "ays" in meta else ""

@@ -83,12 +83,14 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     from adaptive_sched.grid_cli import AYS_DEFAULTS, check_ays_settings
     from adaptive_sched.grids import METHODS
     from adaptive_sched.runlog import CsvLog
-    out = output_dir(out)
-    ays = {**AYS_DEFAULTS, **(ays or {})}
-    check_ays_settings(ays)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown grid method {bad[0]!r}; choose from: {', '.join(METHODS)}")
+    if ays and "ays" not in methods:
+        raise UsageError(f"--{next(iter(ays)).replace('_', '-')} applies only to ays grids, and --methods has none")
+    ays = {**AYS_DEFAULTS, **(ays or {})}
+    check_ays_settings(ays)
+    out = output_dir(out)
     if any(s < 1 for s in steps):
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if n is not None and n < 2:
@@ -121,7 +123,7 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> 
     """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
     DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
     from adaptive_sched.grid_cli import AYS_DEFAULTS
-    from adaptive_sched.runlog import atomic_write_json
+    from adaptive_sched.atomic import atomic_write_json
     if not uses_ays:
         return
     path = out / "grid_eval.json"

@@ -80,6 +80,14 @@ def check_image_options(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
                              f"not (C, H, W) images")
 
 
+def check_features(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
+    """[eval] features other than auto and none (a feature network file) need (C, H, W) images."""
+    spec = config.eval.features
+    if spec not in ("auto", "none") and len(shape) != 3:
+        raise UsageError(f"[eval] features {spec!r} applies to images; data {config.data.name!r} is {len(shape)}-D "
+                         f"vectors (use features = \"auto\" or \"none\")")
+
+
 def check_resumable(saved: dict, current: dict) -> None:
     """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
     run lacks (written by an older version) counts as that key's default."""

@@ -146,6 +146,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = args.report or args.out
     if not out:
         raise UsageError("sweep needs --out DIR")
+    if args.storage is not None and not args.storage.strip():
+        raise UsageError("--storage is empty: give a URL (sqlite:///PATH, journal:PATH, postgresql://...) or leave "
+                         "it out for DIR/study.db")
     if args.report is not None:
         report_only(out, args.storage, args.study)
         return 0

@@ -99,6 +99,7 @@ def test_grid_file_round_trip_through_sampling_grid(tmp_path):
     ("logsnr\n-1\nabc\n", "not numeric"),
     ("logsnr\n-1\n", "at least 2 points"),
     ("logsnr\n-1\n1\n1\n", "strictly increasing"),
+    ("step,logsnr\n0,-1\n1,0,2\n2,3\n", "data row 2 has 3 fields, the header 2"),
 ])
 def test_bad_grid_files_raise_one_line_usage_errors(tmp_path, text, message):
     path = tmp_path / "bad.csv"
@@ -203,8 +204,9 @@ def test_sampling_grid_cli_on_a_trained_run(tmp_path):
     grid_cli.add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     for method in grids.METHODS:
         out = tmp_path / f"{method}.csv"
+        extra = ["--ays-samples", "16", "--ays-sweeps", "1"] if method == "ays" else []
         args = parser.parse_args(["sampling-grid", str(tmp_path / "run"), "--steps", "5", "--method", method,
-                                  "--out", str(out), "--ays-samples", "16", "--ays-sweeps", "1", "--device", "cpu"])
+                                  "--out", str(out), "--device", "cpu", *extra])
         assert args.func(args) == 0
         meta = json.loads((tmp_path / f"{method}.csv.json").read_text())
         assert meta["method"] == method and meta["steps"] == 5 and meta["window"] == [LO, HI]
@@ -214,6 +216,14 @@ def test_sampling_grid_cli_on_a_trained_run(tmp_path):
     with pytest.raises(UsageError, match="must end in .csv"):
         args = parser.parse_args(["sampling-grid", str(tmp_path / "run"), "--out", str(tmp_path / "g.txt")])
         args.func(args)
+    for method, extra, flags in (("cosine", ["--rho", "5"], "--rho applies"),
+                                 ("karras", ["--seed", "3", "--ays-data", "9"], "--seed, --ays-data apply only to ays"),
+                                 ("ays", ["--rho", "5"], "--rho applies only to karras grids, not ays")):
+        args = parser.parse_args(["sampling-grid", str(tmp_path / "run"), "--method", method, "--out",
+                                  str(tmp_path / "unused.csv"), *extra])
+        with pytest.raises(UsageError, match=flags):      # an option the method does not use is refused, not ignored
+            args.func(args)
+    assert not (tmp_path / "unused.csv").exists()
 
 
 def test_grid_eval_scores_every_method_and_step_count_and_resumes(tmp_path, capsys):
@@ -331,7 +341,10 @@ def test_grid_eval_passes_ays_settings_and_keeps_a_folder_to_one_setting(tmp_pat
     (out / "grid_eval.json").unlink()                  # as a folder scored before grid_eval.json existed
     assert main(["grid-eval", str(run), "--steps", "5", "--methods", "ays", "--out", str(out), "--quiet",
                  *fast]) == 2
-    assert main(["grid-eval", str(run), "--steps", "5", "--methods", "cosine", "--out", str(out), "--quiet",
-                 *fast]) == 0                          # no AYS row to score: the settings do not matter
+    assert main(["grid-eval", str(run), "--steps", "5", "--methods", "cosine", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()                                # no AYS row to score: the folder's settings do not matter
+    assert main(["grid-eval", str(run), "--steps", "6", "--methods", "cosine", "--out", str(out), "--quiet",
+                 *fast]) == 2                          # but --ays-* without an ays method is refused, not ignored
+    assert "--ays-samples applies only to ays grids" in capsys.readouterr().err
     assert main(["grid-eval", str(run), "--methods", "ays", "--out", str(tmp_path / "g2"), "--ays-data", "0"]) == 2
     assert "--ays-data must be an integer >= 1" in capsys.readouterr().err and not (tmp_path / "g2").exists()
