@@ -45,8 +45,12 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     training state or None)."""
     if run.world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    state = checkpoint.load_training_state(out_dir) if (out_dir / checkpoint.STATE_NAME).exists() or \
-        (out_dir / checkpoint.PREVIOUS_NAME).exists() else None
+    saved = [out_dir / name for name in (checkpoint.STATE_NAME, checkpoint.PREVIOUS_NAME) if (out_dir / name).exists()]
+    state = checkpoint.load_training_state(out_dir) if saved else None
+    if saved and state is None:                    # never train over a run whose every checkpoint is unreadable
+        names = " and ".join(path.name for path in saved)
+        raise UsageError(f"{out_dir} holds {names}, none of them readable: move {'it' if len(saved) == 1 else 'them'} "
+                         f"aside to train from scratch there, or choose another --out")
     if state is not None and not resume:
         raise UsageError(f"{out_dir} already holds a run (checkpoint at step {state['step']}); "
                          f"pass --resume to continue it, or choose another --out")

@@ -67,6 +67,12 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     with pytest.warns(UserWarning, match="damaged"):
         state = checkpoint.load_training_state(tmp_path / "run")
     assert state["step"] == 50
+    metrics = (tmp_path / "run" / "metrics.csv").read_text()
+    (tmp_path / "run" / "checkpoint.prev.pt").write_bytes(b"")         # no readable checkpoint left
+    for resume in (True, False):                   # refused, not a fresh run over the old one's metrics.csv
+        with pytest.warns(UserWarning, match="damaged"), pytest.raises(UsageError, match="none of them readable"):
+            train(gmm_config(steps=100), tmp_path / "run", resume=resume, progress=False)
+    assert (tmp_path / "run" / "metrics.csv").read_text() == metrics
 
 
 class Payload:
