@@ -61,12 +61,20 @@ def test_train_then_sample_npz_and_png(tmp_path):
     (["train", *FAST, "--schedule", "learned", "--weighting", "min-snr", "--out", "X"], "absolute weighting"),
     (["export", "/no/such/run", "--out", "x.csv"], "no EMA snapshot"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
-    result = cli(*args, cwd=tmp_path)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    """In-process through cli.main (a second each); the first case also runs as `python -m adaptive_sched`."""
+    from adaptive_sched.cli import main
+    monkeypatch.chdir(tmp_path)
+    if args[:2] == ["train", *FAST[:1]] and "laplase" in args:
+        result = cli(*args, cwd=tmp_path)
+        status, err = result.returncode, result.stderr
+    else:
+        status, err = main(args), capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "X").exists()
 
 
 def test_out_that_is_a_file_and_bad_eval_settings(tmp_path):
