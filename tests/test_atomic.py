@@ -40,7 +40,7 @@ def test_text_and_json_writers(tmp_path):
     assert (tmp_path / "b.json").read_text().endswith("\n")
 
 
-def test_checkpoint_and_npz_writers_leave_nothing_behind_on_failure(tmp_path):
+def test_a_checkpoint_that_fails_to_save_keeps_the_old_one(tmp_path):
     """The writers built on atomic_open: a torch.save that fails (an unpicklable object) keeps the old checkpoint."""
     import torch
     from adaptive_sched import checkpoint
@@ -50,3 +50,35 @@ def test_checkpoint_and_npz_writers_leave_nothing_behind_on_failure(tmp_path):
         checkpoint.atomic_save({"step": 2, "bad": lambda: 0}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_threads_writing_one_file_each_replace_it_whole(tmp_path):
+    """Each writer has its own temp file (pid, thread, random part): concurrent writers never take each other's."""
+    import threading
+    path, errors = tmp_path / "sweep.json", []
+
+    def write(k):
+        try:
+            for _ in range(20):
+                atomic_write_json(path, {"writer": k, "pad": "x" * 10000})
+        except Exception as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and json.loads(path.read_text())["writer"] in range(8)
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_a_symlink_keeps_pointing_at_the_replaced_file_and_append_is_refused(tmp_path):
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    atomic_write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    with pytest.raises(ValueError, match="mode 'w' or 'wb'"):
+        with atomic_open(target, "a"):
+            pass
+    assert target.read_text() == "new\n"
