@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from adaptive_sched import config as cfg
-from adaptive_sched.cli import add_run_options, resolve_config
+from adaptive_sched.cli import add_run_options, refuse_ignored_options, resolve_config
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.compiling import device_ok, error_line, sync
 from adaptive_sched.errors import UsageError
+from adaptive_sched.schedules import OBJECTIVE_SCHEDULES
 from adaptive_sched.out_paths import output_dir, output_file
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
@@ -146,6 +147,8 @@ def common_fields(run: Run, measure: str, mode: str) -> dict:
            "data": c.data.name, "shape": list(run.train_data.shape), "schedule": c.schedule.name,
            "batch_size": c.train.batch_size, "seed": c.train.seed, "model": type(model).__name__,
            "params": count_parameters(model), "compile_failed": False}
+    if c.schedule.name in OBJECTIVE_SCHEDULES:       # what the learned schedule's parameters minimise
+        row["objective"] = c.learned.objective
     return {**row, "threads": torch.get_num_threads()} if run.device.type == "cpu" else row
 
 
@@ -223,6 +226,11 @@ def measure_sample(run: Run, mode: str, args: argparse.Namespace) -> dict:
     return {**row, "sample_s": round(median, 4), "sample_img_s": round(n / median, 1), **peak_memory(run.device)}
 
 
+def schedule_names(args: argparse.Namespace, base: cfg.RunConfig) -> list[str]:
+    """The schedules the bench measures: --compare-schedules, else the run's own."""
+    return list(dict.fromkeys(parse_list(args.compare_schedules))) if args.compare_schedules else [base.schedule.name]
+
+
 def with_schedule(base: cfg.RunConfig, name: str, args: argparse.Namespace) -> cfg.RunConfig:
     """The bench config for schedule `name` (its parameters kept when it is the --schedule itself)."""
     config = cfg.from_dict({"schedule": {"name": name}}, copy.deepcopy(base))
@@ -235,8 +243,7 @@ def bench_modes(args: argparse.Namespace, base: cfg.RunConfig, device: torch.dev
     """Training in every mode x schedule (eager first), sampling once per mode, with speedup and overhead_pct."""
     import torch
     from adaptive_sched import schedules
-    names = list(dict.fromkeys(parse_list(args.compare_schedules))) if args.compare_schedules else \
-        [base.schedule.name]
+    names = schedule_names(args, base)
     for name in names:
         schedules.lookup(name)                         # refuse an unknown name before any work
     eager: dict[str, dict] = {}
@@ -308,6 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(base.train.device)
     base.train.device = str(device)
     check_args(args)
+    refuse_ignored_options(args, base, schedule_names(args, base))
     if any(MODES[mode][1] for mode in args.modes):         # refuse a channels_last mode for vectors before any row
         from adaptive_sched.run_checks import check_image_options
         from adaptive_sched.run_build import load_data

@@ -83,18 +83,24 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
     for key in ("steps", "batch_size", "lr", "seed", "device", "checkpoint_every", "log_every", "optimizer", "target"):
         put("train", key, getattr(args, key))
     put("eval", "every", args.eval_every)
-    config = cfg.from_dict(overlay, config)
-    from adaptive_sched import schedules
-    if args.schedule_objective is not None and not schedules.is_learned(schedules.lookup(config.schedule.name)):
-        raise UsageError(f"--schedule-objective applies only to a learned schedule, not {config.schedule.name!r}")
+    return cfg.from_dict(overlay, config)
+
+
+def refuse_ignored_options(args: argparse.Namespace, config: cfg.RunConfig, schedule_names: list[str]) -> None:
+    """UsageError for a run option given on the command line that nothing would use: --schedule-objective when no
+    schedule of the command (`schedule_names`) takes one, --p-uncond without --conditional."""
+    from adaptive_sched.schedules import OBJECTIVE_SCHEDULES
+    if args.schedule_objective is not None and not set(schedule_names) & set(OBJECTIVE_SCHEDULES):
+        raise UsageError(f"--schedule-objective applies only to a learned schedule, not "
+                         f"{', '.join(map(repr, schedule_names))}")
     if args.p_uncond is not None and not config.train.conditional:
         raise UsageError("--p-uncond applies only to a conditional run (add --conditional)")
-    return config
 
 
 def cmd_train(args) -> int:
     from adaptive_sched.train import train
     config = resolve_config(args)
+    refuse_ignored_options(args, config, [config.schedule.name])
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)

@@ -117,6 +117,9 @@ def parse(path: str | Path) -> Plan:
         if ignored and not schedules.is_learned(schedules.lookup(str(entry["name"]))):
             raise UsageError(f"[compare] entry {run_label(entry)!r} sets {', '.join(ignored)}, which only a learned "
                              f"schedule uses; drop it or use name = \"learned\"")
+        if "objective" in entry and entry["name"] not in schedules.OBJECTIVE_SCHEDULES:      # adaptive_binned's is fixed
+            raise UsageError(f"[compare] entry {run_label(entry)!r} sets objective, which only name = \"learned\" "
+                             f"takes")
         configs = [run_config(base, entry, seed) for seed in seeds]
         for config in configs:
             validate(config)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.errors import UsageError
 
 
@@ -42,4 +43,5 @@ def build_evaluator(eval_config, data_config, train_data, eval_data, device: tor
 def write_info(out_dir: Path, info: dict) -> None:
     """eval_features.json: which feature network scored this run's samples (and its accuracy)."""
     if info:
-        (out_dir / "eval_features.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+        atomic_write_text(out_dir / "eval_features.json",
+                          json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from adaptive_sched import checkpoint, config as cfg, schedules
+from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file
-from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_sched import checkpoint
+from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.errors import UsageError
 from adaptive_sched.metrics import feature_stats, frechet_distance_from_stats, kernel_inception_distance
-from adaptive_sched.atomic import atomic_write_json
 
 FEATURE_VERSION = 1    # bump when architectures or training change: old cache entries are then ignored
 DEFAULT_STEPS = 400    # optimiser steps of batch 128 (about 51k examples seen, whatever the set size)

@@ -107,7 +107,7 @@ def ays_settings(args: argparse.Namespace) -> dict:
 
 def refuse_unused(options: dict, method: str, uses: str) -> None:
     """UsageError when options (flag -> value, None when not given) were given but `uses` is not the method."""
-    given = [flag for flag, value in options.items() if value is not None and value != {}]
+    given = [flag for flag, value in options.items() if value is not None]
     if given and method != uses:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to {uses} grids, "
                          f"not {method}")
@@ -122,11 +122,10 @@ def cmd_sampling_grid(args) -> int:
     refuse_unused({"--rho": args.rho}, args.method, "karras")
     refuse_unused({"--seed": args.seed, **{"--" + k.replace("_", "-"): v for k, v in ays.items()}}, args.method, "ays")
     output_file(out)
-    seed = 0 if args.seed is None else args.seed
-    if not 0 <= seed < 2 ** 63:
-        raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
-    grid, meta = grid_for_run(args.run_dir, args.steps, args.method, rho=7.0 if args.rho is None else args.rho,
-                              device=args.device, seed=seed, **ays)
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in 0..2^63-1, got {args.seed}")
+    given = {key: value for key, value in (("rho", args.rho), ("seed", args.seed)) if value is not None}
+    grid, meta = grid_for_run(args.run_dir, args.steps, args.method, device=args.device, **given, **ays)
     path = grids.write_grid(out, grid, meta)
     shown = ", ".join(f"{v:.4g}" for v in grid.tolist())
     extra = f"; KLUB {meta['ays']['klub_final']:.4g} (cosine {meta['ays']['klub_cosine']:.4g})" if "ays" in meta else ""

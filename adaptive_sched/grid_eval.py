@@ -78,8 +78,9 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
               device: str = "auto", progress: bool = True, ays: dict | None = None) -> Path:
     """Score every run × method × steps (skipping rows already in DIR/grid_eval.csv); write the table and plot.
 
-    `ays`: grid_cli's ays_* settings (default grid_cli.AYS_DEFAULTS), kept in DIR/grid_eval.json: a folder's rows
-    all come from one setting, so a call with other settings into the same folder is refused."""
+    `ays`: grid_cli's ays_* settings (default grid_cli.AYS_DEFAULTS; refused without an "ays" method), kept in
+    DIR/grid_eval.json: a folder's rows all come from one setting, so a call with other settings into the same
+    folder is refused."""
     from adaptive_sched.grid_cli import AYS_DEFAULTS, check_ays_settings
     from adaptive_sched.grids import METHODS
     from adaptive_sched.runlog import CsvLog
@@ -87,7 +88,8 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     if bad:
         raise UsageError(f"unknown grid method {bad[0]!r}; choose from: {', '.join(METHODS)}")
     if ays and "ays" not in methods:
-        raise UsageError(f"--{next(iter(ays)).replace('_', '-')} applies only to ays grids, and --methods has none")
+        given = ", ".join("--" + key.replace("_", "-") for key in ays)
+        raise UsageError(f"{given} {'applies' if len(ays) == 1 else 'apply'} only to ays grids, and --methods has none")
     ays = {**AYS_DEFAULTS, **(ays or {})}
     check_ays_settings(ays)
     out = output_dir(out)

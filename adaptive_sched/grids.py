@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
+from adaptive_sched.atomic import atomic_open, atomic_write_json
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file
-from adaptive_sched.atomic import atomic_open, atomic_write_json
 from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64

@@ -104,8 +104,8 @@ def per_class_densities(csv_path: str | Path, png_path: str | Path, title: str =
     """p(λ | k) per class at the last step of a long-format CSV (step, class, logsnr, density), the marginal
     (class "all") bold, with the spread of the class medians in the title; None if the CSV has no rows."""
     from adaptive_sched.class_schedules import median_of_density, median_spread
-    from adaptive_sched.schedules.table import read_csv_rows
-    _, rows = read_csv_rows(Path(csv_path))
+    from adaptive_sched.runlog import CsvLog
+    rows = CsvLog(csv_path, ["step", "class", "logsnr", "density"]).rows()   # a training log: torn rows dropped
     if not rows:
         return None
     last = max(int(row["step"]) for row in rows)

@@ -160,8 +160,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not trials:
         raise UsageError("sweep needs --trials N (or [sweep] trials in --config)")
     tune = list(section.get("tune", [])) + ["lr"] * args.tune_lr + ["weighting"] * args.tune_weighting
+    from adaptive_sched.cli import refuse_ignored_options
+    base = base_config(args, run_raw)
+    refuse_ignored_options(args, base, [base.schedule.name])
     try:
-        study = run_sweep(base_config(args, run_raw), out, trials, storage=args.storage, study=args.study,
+        study = run_sweep(base, out, trials, storage=args.storage, study=args.study,
                           metric=args.metric or section.get("metric", "eval_eps_mse"),
                           pruner=args.pruner or section.get("pruner"), workers=args.workers,
                           tune=list(dict.fromkeys(tune)), space=section.get("space"),

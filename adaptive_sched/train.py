@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from adaptive_sched import checkpoint, config as cfg, distributed, run_artifacts, schedules
+from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.compiling import compile_run, cuda_graphs, first_compiled_step
 from adaptive_sched.conditioning import drop_labels
 from adaptive_sched.errors import UsageError
@@ -48,9 +49,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     saved = [out_dir / name for name in (checkpoint.STATE_NAME, checkpoint.PREVIOUS_NAME) if (out_dir / name).exists()]
     state = checkpoint.load_training_state(out_dir) if saved else None
     if saved and state is None:                    # never train over a run whose every checkpoint is unreadable
-        names = " and ".join(path.name for path in saved)
-        raise UsageError(f"{out_dir} holds {names}, none of them readable: move {'it' if len(saved) == 1 else 'them'} "
-                         f"aside to train from scratch there, or choose another --out")
+        held = f"{saved[0].name}, which is not readable: move it" if len(saved) == 1 else \
+            f"{saved[0].name} and {saved[1].name}, neither readable: move them"
+        raise UsageError(f"{out_dir} holds {held} aside to train from scratch there, or choose another --out")
     if state is not None and not resume:
         raise UsageError(f"{out_dir} already holds a run (checkpoint at step {state['step']}); "
                          f"pass --resume to continue it, or choose another --out")
@@ -81,7 +82,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             raise UsageError(gap or f"cannot resume {out_dir}: rank 0 found metrics.csv behind the checkpoint")
     if not run.world.is_main:
         return start, state
-    (out_dir / "config.toml").write_text(cfg.dumps_toml(current))
+    atomic_write_text(out_dir / "config.toml", cfg.dumps_toml(current))
     from adaptive_sched.eval_features import write_info
     write_info(out_dir, run.fid_info or {})
     for name, columns in (("metrics.csv", metric_columns(run.config)), ("eval_profile.csv", PROFILE_COLUMNS)):

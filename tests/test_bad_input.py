@@ -258,6 +258,11 @@ CASES = [
     # options the rest of the settings would ignore are refused, not silently dropped (fuzz leftovers, 2026-11-27)
     ("objective-on-a-fixed-schedule", [*TRAIN, "--schedule", "cosine", "--schedule-objective", "cvdm"], {},
      ["--schedule-objective applies only to a learned schedule, not 'cosine'"], MAIN),
+    ("objective-on-adaptive-binned", [*TRAIN, "--schedule", "adaptive_binned", "--schedule-objective", "cvdm"], {},
+     ["--schedule-objective applies only to a learned schedule, not 'adaptive_binned'"], MAIN),
+    ("compare-objective-on-adaptive-binned", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[compare]\nschedules = [{ name = "adaptive_binned", objective = "cvdm" }]\n'),
+     ["sets objective, which only name = \"learned\" takes"], MAIN),
     ("p-uncond-without-conditional", [*TRAIN, "--p-uncond", "0.2"], {},
      ["--p-uncond applies only to a conditional run"], MAIN),
     ("feature-net-on-vector-data", [*TRAIN, "--config", "{d}/c.toml"], toml('[eval]\nfeatures = "torchscript:f.pt"\n'),
@@ -269,8 +274,10 @@ CASES = [
     ("ays-options-without-ays-in-grid-eval", ["grid-eval", "{d}/run", "--methods", "cosine", "--ays-sweeps", "1",
                                               "--out", "{d}/ge"], {}, ["--ays-sweeps applies only to ays grids"], MAIN),
     ("table-row-with-an-extra-field", [*TRAIN, "--schedule", "table", "--schedule-param", "path={d}/t.csv"],
-     {"t.csv": "t,logsnr\n0,5\n0.5,0,9\n1,-5\n"}, ["data row 2 has 3 fields, the header 2"], MAIN),
+     {"t.csv": "t,logsnr\n0,5\n0.5,0,9\n1,-5\n"}, ["data row 2 has 3 field(s), the header 2"], MAIN),
     ("sweep-storage-empty", [*SWEEP, "--storage", ""], {}, ["--storage is empty"], MAIN),
+    ("sweep-objective-on-a-fixed-schedule", [*SWEEP, "--schedule-objective", "cvdm"], {},
+     ["--schedule-objective applies only to a learned schedule, not 'laplace'"], MAIN),
     ("bench-peak-n-negative", ["bench", *RUN_OPTIONS, "--peak-n", "-1"], {}, ["--peak-n must be >= 0"], MAIN),
     # bad compare entries are refused before any run
     ("compare-bad-parameter", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],

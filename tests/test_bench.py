@@ -66,11 +66,13 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     out.parent.mkdir()
     out.write_text('{"earlier": true}\n')
     status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), "--batch-size", "64",
-                                  "--compare-schedules", "cosine,learned", "--out", str(out), *FAST)
+                                  "--compare-schedules", "cosine,learned", "--schedule-objective", "cvdm",
+                                  "--out", str(out), *FAST)
     assert status == 0, err
     assert [(r["measure"], r["schedule"]) for r in rows] == [("train", "cosine"), ("train", "learned"),
                                                              ("sample", "learned")]
     cosine, learned, sample = rows
+    assert learned["objective"] == "cvdm" and "objective" not in cosine      # the objective reaches the learned row
     for row in (cosine, learned):
         assert TRAIN_FIELDS <= set(row), TRAIN_FIELDS - set(row)
         assert row["mode"] == "eager" and row["device_type"] == "cpu" and row["torch"] == torch.__version__
@@ -186,6 +188,8 @@ def test_profile_counts_kernels_but_not_the_annotation_ranges_on_the_gpu_timelin
     (["--profile-steps", "0"], "--profile-steps"),
     (["--profile", "/dev/null/prof"], "--profile /dev/null/prof: cannot make that folder"),
     (["--concurrent", "2,x"], "comma-separated"),
+    (["--compare-schedules", "cosine,laplace", "--schedule-objective", "cvdm"],
+     "--schedule-objective applies only to a learned schedule, not 'cosine', 'laplace'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), *FAST, *args)

@@ -70,8 +70,8 @@ def test_table_can_be_truncated_further(laplace_table):
     ("t,logsnr\n0,5\n0.5,abc\n1,-5\n", "numeric"),
     ("t,logsnr\n0.1,5\n1,-5\n", "from 0 to 1"),
     ("t,logsnr\n0,5\n", "at least 2"),
-    ("t,logsnr\n0,5\n0.5,0,9\n1,-5\n", "data row 2 has 3 fields, the header 2"),   # not read as (0.5, 0)
-    ("t,logsnr\n0,5\n0.5\n1,-5\n", "data row 2 has 1 fields, the header 2"),
+    ("t,logsnr\n0,5\n0.5,0,9\n1,-5\n", "data row 2 has 3 field\\(s\\), the header 2"),   # not read as (0.5, 0)
+    ("t,logsnr\n0,5\n0.5\n1,-5\n", "data row 2 has 1 field\\(s\\), the header 2"),
 ])
 def test_bad_tables_are_refused(tmp_path, content, match):
     path = tmp_path / "bad.csv"

@@ -70,7 +70,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     metrics = (tmp_path / "run" / "metrics.csv").read_text()
     (tmp_path / "run" / "checkpoint.prev.pt").write_bytes(b"")         # no readable checkpoint left
     for resume in (True, False):                   # refused, not a fresh run over the old one's metrics.csv
-        with pytest.warns(UserWarning, match="damaged"), pytest.raises(UsageError, match="none of them readable"):
+        with pytest.warns(UserWarning, match="damaged"), pytest.raises(UsageError, match="checkpoint.prev.pt, neither readable"):
             train(gmm_config(steps=100), tmp_path / "run", resume=resume, progress=False)
     assert (tmp_path / "run" / "metrics.csv").read_text() == metrics
 

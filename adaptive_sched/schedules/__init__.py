@@ -59,6 +59,9 @@ def build(name: str, **params) -> Schedule:
     return factory(**params)
 
 
+OBJECTIVE_SCHEDULES = ("learned",)    # the schedules that take [learned] objective (adaptive_binned's is fixed)
+
+
 def is_learned(schedule) -> bool:
     """True for schedules with trainable parameters (they expose logsnr_and_slope)."""
     return hasattr(schedule, "logsnr_and_slope")

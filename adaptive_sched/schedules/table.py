@@ -36,7 +36,7 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
     for number, row in enumerate(rows, 1):
         if None in row or None in row.values():
             count = len(fields) + len(row.get(None, [])) - sum(v is None for v in row.values())
-            raise UsageError(f"{path}: data row {number} has {count} fields, the header {len(fields)}")
+            raise UsageError(f"{path}: data row {number} has {count} field(s), the header {len(fields)}")
     return fields, rows
 
 
