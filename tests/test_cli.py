@@ -182,4 +182,3 @@ schedules = [{ name = "cosine" }, { name = "laplace", b = 1.0 }]
         assert (out / name).exists(), name
     again = cli("compare", str(config), "--out", str(out), "--quiet")
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
-
