@@ -23,7 +23,7 @@ from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_file
+from adaptive_sched.out_paths import output_file, portable_path
 from adaptive_sched.schedules.table import Table, write_class_table, write_table
 
 
@@ -98,7 +98,7 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
             "logsnr_min": config.schedule.logsnr_min, "logsnr_max": config.schedule.logsnr_max,
             "objective": config.learned.objective if config.schedule.name == "learned" else None,
             "step": int(snap["step"]), "data": config.data.name, "target": config.train.target,
-            "source_run": str(Path(run_dir).resolve()), "points": points}
+            "source_run": portable_path(run_dir), "points": points}
     if not classes:
         columns = schedule_columns(schedule, points)
         if discrete_steps:

@@ -13,7 +13,7 @@ import torch
 
 from adaptive_sched import grids
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_file
+from adaptive_sched.out_paths import output_file, portable_path
 
 
 def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
@@ -31,7 +31,7 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     e = config.eval
     steps = e.sample_steps if steps is None else steps
     lo, hi = e.sample_logsnr_min, e.sample_logsnr_max
-    meta = {"method": method, "steps": steps, "run_dir": str(Path(run_dir).resolve()), "run_step": int(snap["step"]),
+    meta = {"method": method, "steps": steps, "run_dir": portable_path(run_dir), "run_step": int(snap["step"]),
             "window": [lo, hi], "training_schedule": config.schedule.name}
     if method == "cosine":
         return grids.cosine_grid(steps, lo, hi), meta

@@ -29,3 +29,13 @@ def output_dir(path: str | Path, what: str = "--out") -> Path:
                 raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
             break
     return path
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` as provenance records it: relative to the current folder when inside it (so results committed from
+    one checkout name the same run in any clone), else absolute."""
+    full = Path(path).resolve()
+    try:
+        return full.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(full)

@@ -3,7 +3,7 @@ import pytest
 
 from adaptive_sched.cli import main
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_dir, output_file
+from adaptive_sched.out_paths import output_dir, output_file, portable_path
 
 RUN = ["--data", "gmm", "--model", "mlp", "--model-param", "hidden=16", "--model-param", "depth=1", "--steps", "4",
        "--batch-size", "16", "--eval-every", "4", "--device", "cpu", "--quiet"]
@@ -68,3 +68,12 @@ def test_an_oserror_the_checks_missed_is_one_line_and_exit_2(monkeypatch, run_di
     monkeypatch.setattr(export, "export", denied)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "e.csv")]) == 2
     assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'e.csv'}'\n"
+
+
+def test_portable_path_is_relative_inside_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "repo" / "results" / "run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    assert portable_path("results/run") == "results/run"
+    assert portable_path(tmp_path / "repo" / "results" / "run") == "results/run"      # absolute in, relative out
+    assert portable_path("results/../results/run/") == "results/run"
+    assert portable_path(tmp_path) == str(tmp_path.resolve())                         # outside: absolute
