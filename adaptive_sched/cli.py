@@ -216,8 +216,16 @@ def make_parser() -> Parser:
     return parser
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says the host or the GPU ran out of memory (MemoryError, torch.OutOfMemoryError, or torch's
+    CPU allocator refusing), rather than a bug."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "CUDA out of memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input or out of memory, 130 interrupted)."""
     try:
         args = make_parser().parse_args(argv)
         status = args.func(args)
@@ -228,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         status = 0
     except OSError as err:       # a path the checks before the work could not foresee (permissions, a full disk)
         print(f"error: {err}", file=sys.stderr)
+        status = 2
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise                # anything else is a bug: keep its traceback
+        first = (str(err).strip().splitlines() or ["no memory left"])[0]
+        print(f"error: out of memory ({first[:200]}): ask for less (a smaller --n, --points, batch_size or model), "
+              f"or free the device", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)

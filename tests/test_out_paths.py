@@ -77,3 +77,24 @@ def test_portable_path_is_relative_inside_the_current_folder(tmp_path, monkeypat
     assert portable_path(tmp_path / "repo" / "results" / "run") == "results/run"      # absolute in, relative out
     assert portable_path("results/../results/run/") == "results/run"
     assert portable_path(tmp_path) == str(tmp_path.resolve())                         # outside: absolute
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
+                                   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000000 "
+                                   "bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_is_one_line_and_exit_2_and_other_errors_keep_their_traceback(monkeypatch, run_dir, tmp_path,
+                                                                                     capsys, error):
+    from adaptive_sched import export
+
+    def runs_out(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(export, "export", runs_out)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "e.csv"), "--points", "1000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and "ask for less" in err and err.count("\n") == 1
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(export, "export", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["export", str(run_dir), "--out", str(tmp_path / "e.csv")])
