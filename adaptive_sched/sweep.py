@@ -32,7 +32,8 @@ from adaptive_sched.out_paths import output_dir
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.sweep_pareto import not_reached
 from adaptive_sched.sweep_storage import (check_out_dir, check_settings, claim_out_dir, counted, default_storage,
-                                          fail_dead_trials, mask, open_storage, quiet_optuna, settings_of)
+                                          fail_dead_trials, mask, open_storage, quiet_optuna,
+                                          recorded_storage, settings_of)
 from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
 
 __all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_storage", "default_storage"]
@@ -127,7 +128,7 @@ def report_only(out: str | Path, storage: str | None = None, study: str | None =
     meta = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
     if storage is None and "***" in meta.get("storage", ""):
         raise UsageError(f"{out}/sweep.json names a storage with a password; pass --storage URL")
-    storage, study = storage or meta.get("storage") or default_storage(out), study or meta.get("study")
+    storage, study = storage or recorded_storage(out, meta), study or meta.get("study")
     if not study:
         raise UsageError(f"{out} has no sweep.json; pass --study NAME (and --storage URL)")
     quiet_optuna()

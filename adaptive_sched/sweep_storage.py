@@ -176,11 +176,14 @@ def check_out_dir(out: Path, study: str) -> None:
 
 def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str,
                   target: float | None = None) -> None:
-    """DIR/sweep.json names the study DIR belongs to, its storage, metric and target (when it has one)."""
+    """DIR/sweep.json names the study DIR belongs to, its storage (left out when it is DIR/study.db, so the folder
+    can move or be cloned), metric and target (when it has one)."""
     from adaptive_sched.atomic import atomic_write_text
     check_out_dir(out, study)
     out.mkdir(parents=True, exist_ok=True)
-    claim = {"study": study, "storage": mask(storage), "schedule": schedule, "metric": metric}
+    claim = {"study": study, "schedule": schedule, "metric": metric}
+    if storage != default_storage(out):
+        claim["storage"] = mask(storage)
     if target is not None:
         claim["target"] = target
     atomic_write_text(out / "sweep.json", json.dumps(claim, indent=2) + "\n")
@@ -189,3 +192,16 @@ def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: st
 def default_storage(out: Path) -> str:
     """sqlite:////abs/DIR/study.db."""
     return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def recorded_storage(out: Path, meta: dict) -> str:
+    """The storage DIR/sweep.json names; DIR/study.db when it names none, or names the default storage of a folder
+    of DIR's name (older sweep.json files hold that absolute path, which names the original after a move or clone)."""
+    storage = meta.get("storage")
+    if not storage:
+        return default_storage(out)
+    recorded = Path(storage[len("sqlite:///"):]) if storage.startswith("sqlite:///") else None
+    if recorded is not None and recorded.name == "study.db" and recorded.parent.name == out.resolve().name \
+            and (out / "study.db").exists():
+        return default_storage(out)
+    return storage

@@ -139,6 +139,17 @@ def test_sqlite_study_resumes_writes_outputs_and_best_toml_trains(tmp_path, caps
     capsys.readouterr()
     assert sweep.main(args + ["--trials", "6", "--steps", "80"]) == 2     # a different budget is another study
     assert "[train] steps = 60, now 80" in capsys.readouterr().err
+    assert "storage" not in json.loads((out / "sweep.json").read_text())     # DIR/study.db: the folder can move
+    moved = tmp_path / "elsewhere" / "sweep"
+    shutil.copytree(out, moved)
+    (moved / "trials.csv").unlink()
+    assert sweep.main(["--report", str(moved)]) == 0                # reads the copy's own study.db
+    assert len(pd.read_csv(moved / "trials.csv")) == 5
+    # an older sweep.json held the absolute default path, which names the original folder after a move
+    (moved / "sweep.json").write_text(json.dumps({"study": "laplace", "storage": f"sqlite:///{out / 'study.db'}"}))
+    (out / "study.db").unlink()
+    optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}")     # the original now holds no study at all
+    assert sweep.main(["--report", str(moved)]) == 0 and len(pd.read_csv(moved / "trials.csv")) == 5
 
 
 def test_journal_storage_and_pruning(tmp_path):
