@@ -220,8 +220,9 @@ def out_of_memory(err: BaseException) -> bool:
     """Whether `err` says the host or the GPU ran out of memory (MemoryError, torch.OutOfMemoryError, or torch's
     CPU allocator refusing), rather than a bug."""
     text = str(err)
-    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
-        "can't allocate memory" in text or "CUDA out of memory" in text
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or any(
+        sign in text for sign in ("can't allocate memory", "CUDA out of memory", "CUDA error: out of memory",
+                                  "CUBLAS_STATUS_ALLOC_FAILED"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(err):
             raise                # anything else is a bug: keep its traceback
         first = (str(err).strip().splitlines() or ["no memory left"])[0]
-        print(f"error: out of memory ({first[:200]}): ask for less (a smaller --n, --points, batch_size or model), "
-              f"or free the device", file=sys.stderr)
+        print(f"error: out of memory ({first[:200]}): ask for less (a smaller batch_size or model, fewer samples: "
+              f"--n, --points, [eval] n / sample_n / bpd_n), or free the device", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume to continue", file=sys.stderr)

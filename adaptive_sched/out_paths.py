@@ -1,6 +1,7 @@
 """Checks on where a command will write, made before any work: one-line UsageErrors instead of an OSError later."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adaptive_sched.errors import UsageError
@@ -33,9 +34,13 @@ def output_dir(path: str | Path, what: str = "--out") -> Path:
 
 def portable_path(path: str | Path) -> str:
     """`path` as provenance records it: relative to the current folder when inside it (so results committed from
-    one checkout name the same run in any clone), else absolute."""
-    full = Path(path).resolve()
+    one checkout name the same run in any clone; symlinks are kept as written), else absolute."""
     try:
-        return full.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(full)
+        here = os.getcwd()
+    except OSError:                          # the current folder was removed: nothing to be relative to
+        return str(path)
+    full = os.path.abspath(path)
+    relative = os.path.relpath(full, here)
+    if relative == "." or relative == ".." or relative.startswith(".." + os.sep):
+        return Path(full).as_posix()
+    return Path(relative).as_posix()

@@ -1,5 +1,6 @@
 """out_paths: where a command writes is checked before the work, and any OSError left is one line, exit 2."""
 import pytest
+import torch
 
 from adaptive_sched.cli import main
 from adaptive_sched.errors import UsageError
@@ -76,12 +77,15 @@ def test_portable_path_is_relative_inside_the_current_folder(tmp_path, monkeypat
     assert portable_path("results/run") == "results/run"
     assert portable_path(tmp_path / "repo" / "results" / "run") == "results/run"      # absolute in, relative out
     assert portable_path("results/../results/run/") == "results/run"
-    assert portable_path(tmp_path) == str(tmp_path.resolve())                         # outside: absolute
+    assert portable_path(tmp_path) == str(tmp_path)                                   # outside: absolute
+    (tmp_path / "repo" / "linked").symlink_to(tmp_path / "repo" / "results")
+    assert portable_path("linked/run") == "linked/run"                                 # a link kept as written
 
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
                                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000000 "
-                                   "bytes. Error code 12 (Cannot allocate memory)")])
+                                   "bytes. Error code 12 (Cannot allocate memory)"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")])
 def test_out_of_memory_is_one_line_and_exit_2_and_other_errors_keep_their_traceback(monkeypatch, run_dir, tmp_path,
                                                                                      capsys, error):
     from adaptive_sched import export
@@ -93,8 +97,9 @@ def test_out_of_memory_is_one_line_and_exit_2_and_other_errors_keep_their_traceb
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (") and "ask for less" in err and err.count("\n") == 1
 
-    def bug(*args, **kwargs):
-        raise RuntimeError("shape mismatch")
-    monkeypatch.setattr(export, "export", bug)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        main(["export", str(run_dir), "--out", str(tmp_path / "e.csv")])
+    for text in ("shape mismatch", "expected channels_last memory format"):       # bugs, even when about memory
+        def bug(*args, **kwargs):
+            raise RuntimeError(text)
+        monkeypatch.setattr(export, "export", bug)
+        with pytest.raises(RuntimeError, match=text):
+            main(["export", str(run_dir), "--out", str(tmp_path / "e.csv")])
