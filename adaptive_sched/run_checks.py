@@ -22,6 +22,9 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "chec
 def validate(config: cfg.RunConfig) -> None:
     """Refuse impossible settings before any work is done (the batch size against the data: check_batch_size)."""
     t, e = config.train, config.eval
+    from adaptive_sched import data, models
+    data.check_spec(config.data.name)
+    models.check_options(config.model.name, config.model.params)
     for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{name} must be a finite number >= 0, got {value}")

@@ -279,6 +279,12 @@ CASES = [
     ("sweep-objective-on-a-fixed-schedule", [*SWEEP, "--schedule-objective", "cvdm"], {},
      ["--schedule-objective applies only to a learned schedule, not 'laplace'"], MAIN),
     ("bench-peak-n-negative", ["bench", *RUN_OPTIONS, "--peak-n", "-1"], {}, ["--peak-n must be >= 0"], MAIN),
+    ("compare-unknown-model-option", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[model]\nname = "unet"\nhiddn = 3\n[compare]\nschedules = [{ name = "cosine" }]\n'),
+     ["unknown option 'hiddn' for model 'unet'"], MAIN),
+    ("compare-unknown-dataset", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
+     toml('[data]\nname = "fashion-mnst"\n[compare]\nschedules = [{ name = "cosine" }]\n'),
+     ["unknown dataset 'fashion-mnst'"], MAIN),
     # bad compare entries are refused before any run
     ("compare-bad-parameter", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
      toml('[compare]\nschedules = [{ name = "cosine" }, { name = "laplace", b = -1.0 }]\n'), ["b must be > 0"], MAIN),

@@ -2,7 +2,7 @@
 
 A GPU step reads its config only when a device is lent (a few sessions in five), so a config the code has outgrown
 (a key renamed, a check added) would cost that call. Here each [compare] config is parsed as `compare` parses it
-(settings validated, schedules and losses built, no training) and each sweep config opens its study with no time
+(settings validated: data and model names and options too; schedules and losses built; no data loaded) and each sweep config opens its study with no time
 to run a trial (`--time-budget 0`: every check before the first trial).
 """
 import json
@@ -32,11 +32,20 @@ def test_every_compare_config_parses(path, tmp_path, monkeypatch):
     swept schedule with its defaults, as `sweep` writes it."""
     monkeypatch.chdir(tmp_path)
     for best in re.findall(r'best\s*=\s*"([^"]+)"', path.read_text()):
+        assert not Path(best).is_absolute(), best            # a stand-in must never overwrite a real best.json
         stand_in = tmp_path / best
         stand_in.parent.mkdir(parents=True, exist_ok=True)
-        stand_in.write_text(json.dumps({"compare_entry": {"name": stand_in.parent.name}}))
+        schedule = stand_in.parent.name                      # results/sweep-<data>/<schedule>/best.json
+        stand_in.write_text(json.dumps({"compare_entry": {"name": schedule, "label": f"{schedule} (tuned)"}}))
     plan = compare.parse(path)
     assert plan.entries and plan.seeds
+
+
+def test_the_bench_config_is_a_valid_run_config():
+    """experiments/bench_fashion.toml (gpu_steps.sh's bench steps) holds run settings only: bench reads it as a run."""
+    from adaptive_sched import config as cfg
+    from adaptive_sched.run_checks import validate
+    validate(cfg.load_toml(EXPERIMENTS / "bench_fashion.toml"))
 
 
 @pytest.mark.parametrize("schedule", ["laplace", "cauchy"])

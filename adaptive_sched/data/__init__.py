@@ -60,6 +60,23 @@ def names() -> list[str]:
     return list(_NAMED) + [f"{p}:PATH" for p in _PREFIXED]
 
 
+def _loader(spec: str) -> tuple[Callable[[str, str, _Opts], Dataset], str]:
+    """(loader, its argument) for a dataset spec; UsageError for an unknown name or a prefix without its path."""
+    prefix, sep, arg = str(spec).partition(":")
+    if sep and prefix in _PREFIXED:
+        if not arg:
+            raise UsageError(f"{prefix}: needs a path, e.g. {prefix}:/path/to/data")
+        return _PREFIXED[prefix], arg
+    if not sep and spec in _NAMED:
+        return _NAMED[spec], arg
+    raise UsageError(f"unknown dataset {spec!r}; valid: {', '.join(names())}")
+
+
+def check_spec(spec: str) -> None:
+    """UsageError unless `spec` names a dataset (checked without loading it)."""
+    _loader(spec)
+
+
 def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: int = 0,
          resize: int | None = None, n: int | None = None, dim: int | None = None,
          seed: int = 0) -> Dataset:
@@ -68,15 +85,7 @@ def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: i
         raise UsageError(f"unknown split {split!r}; use 'train' or 'test'")
     if n is not None and n < 1:
         raise UsageError(f"n must be a positive number of examples, got {n}")
-    prefix, sep, arg = spec.partition(":")
-    if sep and prefix in _PREFIXED:
-        if not arg:
-            raise UsageError(f"{prefix}: needs a path, e.g. {prefix}:/path/to/data")
-        loader = _PREFIXED[prefix]
-    elif not sep and spec in _NAMED:
-        loader = _NAMED[spec]
-    else:
-        raise UsageError(f"unknown dataset {spec!r}; valid: {', '.join(names())}")
+    loader, arg = _loader(spec)
     if dim is not None and spec != "gmm":
         raise UsageError(f"dim sets the gmm's dimension only; {spec!r} has a fixed shape (drop [data] dim)")
     opts = _Opts(data_dir=data_dir, resize=resize, n=n, dim=dim, seed=seed)

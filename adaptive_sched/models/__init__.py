@@ -45,6 +45,19 @@ def user_parameters(name: str, shape_args: dict) -> dict[str, inspect.Parameter]
             if k not in shape_args and k != "num_classes"}
 
 
+def check_options(name: str, params: dict) -> None:
+    """UsageError for an unknown model name, or an option no model of that name takes (checked before the data's
+    shape is known: "auto" accepts the options of either model)."""
+    if name not in names():
+        raise UsageError(f"unknown model {name!r}{suggest(name, names())}; choose one of: {', '.join(names())}")
+    valid = {k for m in (MODELS if name == "auto" else [name])
+             for k in user_parameters(m, _SHAPE_ARGS[m]((1,) * _SHAPE_NDIM[m]))}    # any shape names the same keys
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} for model {name!r}{suggest(unknown[0], sorted(valid))}; "
+                         f"valid options: {', '.join(sorted(valid))}")
+
+
 def constructor_params(name: str, data_shape: tuple[int, ...], params: dict) -> dict:
     """Every user-settable constructor argument of the model, `params` over the constructor's defaults: what a
     snapshot records, so that changing a default later cannot change how an old run loads."""
