@@ -233,7 +233,7 @@ def call_on_eval(run: Run, on_eval: Callable[[int, dict], None], step: int, row:
     if distributed.rank0_says(stop is not None, run.world):
         if stop is not None:
             raise stop
-        raise RuntimeError(f"rank 0 stopped the run at step {step}")
+        raise UsageError(f"rank 0 stopped the run at step {step} (its own message says why)")   # one line a rank
 
 
 def train_step(run: Run, step: int, running: torch.Tensor) -> float:
