@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from adaptive_sched import config as cfg, samplers
+from adaptive_sched import config as cfg, data, models, samplers
 from adaptive_sched.conditioning import check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import sampling_grid
@@ -22,7 +22,6 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "chec
 def validate(config: cfg.RunConfig) -> None:
     """Refuse impossible settings before any work is done (the batch size against the data: check_batch_size)."""
     t, e = config.train, config.eval
-    from adaptive_sched import data, models
     data.check_spec(config.data.name)
     models.check_options(config.model.name, config.model.params)
     for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
