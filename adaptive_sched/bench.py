@@ -31,7 +31,6 @@ from adaptive_sched.cli import add_run_options, refuse_ignored_options, resolve_
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.compiling import device_ok, error_line, sync
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules import OBJECTIVE_SCHEDULES
 from adaptive_sched.out_paths import output_dir, output_file
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
@@ -147,6 +146,7 @@ def common_fields(run: Run, measure: str, mode: str) -> dict:
            "data": c.data.name, "shape": list(run.train_data.shape), "schedule": c.schedule.name,
            "batch_size": c.train.batch_size, "seed": c.train.seed, "model": type(model).__name__,
            "params": count_parameters(model), "compile_failed": False}
+    from adaptive_sched.schedules import OBJECTIVE_SCHEDULES
     if c.schedule.name in OBJECTIVE_SCHEDULES:       # what the learned schedule's parameters minimise
         row["objective"] = c.learned.objective
     return {**row, "threads": torch.get_num_threads()} if run.device.type == "cpu" else row

@@ -86,10 +86,15 @@ AYS_OPTIONS = {"ays_samples": (64, "data rows per KLUB estimate"), "ays_sweeps":
 AYS_DEFAULTS = {key: default for key, (default, _) in AYS_OPTIONS.items()}
 
 
+def ays_flag(key: str) -> str:
+    """The command-line flag of an ays_* setting: ays_samples -> --ays-samples."""
+    return "--" + key.replace("_", "-")
+
+
 def add_ays_options(p: argparse.ArgumentParser) -> None:
     """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
     for key, (default, text) in AYS_OPTIONS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, help=f"ays: {text} (default {default})")
+        p.add_argument(ays_flag(key), type=int, help=f"ays: {text} (default {default})")
 
 
 def check_ays_settings(settings: dict) -> None:
@@ -97,7 +102,7 @@ def check_ays_settings(settings: dict) -> None:
     for key, value in settings.items():
         low = 0 if key == "ays_sweeps" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+            raise UsageError(f"{ays_flag(key)} must be an integer >= {low}, got {value!r}")
 
 
 def ays_settings(args: argparse.Namespace) -> dict:
@@ -105,12 +110,14 @@ def ays_settings(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in AYS_DEFAULTS if getattr(args, key) is not None}
 
 
-def refuse_unused(options: dict, method: str, uses: str) -> None:
-    """UsageError when options (flag -> value, None when not given) were given but `uses` is not the method."""
+def refuse_unused(options: dict, methods: str | list[str], uses: str) -> None:
+    """UsageError when options (flag -> value, None when not given) were given but `uses` is not among the
+    method(s) asked for."""
     given = [flag for flag, value in options.items() if value is not None]
-    if given and method != uses:
+    methods = [methods] if isinstance(methods, str) else methods
+    if given and uses not in methods:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to {uses} grids, "
-                         f"not {method}")
+                         f"not {', '.join(methods)}")
 
 
 def cmd_sampling_grid(args) -> int:
@@ -120,7 +127,7 @@ def cmd_sampling_grid(args) -> int:
         raise UsageError(f"--out must end in .csv, got {out.name}")
     ays = ays_settings(args)
     refuse_unused({"--rho": args.rho}, args.method, "karras")
-    refuse_unused({"--seed": args.seed, **{"--" + k.replace("_", "-"): v for k, v in ays.items()}}, args.method, "ays")
+    refuse_unused({"--seed": args.seed, **{ays_flag(k): v for k, v in ays.items()}}, args.method, "ays")
     output_file(out)
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in 0..2^63-1, got {args.seed}")

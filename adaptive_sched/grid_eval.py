@@ -81,15 +81,13 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     `ays`: grid_cli's ays_* settings (default grid_cli.AYS_DEFAULTS; refused without an "ays" method), kept in
     DIR/grid_eval.json: a folder's rows all come from one setting, so a call with other settings into the same
     folder is refused."""
-    from adaptive_sched.grid_cli import AYS_DEFAULTS, check_ays_settings
+    from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag, check_ays_settings, refuse_unused
     from adaptive_sched.grids import METHODS
     from adaptive_sched.runlog import CsvLog
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown grid method {bad[0]!r}; choose from: {', '.join(METHODS)}")
-    if ays and "ays" not in methods:
-        given = ", ".join("--" + key.replace("_", "-") for key in ays)
-        raise UsageError(f"{given} {'applies' if len(ays) == 1 else 'apply'} only to ays grids, and --methods has none")
+    refuse_unused({ays_flag(key): value for key, value in (ays or {}).items()}, methods, "ays")
     ays = {**AYS_DEFAULTS, **(ays or {})}
     check_ays_settings(ays)
     out = output_dir(out)
@@ -124,8 +122,8 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
     """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
     DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
-    from adaptive_sched.grid_cli import AYS_DEFAULTS
     from adaptive_sched.atomic import atomic_write_json
+    from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag
     if not uses_ays:
         return
     path = out / "grid_eval.json"
@@ -136,7 +134,7 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> 
     if before is None and has_ays_rows:
         before = dict(AYS_DEFAULTS)
     if before is not None and before != ays:
-        changed = ", ".join(f"--{k.replace('_', '-')} {before.get(k)} (now {v})" for k, v in ays.items()
+        changed = ", ".join(f"{ays_flag(k)} {before.get(k)} (now {v})" for k, v in ays.items()
                             if before.get(k) != v)
         raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
     if not path.exists():

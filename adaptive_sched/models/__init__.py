@@ -71,17 +71,11 @@ def build_model(name: str, data_shape: tuple[int, ...], num_classes: int = 0, **
     """Build model `name` for per-example shape (D,) or (C, H, W); kwargs go to its constructor."""
     data_shape = tuple(int(s) for s in data_shape)
     name = resolve_name(name, data_shape)
-    if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    check_options(name, kwargs)
     if len(data_shape) != _SHAPE_NDIM[name]:
         want = "(D,)" if _SHAPE_NDIM[name] == 1 else "(C, H, W)"
         raise UsageError(f"model {name!r} needs data of shape {want}, got {data_shape}; try model 'auto'")
     shape_args = _SHAPE_ARGS[name](data_shape)
-    valid = list(user_parameters(name, shape_args))
-    for key in kwargs:
-        if key not in valid:
-            raise UsageError(f"unknown option {key!r} for model {name!r}{suggest(key, valid)}; "
-                             f"valid options: {', '.join(valid)}")
     try:
         return MODELS[name](**shape_args, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:     # e.g. hidden = -3 or "wide": torch refuses the size
