@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from adaptive_sched import config as cfg, schedules
+from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_dir
@@ -188,7 +189,7 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     deadline = deadline_after(time_budget)
     out = output_dir(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "compare.toml").write_text(Path(config_file).read_text())
+    atomic_write_text(out / "compare.toml", Path(config_file).read_text())
     todo = []
     for seed in plan.seeds:
         for entry in plan.entries:
@@ -235,7 +236,7 @@ def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, 
     for entry, seed, run_dir in todo:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.toml"
-        config_path.write_text(cfg.dumps_toml(run_config(plan.base, entry, seed).to_dict()))
+        atomic_write_text(config_path, cfg.dumps_toml(run_config(plan.base, entry, seed).to_dict()))
         work.append(Job(f"{run_label(entry)} seed {seed}", ["train", "--config", str(config_path), "--out",
                                                              str(run_dir), "--resume", "--quiet"],
                         run_dir / "train.log"))
@@ -296,7 +297,7 @@ def report(out: Path, plan: Plan) -> Path:
     from adaptive_sched import compare_plots, compare_report
     entries, seeds, metric, base = plan.entries, plan.seeds, plan.metric, plan.base
     summary, profiles = collect(out, entries, seeds)
-    summary.to_csv(out / "summary.csv", index=False)
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     rows = []
     for name in [c for c in summary.columns if c.startswith("eval_") and summary[c].notna().any()]:
         for (label, step), group in summary.dropna(subset=[name]).groupby(["label", "step"], sort=False):
@@ -306,9 +307,9 @@ def report(out: Path, plan: Plan) -> Path:
     aggregates = pd.DataFrame(rows)
     if metric not in set(aggregates.get("metric", [])):
         raise UsageError(f"metric {metric!r} was never logged by these runs")
-    aggregates.to_csv(out / "aggregates.csv", index=False)
+    atomic_write_text(out / "aggregates.csv", aggregates.to_csv(index=False))
     reached = steps_to_target(aggregates[aggregates["metric"] == metric], plan.reference)
-    reached.to_csv(out / "steps_to_target.csv", index=False)
+    atomic_write_text(out / "steps_to_target.csv", reached.to_csv(index=False))
     compare_plots.metric_curves(aggregates[aggregates["metric"] == metric], metric, out / "metric_vs_step.png")
     compare_plots.densities(entries, base, out / "densities.png", out, seeds[0])
     compare_plots.loss_profiles(profiles, out / "loss_profile.png")
@@ -316,7 +317,7 @@ def report(out: Path, plan: Plan) -> Path:
         compare_plots.sample_grids(entries, out, seeds[0], plan.samples, out / "samples.png")
     spread = class_spread(out, entries, seeds)
     if len(spread):
-        spread.to_csv(out / "class_medians.csv", index=False)
+        atomic_write_text(out / "class_medians.csv", spread.to_csv(index=False))
         labels = set(spread["label"])
         trained = [(run_label(e), final_schedule(run_dir_of(out, e, seeds[0]))) for e in entries
                    if run_label(e) in labels]

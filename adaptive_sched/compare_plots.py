@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sched.plots import _pyplot, finish_line_plot
+from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
 
 
 def metric_curves(aggregates, metric: str, path: Path) -> None:
@@ -69,9 +69,7 @@ def class_densities(panels: list[tuple[str, tuple]], path: Path) -> None:
         ax.set_xlabel("logSNR λ")
         ax.set_ylabel("p(λ | c)")
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def loss_profiles(profiles, path: Path) -> None:
@@ -129,6 +127,4 @@ def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) 
     for ax, (title, grid) in zip(axes.flat, panels):
         show_image(ax, grid)
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

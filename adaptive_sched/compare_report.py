@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from adaptive_sched import config as cfg
+from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.compare import mean_ci
 from adaptive_sched.conditioning import GUIDED_METRICS
 
@@ -114,5 +115,5 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
               "eval_swd: sliced Wasserstein-1 between samples and held-out data; eval_fid / eval_kid: Fréchet and "
               "kernel distances of sample features to held-out features (feature net in the run's eval_features.json); "
               "eval_bpd: the VLB in bits/dim on held-out data (independent of the training schedule)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from adaptive_sched.atomic import atomic_write_json, atomic_write_text
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_dir
 
@@ -122,7 +123,6 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
     """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
     DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
-    from adaptive_sched.atomic import atomic_write_json
     from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag
     if not uses_ays:
         return
@@ -163,7 +163,7 @@ def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> 
             means.append(mean)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         ax.plot(steps, means, marker="o", label=method)
-    (out / "grid_eval.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "grid_eval.md", "\n".join(lines) + "\n")
     ax.set_xscale("log")
     finish_line_plot(fig, ax, out / "grid_eval.png", "sampler steps", metric, logy=True)
     print("\n".join(lines))

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaptive_sched.atomic import atomic_open
+
 
 def _pyplot():
     import matplotlib
@@ -15,19 +17,26 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Lay out, write as PNG atomically (a reader never sees half a picture) and close the figure."""
+    try:
+        fig.tight_layout()
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+
+
 def finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, logy: bool = False,
                      legend_size: int = 8) -> None:
     """Label, grid, legend, save as PNG and close: the ending every line plot here shares."""
-    plt = _pyplot()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def image_grid(x: torch.Tensor) -> np.ndarray:
@@ -71,9 +80,7 @@ def save_samples_png(x: torch.Tensor, path: str | Path, title: str = "") -> Path
         ax.legend()
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_pareto as pareto
-from adaptive_sched.plots import _pyplot, finish_line_plot
+from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
 from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.sweep_space import EXTRAS, Dim, space_from_dict
 
@@ -213,9 +213,7 @@ def plot_importances(study, space: dict[str, Dim], path: Path, multi: bool = Fal
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel("importance")
     ax.set_title(f"{len(complete)} complete trials")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return None
 
 
@@ -256,9 +254,7 @@ def plot_contour(frame, space: dict[str, Dim], metric: str, path: Path) -> str |
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return None
 
 

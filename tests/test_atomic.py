@@ -82,3 +82,26 @@ def test_a_symlink_keeps_pointing_at_the_replaced_file_and_append_is_refused(tmp
         with atomic_open(target, "a"):
             pass
     assert target.read_text() == "new\n"
+
+
+def test_save_figure_writes_a_png_whole_or_keeps_the_old_one(tmp_path):
+    from adaptive_sched.plots import _pyplot, save_figure
+    plt = _pyplot()
+    path = tmp_path / "curves.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure(fig, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    old = path.read_bytes()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+
+    def broken_savefig(handle, **kwargs):
+        handle.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    fig.savefig = broken_savefig
+    with pytest.raises(OSError):
+        save_figure(fig, path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    assert not plt.fignum_exists(fig.number)          # closed even when writing failed
