@@ -1,7 +1,9 @@
 """Held-out evaluation on a fixed λ grid, the same for every training schedule.
 
 eval_eps_mse = mean over the grid λ_1..λ_K of E‖ε̂(x_λ, λ) − ε‖²/D on held-out data with fixed noise: a
-schedule-independent measure of denoising quality (uniform weight in λ over the grid's range).
+schedule-independent measure of denoising quality (uniform weight in λ over the grid's range). The model runs
+in float32 (generate.full_precision), as in the VLB: under bf16 an x0 model's rounding alone, times α/σ, would
+read as error at high λ.
 For gmm, the exact denoiser's ε-MSE on the same draws gives eval_excess_mse = model − exact ≥ 0 in expectation.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from adaptive_sched.diffusion import add_noise, to_x0_eps
-from adaptive_sched.generate import autocast_for
+from adaptive_sched.generate import full_precision
 
 
 def eval_grid(lo: float, hi: float, points: int) -> torch.Tensor:
@@ -34,7 +36,7 @@ def loss_profile(model, target: str, x0: torch.Tensor, y: torch.Tensor | None, g
             lam = torch.full((batch.shape[0],), lam_value, device=device)
             eps = torch.randn(batch.shape, generator=generator, device=device)
             x_t = add_noise(batch, eps, lam)
-            with autocast_for(device):
+            with full_precision(device):
                 pred = model(x_t, lam, labels)
             eps_hat = to_x0_eps(pred.float(), x_t, lam, target)[1]
             total += (eps_hat - eps).square().sum()

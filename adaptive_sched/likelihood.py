@@ -9,8 +9,8 @@ For x ∈ R^D and z_λ = α x + σ ε (α² = sigmoid(λ), σ² = sigmoid(−λ)
 Decoders p(x | z) at λ₁ (m = z/α₁, s = σ₁/α₁):
     continuous (discrete_bins=None): N(x; m, s²I), −log p = ½ Σ_d [log 2π − λ₁ + ((α₁x_d − z_d)/σ₁)²]; a density of x
         in the units it is given in.
-    discrete (B = discrete_bins levels x_b = −1 + 2b/(B−1) of [−1, 1]; 256 for 8-bit images scaled as x/127.5 − 1; x is
-        snapped to its nearest level), independent per coordinate, `decoder` one of
+    discrete (B = discrete_bins levels x_b = −1 + 2b/(B−1) of [−1, 1]; 256 for 8-bit images scaled as x/127.5 − 1; x must
+        lie on the levels, to float rounding: check_levels), independent per coordinate, `decoder` one of
       "categorical" (VDM's code, EncDec.decode): p(x_b | z_d) = softmax_b(−(z_d − α₁x_b)²/(2σ₁²)), the exact posterior
           of x_d given z_d under a uniform prior on the levels;
       "bin" (Ho et al. 2020 §3.3): mass of N(m_d, s²) on x_d's bin [x_d − δ, x_d + δ], δ = 1/(B−1), outer bins open.
@@ -45,6 +45,7 @@ import torch
 
 from adaptive_sched.diffusion import add_noise, alpha_sigma, check_target, to_x0_eps
 from adaptive_sched.errors import UsageError
+from adaptive_sched.generate import full_precision
 
 DECODERS = ("categorical", "bin")
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,8 +109,20 @@ def _check_args(x0: torch.Tensor, logsnr_min: float, logsnr_max: float, n_lambda
     if discrete_bins is not None:
         if discrete_bins < 2:
             raise UsageError(f"discrete_bins must be None or >= 2; got {discrete_bins}")
-        if x0.min() < -1 or x0.max() > 1:
-            raise UsageError(f"discrete_bins needs data in [-1, 1]; got range [{x0.min():.3g}, {x0.max():.3g}]")
+        check_levels(x0, discrete_bins)
+
+
+def check_levels(x0: torch.Tensor, bins: int, name: str = "discrete_bins") -> None:
+    """UsageError unless every value of x0 is one of the `bins` levels −1 + 2b/(bins − 1), to 0.1% of their spacing:
+    a discrete decoder would otherwise score data it has moved (17-level digits read as 8-bit images)."""
+    if x0.min() < -1 or x0.max() > 1:
+        raise UsageError(f"{name} needs data in [-1, 1]; got range [{x0.min():.3g}, {x0.max():.3g}]")
+    steps = (x0.double() + 1) * (bins - 1) / 2                           # level index, fractional when off the grid
+    off = float((steps - steps.round()).abs().max())
+    if off > 1e-3:
+        raise UsageError(f"{name} = {bins}: the data are not on {bins} levels in [-1, 1] (a value lies "
+                         f"{off:.3g} level spacings from the nearest); set it to the data's number of levels (17 for "
+                         f"digits, 256 for 8-bit images, none after a resize) or 0 for the continuous decoder")
 
 
 @torch.no_grad()
@@ -119,7 +132,8 @@ def vlb(model, target: str, x0: torch.Tensor, y: torch.Tensor | None = None, log
     """Mean over examples of L_prior + L_diff + L_recon (module doc), in nats and bits/dim.
 
     model(x_t, λ, y) predicts `target` (for an ε-function use `eps_model(fn)` with target "eps"); x0 (N, ...) with
-    y (N,) or None. Runs in x0's dtype with no autocast (at λ₁ the ε̂ of an x0/v model is x̂0 error times α/σ ≈ 770).
+    y (N,) or None. Runs in x0's dtype with autocast and TF32 off (generate.full_precision: at λ₁ the ε̂ of an x0
+    model is x̂0's error times α/σ ≈ 770).
     Noise comes from one torch.Generator seeded with `seed`: equal (seed, batch_size) give identical results.
     Returns floats prior, diffusion, reconstruction, total (nats per example), bpd_prior, bpd_diffusion,
     bpd_reconstruction, bpd, bpd_stderr (standard error of bpd over examples), and per_example (N, 3) float64 nats.
@@ -145,7 +159,9 @@ def vlb(model, target: str, x0: torch.Tensor, y: torch.Tensor | None = None, log
                 lam = logsnr_min + width * (k + u) / n_lambda                    # (n,)
                 eps = torch.randn(batch.shape, generator=generator, device=device, dtype=dtype)
                 x_t = add_noise(batch, eps, lam)
-                eps_hat = to_x0_eps(model(x_t, lam, labels).to(dtype), x_t, lam, target)[1]
+                with full_precision(device):
+                    pred = model(x_t, lam, labels)
+                eps_hat = to_x0_eps(pred.to(dtype), x_t, lam, target)[1]
                 sq_err = (eps_hat - eps).double().square().reshape(n, -1).sum(1)   # (n,)
                 if control_variate:                                              # − α⁴ (‖ε‖² − D)
                     sq_err -= torch.sigmoid(lam.double()).square() * (eps.double().square().reshape(n, -1).sum(1) - dim)

@@ -15,7 +15,8 @@ from adaptive_sched.errors import UsageError
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model
 from adaptive_sched.optim import EMA, build_optimizer
-from adaptive_sched.run_checks import check_batch_size, check_features, check_image_options, validate
+from adaptive_sched.run_checks import (check_batch_size, check_bpd_levels, check_features, check_image_options,
+                                       validate)
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.schedules.binned import LossHistogram
 
@@ -140,6 +141,7 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)
     check_image_options(config, train_data.shape)
     check_features(config, train_data.shape)
+    check_bpd_levels(config, eval_data.x)
     if config.train.channels_last:                 # before the optimizer and EMA take the parameters
         model.to(memory_format=torch.channels_last)
     groups = [{"params": list(model.parameters()), "weight_decay": config.train.weight_decay}]

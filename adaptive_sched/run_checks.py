@@ -90,6 +90,15 @@ def check_features(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
                          f"vectors (use features = \"auto\" or \"none\")")
 
 
+def check_bpd_levels(config: cfg.RunConfig, eval_x) -> None:
+    """[eval] bpd_bins > 0 needs the held-out examples the VLB scores on that many levels (likelihood.check_levels),
+    checked before training rather than at the first eval."""
+    from adaptive_sched.likelihood import check_levels
+    e = config.eval
+    if e.bpd_n > 0 and e.bpd_bins:
+        check_levels(eval_x[:e.bpd_n], e.bpd_bins, "[eval] bpd_bins")
+
+
 def check_resumable(saved: dict, current: dict) -> None:
     """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
     run lacks (written by an older version) counts as that key's default."""

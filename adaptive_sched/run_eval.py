@@ -41,8 +41,9 @@ def evaluate(run, out_dir: Path, step: int) -> dict[str, float]:
         metrics.update(sample_metrics(run, model))
     if e.bpd_n > 0:
         from adaptive_sched.likelihood import vlb
-        bound = vlb(model, run.config.train.target, run.eval_data.x[:e.bpd_n].float(), n_lambda=e.bpd_points,
-                    discrete_bins=e.bpd_bins or None)
+        bound = vlb(model, run.config.train.target, run.eval_data.x[:e.bpd_n].float(),
+                    None if labels is None else labels[:e.bpd_n], n_lambda=e.bpd_points,
+                    discrete_bins=e.bpd_bins or None)                  # a conditional model: −log p(x | y)
         metrics["eval_bpd"] = bound["bpd"]
     return metrics
 

@@ -267,6 +267,9 @@ CASES = [
      ["--p-uncond applies only to a conditional run"], MAIN),
     ("feature-net-on-vector-data", [*TRAIN, "--config", "{d}/c.toml"], toml('[eval]\nfeatures = "torchscript:f.pt"\n'),
      ["[eval] features 'torchscript:f.pt' applies to images; data 'gmm' is 1-D vectors"], MAIN),
+    # a discrete decoder over levels the data are not on (digits has 17) would score data it had moved (2026-11-27)
+    ("bpd-bins-off-the-data-levels", [*TRAIN_UNET, "--config", "{d}/c.toml"], toml('[eval]\nbpd_n = 8\nbpd_bins = 256\n'),
+     ["[eval] bpd_bins = 256: the data are not on 256 levels", "17 for digits"], MAIN),
     ("rho-on-a-cosine-grid", ["sampling-grid", "{d}/run", "--method", "cosine", "--rho", "3", "--out", "{d}/g.csv"],
      {}, ["--rho applies only to karras grids, not cosine"], MAIN),
     ("ays-options-on-a-quantile-grid", ["sampling-grid", "{d}/run", "--method", "quantile", "--ays-data", "9",

@@ -51,3 +51,23 @@ def test_features_none_and_vector_data_skip_fid(tmp_path):
 def test_bad_eval_settings_are_refused_before_training(tmp_path, overrides, message):
     with pytest.raises(UsageError, match=message):
         train(digits_config(**overrides), tmp_path / "run", progress=False)
+
+
+def test_conditional_runs_score_bits_per_dim_with_the_held_out_labels(tmp_path, monkeypatch):
+    from adaptive_sched import likelihood
+    seen = []
+    real_vlb = likelihood.vlb
+
+    def recording_vlb(model, target, x0, y=None, **kwargs):
+        seen.append((len(x0), y))
+        return real_vlb(model, target, x0, y, **kwargs)
+
+    monkeypatch.setattr(likelihood, "vlb", recording_vlb)
+    config = digits_config(features="none", sample_n=0, bpd_n=12, bpd_points=1, bpd_bins=17)
+    config.train.conditional = True
+    final = train(config, tmp_path / "cond", progress=False)
+    (n, labels), = seen
+    from adaptive_sched.data import load
+    held_out = load("digits", "test")
+    assert n == 12 and labels is not None and labels.tolist() == held_out.y[:12].tolist()   # −log p(x | y)
+    assert float(final["eval_bpd"]) > 0

@@ -209,3 +209,14 @@ def test_usage_errors():
         vlb(zero, "eps", x, n_lambda=0)
     with pytest.raises(UsageError, match="unknown decoder"):
         vlb(zero, "eps", x, discrete_bins=256, decoder="logistic")
+
+
+def test_discrete_decoder_refuses_data_off_its_levels():
+    levels17 = torch.linspace(-1, 1, 17).repeat(4, 1)                     # digits' 17 levels, (4, 17)
+    model = eps_model(lambda x, lam: torch.zeros_like(x))
+    assert math.isfinite(vlb(model, "eps", levels17, n_lambda=1, discrete_bins=17)["bpd"])
+    assert math.isfinite(vlb(model, "eps", levels17, n_lambda=1, discrete_bins=33)["bpd"])   # a finer grid holds them
+    with pytest.raises(UsageError, match="not on 256 levels"):
+        vlb(model, "eps", levels17, n_lambda=1, discrete_bins=256)
+    with pytest.raises(UsageError, match="not on 256 levels"):
+        vlb(model, "eps", torch.full((2, 3), 0.5 / 255), n_lambda=1, discrete_bins=256)   # half a level out
