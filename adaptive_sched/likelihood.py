@@ -132,8 +132,8 @@ def vlb(model, target: str, x0: torch.Tensor, y: torch.Tensor | None = None, log
     """Mean over examples of L_prior + L_diff + L_recon (module doc), in nats and bits/dim.
 
     model(x_t, λ, y) predicts `target` (for an ε-function use `eps_model(fn)` with target "eps"); x0 (N, ...) with
-    y (N,) or None. Runs in x0's dtype with autocast and TF32 off (generate.full_precision: at λ₁ the ε̂ of an x0
-    model is x̂0's error times α/σ ≈ 770).
+    y (N,) or None. Runs in x0's dtype with autocast off (generate.full_precision: at λ₁ the ε̂ of an x0 model is
+    x̂0's error times α/σ ≈ 770).
     Noise comes from one torch.Generator seeded with `seed`: equal (seed, batch_size) give identical results.
     Returns floats prior, diffusion, reconstruction, total (nats per example), bpd_prior, bpd_diffusion,
     bpd_reconstruction, bpd, bpd_stderr (standard error of bpd over examples), and per_example (N, 3) float64 nats.
