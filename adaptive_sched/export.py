@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, schedules
+from adaptive_sched import checkpoint, config as cfg, curriculum, schedules
 from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
@@ -36,7 +36,7 @@ def load_run_schedule(run_dir: str | Path):
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
     s = config.schedule
-    params = dict(s.params)
+    params = trained_params(config, int(snap["step"]))
     classes = snap.get("schedule_num_classes", 0)
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
         raise UsageError(f"{run_dir}: the snapshot's schedule_num_classes must be a whole number >= 0, got {classes!r}")
@@ -51,6 +51,13 @@ def load_run_schedule(run_dir: str | Path):
         raise UsageError(f"{run_dir}: the snapshot's schedule has {classes} classes but the rebuilt "
                          f"{s.name} schedule has {num_classes(schedule)}")
     return config, schedule, snap
+
+
+def trained_params(config: cfg.RunConfig, step: int) -> dict:
+    """The schedule's parameters at the last of `step` steps trained: with a curriculum, its ramped values there,
+    as metrics.csv logs them (schedule_<param> at that step)."""
+    ramps = curriculum.parse(config.schedule.curriculum)
+    return {**config.schedule.params, **curriculum.values_at(ramps, max(step - 1, 0), config.train.steps)}
 
 
 def run_class_weights(snap: dict, classes: int) -> np.ndarray:
@@ -94,7 +101,8 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
     output_file(out)
     config, schedule, snap = load_run_schedule(run_dir)
     classes = num_classes(schedule)
-    meta = {"schedule": config.schedule.name, "params": config.schedule.params,
+    meta = {"schedule": config.schedule.name, "params": trained_params(config, int(snap["step"])),
+            **({"curriculum": config.schedule.curriculum} if config.schedule.curriculum else {}),
             "logsnr_min": config.schedule.logsnr_min, "logsnr_max": config.schedule.logsnr_max,
             "objective": config.learned.objective if config.schedule.name == "learned" else None,
             "step": int(snap["step"]), "data": config.data.name, "target": config.train.target,

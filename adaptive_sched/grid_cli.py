@@ -38,9 +38,9 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     if method == "karras":
         return grids.karras_grid(steps, lo, hi, rho=rho), {**meta, "rho": rho}
     if method == "quantile":
-        from adaptive_sched.export import load_run_schedule
+        from adaptive_sched.export import load_run_schedule, trained_params
         _, schedule, snap = load_run_schedule(run_dir)
-        meta.update(training_params=config.schedule.params,
+        meta.update(training_params=trained_params(config, int(snap["step"])),
                     training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
         from adaptive_sched.class_schedules import Marginal, num_classes
         if num_classes(schedule):                    # a conditional schedule: the quantiles of its marginal

@@ -100,15 +100,18 @@ def check_bpd_levels(config: cfg.RunConfig, eval_x) -> None:
 
 
 def check_resumable(saved: dict, current: dict) -> None:
-    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES; a key the saved
-    run lacks (written by an older version) counts as that key's default."""
+    """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES (steps only without a
+    curriculum); a key the saved run lacks (written by an older version) counts as that key's default."""
     saved = cfg.with_defaults(saved)
     for section in sorted(set(saved) | set(current)):
         keys = set(saved.get(section, {})) | set(current.get(section, {}))
         for key in sorted(keys):
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if (section, key) == ("train", "steps") and old != new and saved.get("schedule", {}).get("curriculum"):
+                raise UsageError(f"cannot resume: [train] steps was {old!r} in the saved run, now {new!r}, and its "
+                                 f"curriculum ramps over the steps (its parameters would jump); use another --out")
             if (section, key) in RESUMABLE_CHANGES:
                 continue
-            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if old != new:
                 raise UsageError(f"cannot resume: [{section}] {key} was {old!r} in the saved run, now {new!r}; "
                                  f"use the same settings or another --out")

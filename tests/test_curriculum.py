@@ -1,13 +1,17 @@
 """Dynamic schedules: ramp shapes and endpoints, the schedule a step sees, exact resume mid-curriculum."""
+import json
 import math
 
 import pandas as pd
 import pytest
+import torch
 
 from adaptive_sched import config as cfg
 from adaptive_sched.compare import parse as parse_compare
 from adaptive_sched.curriculum import Ramp, parse, parse_ramp, progress, values_at
 from adaptive_sched.errors import UsageError
+from adaptive_sched.export import export
+from adaptive_sched.grid_cli import grid_for_run
 from adaptive_sched.run_build import build_schedule, schedule_at
 from adaptive_sched.train import train
 
@@ -71,6 +75,17 @@ def test_resume_mid_curriculum_replays_it_exactly(tmp_path):
     assert (tmp_path / "a" / "schedule_density.png").exists()
     density = pd.read_csv(tmp_path / "a" / "schedule_density.csv")
     assert len(density) == 3 and not density.iloc[0, 1:].equals(density.iloc[-1, 1:])   # the density moved
+    with pytest.raises(UsageError, match="curriculum ramps over the steps"):   # more steps would move the ramp
+        train(curriculum_config(80), tmp_path / "b", resume=True, progress=False)
+    # the run's export and quantile grid are of the schedule it trained on last (b = 1.5, mu = -1), not the config's
+    export(tmp_path / "a", tmp_path / "final.csv", points=11)
+    meta = json.loads((tmp_path / "final.csv.json").read_text())
+    assert meta["params"] == pytest.approx({"b": 1.5, "mu": -1.0}) and meta["curriculum"] == straight.schedule.curriculum
+    exported = pd.read_csv(tmp_path / "final.csv")
+    last = schedule_at(straight.schedule, 59, 60)
+    assert exported["logsnr"].to_numpy() == pytest.approx(last.logsnr(torch.tensor(exported["t"].to_numpy())).numpy())
+    grid, grid_meta = grid_for_run(tmp_path / "a", 4, "quantile")
+    assert grid_meta["training_params"] == pytest.approx({"b": 1.5, "mu": -1.0})
 
 
 class Stop(Exception):
