@@ -88,6 +88,9 @@ def heun(denoise: Denoiser, x_init: torch.Tensor, logsnr_grid: torch.Tensor, pro
     """EDM Heun, no churn (Karras et al. 2022, Alg. 1) in y = x/α, s = e^{−λ/2}, on every step:
     d_i = (y_i − x̂0(y_i, λ_i))/s_i;  ỹ = y_i + (s_{i+1} − s_i) d_i;  d̃ = (ỹ − x̂0(ỹ, λ_{i+1}))/s_{i+1};
     y_{i+1} = y_i + (s_{i+1} − s_i)(d_i + d̃)/2.  (λ_n is finite, so the last step is corrected too.)
+    Like EDM's (σ_max = 80, λ ≥ −8.8) it wants a window that starts near there: the corrector weighs the change of
+    x̂0 over a step by ~s_i/2, so from λ = −20 (s = 22,026) a first step of ×3,500 in s turns float32 rounding and
+    the denoiser's small errors into O(10) errors; the default sample window starts at −10 (s = 148).
     """
     x, grid = _setup(x_init, logsnr_grid)
     alpha, _ = alpha_sigma(grid)
