@@ -279,7 +279,7 @@ def header_of(path: Path, default: list[str]) -> list[str]:
 
 
 def mean_ci(values) -> tuple[float, float, int]:
-    """Mean and the half-width of its 95% Student-t confidence interval over seeds (0 for one seed)."""
+    """Mean and the half-width of its 95% Student-t confidence interval over seeds (NaN for one seed: no interval)."""
     import numpy as np
     from scipy import stats
     values = np.asarray([v for v in values if v == v], dtype=float)
@@ -287,9 +287,16 @@ def mean_ci(values) -> tuple[float, float, int]:
     if n == 0:
         return math.nan, math.nan, 0
     if n == 1:
-        return float(values[0]), 0.0, 1
+        return float(values[0]), math.nan, 1
     half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
     return float(values.mean()), float(half), n
+
+
+def format_ci(mean: float, half: float, digits: int = 4) -> str:
+    """'mean ± half' for a table cell; 'mean (n = 1)' where one value gives no interval; '' for no value."""
+    if mean != mean:
+        return ""
+    return f"{mean:.{digits}g} ± {half:.2g}" if half == half else f"{mean:.{digits}g} (n = 1)"
 
 
 def report(out: Path, plan: Plan) -> Path:
@@ -308,7 +315,7 @@ def report(out: Path, plan: Plan) -> Path:
     if metric not in set(aggregates.get("metric", [])):
         raise UsageError(f"metric {metric!r} was never logged by these runs")
     atomic_write_text(out / "aggregates.csv", aggregates.to_csv(index=False))
-    reached = steps_to_target(aggregates[aggregates["metric"] == metric], plan.reference)
+    reached = steps_to_target(summary, metric, plan.reference, base.train.steps)
     atomic_write_text(out / "steps_to_target.csv", reached.to_csv(index=False))
     compare_plots.metric_curves(aggregates[aggregates["metric"] == metric], metric, out / "metric_vs_step.png")
     compare_plots.densities(entries, base, out / "densities.png", out, seeds[0])
@@ -352,23 +359,35 @@ def class_spread(out: Path, entries: list[dict], seeds: list[int]):
     return pd.DataFrame(rows, columns=["label", "seed", "condition", "median_logsnr"])
 
 
-def steps_to_target(curves, reference: str):
-    """Per label: the first eval step whose seed-mean metric ≤ the reference's final seed-mean (lower is better).
-
-    Also the fraction of the reference's own steps to that value (NaN when never reached).
-    """
+def steps_to_target(summary, metric: str, reference: str, final_step: int):
+    """Per label: the first eval step whose mean `metric` ≤ the reference's mean at `final_step` (lower is better),
+    both means over the same seeds S: those the label and the reference have both finished (a value at final_step),
+    so a schedule with fewer seeds is not measured against other seeds' mean. Also the fraction of the reference's
+    own steps to that value over S. NaN step when never reached; NaN target when S is empty."""
     import pandas as pd
-    ref = curves[curves["label"] == reference].sort_values("step")
-    target = float(ref["mean"].iloc[-1])
-    ref_step = int(ref.loc[ref["mean"] <= target, "step"].iloc[0])
-    rows = []
-    for label, group in curves.groupby("label", sort=False):
-        hit = group.sort_values("step")
-        hit = hit[hit["mean"] <= target]
-        step = int(hit["step"].iloc[0]) if len(hit) else math.nan
-        rows.append({"label": label, "reference": reference, "target": target, "step": step,
-                     "fraction_of_reference": step / ref_step if len(hit) else math.nan})
-    return pd.DataFrame(rows)
+    data = summary.dropna(subset=[metric])
+    values = data.pivot_table(index=["label", "step"], columns="seed", values=metric)      # (label, step) x seed
+
+    def finished(label):
+        return set(data.loc[(data["label"] == label) & (data["step"] == final_step), "seed"])
+
+    def curve(label, seeds):                        # mean over `seeds` at the steps where all of them were logged
+        return values.loc[label][seeds].dropna().mean(axis=1).sort_index()
+
+    rows, reference_seeds = [], finished(reference)
+    for label in data["label"].unique():
+        seeds = sorted(finished(label) & reference_seeds)
+        row = {"label": label, "reference": reference, "seeds": len(seeds), "target": math.nan, "step": math.nan,
+               "fraction_of_reference": math.nan}
+        if seeds:
+            ref = curve(reference, seeds)
+            target = float(ref.loc[final_step])
+            own, ref_step = curve(label, seeds), int(ref.index[ref <= target][0])
+            hit = own.index[own <= target]
+            row.update(target=target, step=int(hit[0]) if len(hit) else math.nan,
+                       fraction_of_reference=int(hit[0]) / ref_step if len(hit) else math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["label", "reference", "seeds", "target", "step", "fraction_of_reference"])
 
 
 def per_seed_metrics(summary, metric: str) -> list[str]:
@@ -384,6 +403,7 @@ def paired_with_reference(summary, metric: str, reference: str):
     import pandas as pd
     final = summary[summary["step"] == summary["step"].max()].dropna(subset=[metric])
     values = final.pivot_table(index="label", columns="seed", values=metric, sort=False)
+    values = values[sorted(values.columns)]                                          # seed0, seed1, ... in order
     rows = []
     for label in values.index:
         diffs = (values.loc[label] - values.loc[reference]).dropna() if reference in values.index else []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched.atomic import atomic_write_text
-from adaptive_sched.compare import mean_ci
+from adaptive_sched.compare import format_ci, mean_ci
 from adaptive_sched.conditioning import GUIDED_METRICS
 
 
@@ -20,7 +20,7 @@ def spread_lines(spread) -> list[str]:
         mean, half, _ = mean_ci(ranges)
         noise = group.groupby("condition")["median_logsnr"].std(ddof=1).mean()
         medians = group.groupby("condition")["median_logsnr"].mean()
-        lines.append(f"| {label} | {len(medians)} | {mean:.3g} ± {half:.2g} | "
+        lines.append(f"| {label} | {len(medians)} | {format_ci(mean, half, 3)} | "
                      f"{noise:.3g} | {', '.join(f'{m:.2f}' for m in medians)} |")
     return lines
 
@@ -30,7 +30,7 @@ def budget_table(curve, metric: str, order) -> list[str]:
     steps = sorted(int(v) for v in curve["step"].unique())
     if len(steps) < 2:
         return []
-    cells = {(r["label"], int(r["step"])): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in curve.iterrows()}
+    cells = {(r["label"], int(r["step"])): format_ci(r["mean"], r["ci95"]) for _, r in curve.iterrows()}
     lines = ["", f"## {metric} at each eval step (training budget)", "",
              "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for label in order:
@@ -47,7 +47,7 @@ def guidance_table(final, metric: str, order) -> list[str]:
     scales = sorted({m.split("@w")[1] for m in final["metric"] if m.startswith(base + "@w")}, key=float)
     if len(scales) < 2:
         return []
-    cells = {(r["label"], r["metric"]): f"{r['mean']:.4g} ± {r['ci95']:.2g}" for _, r in final.iterrows()}
+    cells = {(r["label"], r["metric"]): format_ci(r["mean"], r["ci95"]) for _, r in final.iterrows()}
     lines = ["", f"## {base} by classifier-free guidance scale w (final step)", "",
              "| schedule | " + " | ".join(f"w = {w}" for w in scales) + " |", "|---" * (len(scales) + 1) + "|"]
     for label in order:
@@ -66,10 +66,14 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", "",
              "| schedule | " + " | ".join(seeds) + f" | − {reference} (mean ± 95% CI over paired seeds) | "
              f"seeds below {reference} |", "|---" * (len(seeds) + 3) + "|"]
+    if reference not in rows.index:
+        lines += ["", f"({reference} has no run at step {final_step} yet: no paired differences.)"]
     for label in [o for o in order if o in rows.index]:
         r = rows.loc[label]
         cells = ["" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
-        diff = "–" if label == reference or r["paired_seeds"] == 0 else f"{r['diff_mean']:+.3g} ± {r['diff_ci95']:.2g}"
+        diff = ("–" if label == reference or r["paired_seeds"] == 0 else
+                f"{r['diff_mean']:+.3g} ± {r['diff_ci95']:.2g}" if r["paired_seeds"] > 1 else
+                f"{r['diff_mean']:+.3g} (n = 1)")
         below = "–" if label == reference else f"{r['seeds_below']} of {r['paired_seeds']}"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} | {below} |")
     return lines
@@ -82,7 +86,9 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
     final = aggregates[aggregates["step"] == final_step]
     names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
     table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
-    order = table[("mean", metric)].sort_values().index
+    ranked = list(table[("mean", metric)].sort_values().index)
+    unfinished = [label for label in aggregates["label"].unique() if label not in ranked]   # no run at the end yet
+    order = ranked + unfinished
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
              "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
              f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
@@ -90,22 +96,29 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
              f"{base.eval.sample_steps} steps on the {base.eval.grid} grid"
              + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
-    for label in order:
-        cells = [f"{table.loc[label, ('mean', m)]:.4g} ± {table.loc[label, ('ci95', m)]:.2g}" for m in names]
+    for label in ranked:
+        cells = [format_ci(table.loc[label, ("mean", m)], table.loc[label, ("ci95", m)]) for m in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
+    for label in unfinished:
+        lines.append(f"| {label} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
     for name, rows in (paired or {}).items():       # metric name -> compare.paired_with_reference's rows
         lines += per_seed_lines(rows, name, final_step, order)
     if reached is not None and len(reached):
-        reference, target = reached["reference"].iloc[0], reached["target"].iloc[0]
-        lines += ["", f"## Steps to reach {reference}'s final {metric} ({target:.4g}, seed mean)", "",
-                  "| schedule | step | fraction of the reference's steps |", "|---|---|---|"]
+        reference = reached["reference"].iloc[0]
+        lines += ["", f"## Steps to reach {reference}'s final {metric}", "",
+                  f"Each schedule against {reference}'s mean at step {final_step} over the seeds both have finished.",
+                  "", f"| schedule | seeds | {reference}'s final (same seeds) | step | fraction of the reference's steps |",
+                  "|---|---|---|---|---|"]
         for _, r in reached.iterrows():
-            if r["step"] == r["step"]:
-                lines.append(f"| {r['label']} | {int(r['step'])} | {r['fraction_of_reference']:.2f} |")
+            if r["seeds"] == 0:
+                lines.append(f"| {r['label']} | 0 | – | no finished seed shared with {reference} | – |")
+            elif r["step"] == r["step"]:
+                lines.append(f"| {r['label']} | {r['seeds']} | {r['target']:.4g} | {int(r['step'])} | "
+                             f"{r['fraction_of_reference']:.2f} |")
             else:
-                lines.append(f"| {r['label']} | not reached | – |")
+                lines.append(f"| {r['label']} | {r['seeds']} | {r['target']:.4g} | not reached | – |")
     if spread is not None and len(spread):
         lines += spread_lines(spread)
     if floor is not None:

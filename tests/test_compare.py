@@ -43,14 +43,38 @@ def write_config(tmp_path, data="gmm", model="mlp", model_params="hidden = 32\nd
     return path
 
 
+def summary_rows(curves: dict, steps=(10, 20, 30, 40)) -> pd.DataFrame:
+    """A tidy summary from {label: {seed: [metric at each step]}} (a shorter list: a run stopped early)."""
+    return pd.DataFrame([{"label": label, "seed": seed, "step": step, "eval_fid": v}
+                         for label, seeds in curves.items() for seed, vs in seeds.items()
+                         for step, v in zip(steps, vs)])
+
+
 def test_steps_to_target_finds_the_first_step_at_or_below_the_reference_final_mean():
-    curves = pd.DataFrame({"label": ["cos"] * 4 + ["lap"] * 4 + ["bad"] * 4,
-                           "step": [10, 20, 30, 40] * 3,
-                           "mean": [4.0, 3.0, 2.5, 2.0, 3.0, 2.0, 1.5, 1.0, 9, 8, 7, 6]})
-    reached = steps_to_target(curves, "cos").set_index("label")
+    summary = summary_rows({"cos": {0: [4.0, 3.0, 2.5, 2.0], 1: [4.2, 3.2, 2.7, 2.2]},
+                            "lap": {0: [3.0, 2.0, 1.5, 1.0], 1: [3.0, 2.2, 1.5, 1.0]},
+                            "bad": {0: [9, 8, 7, 6], 1: [9, 8, 7, 6]}})
+    reached = steps_to_target(summary, "eval_fid", "cos", 40).set_index("label")
+    assert list(reached["target"]) == pytest.approx([2.1] * 3) and (reached["seeds"] == 2).all()
     assert reached.loc["cos", "step"] == 40 and reached.loc["cos", "fraction_of_reference"] == 1.0
     assert reached.loc["lap", "step"] == 20 and reached.loc["lap", "fraction_of_reference"] == 0.5
-    assert math.isnan(reached.loc["bad", "step"]) and (reached["target"] == 2.0).all()
+    assert math.isnan(reached.loc["bad", "step"])
+
+
+def test_steps_to_target_compares_means_over_the_seeds_both_have_finished():
+    # cauchy has seed 0 only: against cosine's seed 0 (2.0) it never gets there, though its 2.05 is below the mean
+    # of cosine's two seeds (2.1); a run stopped at step 20 (seed 1 of lap) is left out; an unfinished reference
+    # gives no target (it is no "final" value)
+    summary = summary_rows({"cos": {0: [4.0, 3.0, 2.5, 2.0], 1: [4.2, 3.2, 2.7, 2.2]},
+                            "cau": {0: [3.9, 2.9, 2.4, 2.05]},
+                            "lap": {0: [3.0, 1.9, 1.5, 1.0], 1: [1.0, 1.0]}})
+    reached = steps_to_target(summary, "eval_fid", "cos", 40).set_index("label")
+    assert reached.loc["cau", "seeds"] == 1 and reached.loc["cau", "target"] == 2.0
+    assert math.isnan(reached.loc["cau", "step"])
+    assert reached.loc["lap", "seeds"] == 1 and reached.loc["lap", "step"] == 20       # seed 0's own curve
+    unfinished = summary[~((summary["label"] == "cos") & (summary["step"] == 40))]
+    reached = steps_to_target(unfinished, "eval_fid", "cos", 40).set_index("label")
+    assert (reached["seeds"] == 0).all() and reached["target"].isna().all() and reached["step"].isna().all()
 
 
 def test_compare_options_are_validated(tmp_path):

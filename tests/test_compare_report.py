@@ -19,3 +19,28 @@ def test_per_seed_lines_list_each_seed_and_the_paired_difference():
     assert per_seed_lines(paired.iloc[:0], "eval_fid", 50, ["cosine"]) == []
     # only seed<k> columns are seeds: another column that starts with "seed" is not one
     assert per_seed_lines(paired.assign(seeds_total=2, seed_note="x"), "eval_fid", 50, ["laplace"])[5] == lines[5]
+
+
+def test_one_seed_has_no_interval_and_unfinished_schedules_keep_their_rows(tmp_path):
+    import math
+
+    from adaptive_sched import config as cfg
+    from adaptive_sched.compare import format_ci, mean_ci
+    from adaptive_sched.compare_report import write_results_md
+    assert mean_ci([0.5])[0] == 0.5 and math.isnan(mean_ci([0.5])[1])
+    assert format_ci(0.5, math.nan) == "0.5 (n = 1)" and format_ci(math.nan, math.nan) == ""
+    aggregates = pd.DataFrame([
+        {"label": "cosine", "step": 50, "metric": "eval_fid", "mean": 3.0, "ci95": 0.5, "seeds": 2},
+        {"label": "cosine", "step": 100, "metric": "eval_fid", "mean": 2.0, "ci95": 0.25, "seeds": 2},
+        {"label": "laplace", "step": 50, "metric": "eval_fid", "mean": 2.5, "ci95": math.nan, "seeds": 1},
+        {"label": "laplace", "step": 100, "metric": "eval_fid", "mean": 1.5, "ci95": math.nan, "seeds": 1},
+        {"label": "learned", "step": 50, "metric": "eval_fid", "mean": 2.8, "ci95": 0.1, "seeds": 2}])
+    write_results_md(tmp_path, aggregates, "eval_fid", cfg.RunConfig(), "target v")
+    text = (tmp_path / "results.md").read_text()
+    assert "| laplace | 1.5 (n = 1) | 1 |" in text and "| cosine | 2 ± 0.25 | 2 |" in text
+    assert "| learned |  | 0 (unfinished) |" in text                  # no run at step 100 yet, still listed
+    assert "| learned | 2.8 ± 0.1 |  |" in text                        # and its step-50 value in the budget table
+    paired = paired_with_reference(pd.DataFrame([{"label": "laplace", "seed": 0, "step": 100, "eval_fid": 1.5}]),
+                                   "eval_fid", "cosine")
+    assert "(cosine has no run at step 100 yet: no paired differences.)" in per_seed_lines(paired, "eval_fid", 100,
+                                                                                            ["laplace"])
