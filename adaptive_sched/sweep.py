@@ -31,8 +31,8 @@ from adaptive_sched.jobs import deadline_after
 from adaptive_sched.out_paths import output_dir
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.sweep_pareto import not_reached
-from adaptive_sched.sweep_storage import (check_out_dir, check_settings, claim_out_dir, counted, default_storage,
-                                          fail_dead_trials, mask, open_storage, quiet_optuna,
+from adaptive_sched.sweep_storage import (absolute_storage, check_out_dir, check_settings, claim_out_dir, counted,
+                                          default_storage, fail_dead_trials, mask, open_storage, quiet_optuna,
                                           recorded_storage, settings_of)
 from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
 
@@ -73,7 +73,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     deadline = deadline_after(time_budget, time.time)     # wall clock: the worker processes share it
     pruner = pruner or ("median" if target is None else "none")
     make_pruner(pruner, base)
-    job = Job(storage or default_storage(out), study or schedule, base,
+    job = Job(absolute_storage(storage) if storage else default_storage(out), study or schedule, base,
               spaces.build_space(schedule, tune, space, fixed=base.schedule.params,
                                  curriculum=base.schedule.curriculum), metric, pruner, str(out), trials,
               target=target, deadline=deadline)
@@ -81,7 +81,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
     store = open_storage(job.storage)
-    check_out_dir(out, job.study)
+    check_out_dir(out, job.study, job.storage)
     objectives = 1 if target is None else 2
     found = optuna.create_study(study_name=job.study, storage=store, directions=["minimize"] * objectives,
                                 load_if_exists=True)

@@ -102,27 +102,35 @@ def best_record(study, settings: dict) -> dict | None:
 
 def trial_forms(trial) -> dict:
     """A complete trial's parameters as `--schedule-param` strings, a TOML-ready config section, a compare entry
-    and train arguments, with its resolved [schedule] table and run directory."""
+    and train arguments, with its resolved [schedule] table and run directory. A tuned window (logsnr_min/max) and
+    a curriculum (its tuned START and END) are in every form that can hold them (not in `schedule_params`)."""
     from adaptive_sched import schedules
     full = trial.user_attrs["config"]
     window = ("logsnr_min", "logsnr_max")
-    valid = [k for k in schedules.parameters(full["schedule"]["name"]) if k not in window]
+    curriculum = dict(full["schedule"].get("curriculum") or {})
+    valid = [k for k in schedules.parameters(full["schedule"]["name"]) if k not in window and k not in curriculum]
     params = {k: v for k, v in full["schedule"].items() if k in valid}
-    schedule = {"name": full["schedule"]["name"], **{k: full["schedule"][k] for k in window}, **params}
+    tuned_window = {k: full["schedule"][k] for k in window if k in trial.params}
+    schedule = {"name": full["schedule"]["name"], **{k: full["schedule"][k] for k in window}, **params,
+                **({"curriculum": curriculum} if curriculum else {})}
     section = {"schedule": schedule}
     args = ["--schedule", schedule["name"]]
-    for key, value in params.items():
+    for key, value in {**tuned_window, **params}.items():
         args += ["--schedule-param", f"{key}={value!r}"]
+    for key, spec in curriculum.items():
+        args += ["--curriculum", f"{key}={spec}"]
     if "lr" in trial.params:
         section["train"] = {"lr": full["train"]["lr"]}
         args += ["--lr", repr(full["train"]["lr"])]
     if "weighting" in trial.params:
         section["weighting"] = dict(full["weighting"])
         args += ["--weighting", full["weighting"]["name"]]
-    return {"params": trial.params, "config": section, "schedule_params": [f"{k}={v!r}" for k, v in params.items()],
-            "compare_entry": {"name": schedule["name"], "label": f"{schedule['name']} (tuned)", **params},
-            "train_args": args, "resolved_schedule": trial.user_attrs.get("schedule", schedule),
-            "run_dir": trial.user_attrs.get("run_dir", "")}
+    entry = {"name": schedule["name"], "label": f"{schedule['name']} (tuned)", **tuned_window, **params,
+             **({"curriculum": curriculum} if curriculum else {})}
+    return {"params": trial.params, "config": section,
+            "schedule_params": [f"{k}={v!r}" for k, v in {**tuned_window, **params}.items()],
+            "compare_entry": entry, "train_args": args,
+            "resolved_schedule": trial.user_attrs.get("schedule", schedule), "run_dir": trial.user_attrs.get("run_dir", "")}
 
 
 def write_report(study, out: str | Path, quiet: bool = False) -> list[str]:

@@ -189,12 +189,15 @@ def trial_config(base: cfg.RunConfig, params: dict) -> cfg.RunConfig:
 
 
 def schedule_table(config: cfg.RunConfig) -> dict:
-    """The [schedule] section of `config` with every default filled in (the full resolved parameter set)."""
+    """The [schedule] section of `config` with every default filled in (the full resolved parameter set); a ramped
+    parameter is given by its curriculum, not by a value."""
     from adaptive_sched import schedules
     s = config.schedule
     defaults = {k: v for k, v in schedules.parameters(s.name).items()
                 if k not in ("logsnr_min", "logsnr_max") and isinstance(v, (int, float, str))}
-    return {"name": s.name, "logsnr_min": s.logsnr_min, "logsnr_max": s.logsnr_max, **defaults, **s.params}
+    fixed = {k: v for k, v in {**defaults, **s.params}.items() if k not in s.curriculum}
+    return {"name": s.name, "logsnr_min": s.logsnr_min, "logsnr_max": s.logsnr_max, **fixed,
+            **({"curriculum": dict(s.curriculum)} if s.curriculum else {})}
 
 
 def split_config(raw: dict) -> tuple[dict, dict]:

@@ -49,7 +49,7 @@ def open_storage(url: str):
             return JournalStorage(JournalFileBackend(str(path)))
         if scheme == "sqlite":
             engine = {"connect_args": {"timeout": 120}}          # concurrent workers wait for the write lock
-            path = url[len("sqlite:///"):]
+            path = url.split(":///", 1)[1] if ":///" in url else ""     # sqlite[+driver]:///PATH
             if path and path != ":memory:":
                 import sqlite3
                 con = sqlite3.connect(path, timeout=120)
@@ -164,14 +164,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def check_out_dir(out: Path, study: str) -> None:
-    """Refuse a DIR whose sweep.json names another study (trial folders are numbered per study)."""
+def check_out_dir(out: Path, study: str, storage: str | None = None) -> None:
+    """Refuse a DIR whose sweep.json names another study, or the same study name in another storage (trial folders
+    are numbered per study: the other study's would be overwritten)."""
     path = out / "sweep.json"
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("study") != study:
             raise UsageError(f"{out} holds the sweep of study {old.get('study')!r}; pass --study "
                              f"{old.get('study')} to continue it, or choose another --out")
+        recorded = mask(absolute_storage(recorded_storage(out, old)))
+        if storage is not None and mask(absolute_storage(storage)) != recorded:
+            raise UsageError(f"{out} holds study {study!r} of the storage {recorded}, not {mask(storage)}; pass that "
+                             f"--storage to continue it, or choose another --out")
+
+
+def absolute_storage(url: str) -> str:
+    """A file storage's URL with its path made absolute (journal:PATH, sqlite:///PATH), so that sweep.json names
+    the same file from any folder; other URLs as given."""
+    if url.startswith("journal:"):
+        return "journal:" + os.path.abspath(os.path.expanduser(url[len("journal:"):]))
+    head, sep, path = url.partition(":///")
+    if sep and head.split("+")[0] == "sqlite" and path and path != ":memory:":
+        return f"{head}:///{os.path.abspath(os.path.expanduser(path))}"
+    return url
 
 
 def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: str,
@@ -179,7 +195,7 @@ def claim_out_dir(out: Path, study: str, storage: str, schedule: str, metric: st
     """DIR/sweep.json names the study DIR belongs to, its storage (left out when it is DIR/study.db, so the folder
     can move or be cloned), metric and target (when it has one)."""
     from adaptive_sched.atomic import atomic_write_text
-    check_out_dir(out, study)
+    check_out_dir(out, study, storage)
     out.mkdir(parents=True, exist_ok=True)
     claim = {"study": study, "schedule": schedule, "metric": metric}
     if storage != default_storage(out):

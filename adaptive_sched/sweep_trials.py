@@ -131,6 +131,14 @@ def objective(trial, job: Job) -> float | tuple[float, int]:
             (run_dir / name).unlink(missing_ok=True)
 
 
+def host_salt() -> int:
+    """A number fixed per machine (CRC-32 of its host name): TPE seeds of workers on different machines that join a
+    shared study at the same moment differ, so their random start-up points do too (one machine stays reproducible)."""
+    import socket
+    import zlib
+    return zlib.crc32(socket.gethostname().encode()) * 104_729
+
+
 def work(job: Job) -> None:
     """One worker: run up to job.quota trials of the study, fewer if it reaches job.trials first."""
     import optuna
@@ -142,7 +150,8 @@ def work(job: Job) -> None:
         torch.set_num_threads(job.threads)
     storage = open_storage(job.storage)
     have = len(counted(optuna.load_study(study_name=job.study, storage=storage)))
-    seed = (job.base.train.seed * 1_000_003 + have * 7919 + job.worker) % 2 ** 32   # a resumed study draws anew
+    # a resumed study draws anew; another machine on the same database draws other points than this one
+    seed = (job.base.train.seed * 1_000_003 + have * 7919 + job.worker + host_salt()) % 2 ** 32
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
     study = optuna.load_study(study_name=job.study, storage=storage, sampler=sampler,
                               pruner=make_pruner(job.pruner, job.base))

@@ -268,6 +268,43 @@ def test_other_study_in_the_same_folder_is_refused(tmp_path, monkeypatch):
         sweep.run_sweep(tiny(), tmp_path, trials=1, study="other")
 
 
+def test_the_same_study_name_in_another_storage_is_refused(tmp_path, monkeypatch):
+    """Trial folders are numbered per study: a second study of the same name would overwrite the first's."""
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    sweep.run_sweep(tiny(), tmp_path / "out", trials=1)
+    marker = tmp_path / "out" / "trials" / "0" / "marker"
+    marker.write_text("mine")
+    with pytest.raises(UsageError, match="holds study 'laplace' of the storage sqlite:///.*study.db, not journal:"):
+        sweep.run_sweep(tiny(), tmp_path / "out", trials=1, storage=f"journal:{tmp_path / 'j.log'}")
+    assert marker.read_text() == "mine" and len(pd.read_csv(tmp_path / "out" / "trials.csv")) == 1
+    monkeypatch.chdir(tmp_path)                      # a relative file storage is recorded as an absolute path
+    sweep.run_sweep(tiny(), Path("rel"), trials=1, storage="journal:rel.log")
+    assert json.loads((tmp_path / "rel" / "sweep.json").read_text())["storage"] == f"journal:{tmp_path / 'rel.log'}"
+    sweep.run_sweep(tiny(), Path("rel"), trials=2, storage=f"journal:{tmp_path / 'rel.log'}")   # the same file
+    assert len(pd.read_csv(tmp_path / "rel" / "trials.csv")) == 2
+
+
+def test_file_storage_urls_are_made_absolute_and_a_sqlite_driver_is_read(tmp_path, monkeypatch):
+    from adaptive_sched.sweep_storage import absolute_storage, open_storage
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage("journal:j.log") == f"journal:{tmp_path / 'j.log'}"
+    assert absolute_storage("sqlite:///s.db") == f"sqlite:///{tmp_path / 's.db'}"
+    assert absolute_storage("sqlite+pysqlite:///s.db") == f"sqlite+pysqlite:///{tmp_path / 's.db'}"
+    for kept in ("sqlite:////abs/s.db", "sqlite:///:memory:", "postgresql://u:p@host/db"):
+        assert absolute_storage(kept) == kept
+    optuna.create_study(study_name="x", storage=open_storage(f"sqlite+pysqlite:///{tmp_path / 'd.db'}"))
+    assert optuna.get_all_study_names(open_storage(f"sqlite:///{tmp_path / 'd.db'}")) == ["x"]
+
+
+def test_machines_joining_one_study_seed_tpe_differently(monkeypatch):
+    from adaptive_sched import sweep_trials
+    salts = []
+    for host in ("node-a", "node-b", "node-a"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        salts.append(sweep_trials.host_salt())
+    assert salts[0] != salts[1] and salts[0] == salts[2]       # other machines differ; one machine is reproducible
+
+
 @pytest.mark.slow
 def test_two_cpu_workers_share_the_trials(tmp_path):
     study = sweep.run_sweep(tiny(), tmp_path, trials=3, workers=2, pruner="none")
@@ -364,6 +401,32 @@ def test_a_curriculum_sweep_tunes_start_and_end(tmp_path):
     assert {"param_b.start", "param_b.end"} <= set(frame.columns) and set(frame["state"]) == {"COMPLETE"}
     metrics = pd.read_csv(out / "trials" / "0" / "metrics.csv")
     assert metrics["schedule_b"].iloc[-1] == pytest.approx(frame["param_b.end"].iloc[0])
+    # best.json carries the tuned ramp in every form that can hold it: compare trains what the trial trained
+    best = json.loads((out / "best.json").read_text())
+    ramp = f"{best['params']['b.start']!r}:{best['params']['b.end']!r}"
+    ramp_str = f"{best['params']['b.start']}:{best['params']['b.end']}"
+    assert best["config"]["schedule"]["curriculum"] == {"b": ramp_str} and "b" not in best["config"]["schedule"]
+    assert best["compare_entry"]["curriculum"] == {"b": ramp_str} and "b" not in best["compare_entry"]
+    assert best["train_args"][-2:] == ["--curriculum", f"b={ramp_str}"] and ramp.replace("'", "") == ramp_str
+    assert best["resolved_schedule"]["curriculum"] == {"b": ramp_str} and "b" not in best["resolved_schedule"]
+    (tmp_path / "cmp.toml").write_text(cfg.dumps_toml(TINY) + f'[compare]\nseeds = [0]\nschedules = [{{ best = '
+                                       f'"{out / "best.json"}" }}]\n')
+    from adaptive_sched.compare import parse as parse_compare, run_config
+    plan = parse_compare(tmp_path / "cmp.toml")
+    trained = run_config(plan.base, plan.entries[0], 0)
+    assert trained.schedule.curriculum == {"b": ramp_str} and trained.schedule.params["mu"] == best["params"]["mu"]
+
+
+def test_best_json_keeps_a_tuned_window(tmp_path):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(cfg.dumps_toml({**TINY, "sweep": {"trials": 1, "space": {"logsnr_min": {"low": -9, "high": -8}}}}))
+    out = tmp_path / "sweep"
+    assert sweep.main(["--schedule", "laplace", "--config", str(toml), "--out", str(out)]) == 0
+    best = json.loads((out / "best.json").read_text())
+    low = best["params"]["logsnr_min"]
+    assert -9 <= low <= -8 and best["compare_entry"]["logsnr_min"] == low
+    assert f"logsnr_min={low!r}" in best["schedule_params"] and f"logsnr_min={low!r}" in best["train_args"]
+    assert cli.resolve_config(cli.make_parser().parse_args(["train", *best["train_args"]])).schedule.logsnr_min == low
 
 
 def test_a_study_stored_before_newer_config_keys_continues():
