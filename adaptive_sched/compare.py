@@ -320,7 +320,8 @@ def report(out: Path, plan: Plan) -> Path:
     compare_plots.metric_curves(aggregates[aggregates["metric"] == metric], metric, out / "metric_vs_step.png")
     compare_plots.densities(entries, base, out / "densities.png", out, seeds[0])
     compare_plots.loss_profiles(profiles, out / "loss_profile.png")
-    if plan.samples > 0 and base.data.name not in ("gmm", "checkerboard", "swissroll"):
+    from adaptive_sched.data import VECTOR_SETS
+    if plan.samples > 0 and base.data.name not in VECTOR_SETS:
         compare_plots.sample_grids(entries, out, seeds[0], plan.samples, out / "samples.png")
     spread = class_spread(out, entries, seeds)
     if len(spread):

@@ -226,9 +226,9 @@ def test_ctrl_c_marks_the_running_trial_failed_and_exits_130(tmp_path, monkeypat
 
 def test_a_metric_the_runs_never_log_stops_the_sweep(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("adaptive_sched.train.train", fake_train())
-    args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm", "--metric", "eval_fid"]
-    assert sweep.main(args) == 2
-    assert "eval_fid was not logged at step 20 (this run logs: eval_eps_mse)" in capsys.readouterr().err
+    args = ["--schedule", "laplace", "--trials", "3", "--out", str(tmp_path), "--data", "gmm", "--metric", "eval_swd"]
+    assert sweep.main(args) == 2                # (a stand-in trainer that logs no samples' distance)
+    assert "eval_swd was not logged at step 20 (this run logs: eval_eps_mse)" in capsys.readouterr().err
     study = optuna.load_study(study_name="laplace", storage=sweep.open_storage(sweep.default_storage(tmp_path)))
     assert states(study) == ["FAIL"]                                # one trial, not three
 
@@ -252,6 +252,9 @@ def test_stale_running_trial_of_a_dead_worker_is_failed(tmp_path, monkeypatch):
     (["--metric", "eval_fdi"], "did you mean 'eval_fid'"),
     (["--schedule", "flow"], "no search space"),
     (["--workers", "0"], "must be >= 1"),
+    (["--metric", "eval_bpd"], "eval_bpd needs held-out examples"),          # metrics no trial could log
+    (["--metric", "eval_fid"], "eval_fid needs image data and a feature network"),
+    (["--metric", "eval_excess_mse", "--data", "digits"], "needs the exact denoiser of data gmm"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     base = ["--schedule", "laplace", "--trials", "1", "--out", str(tmp_path / "out"), "--data", "gmm"]

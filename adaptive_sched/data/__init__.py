@@ -48,6 +48,7 @@ _NAMED: dict[str, Callable[[str, str, _Opts], Dataset]] = {
     "mnist5k": _split_after(images.mnist5k),
     "fashion-mnist": lambda arg, split, o: images.fashion_mnist(split, o.data_dir),
 }
+VECTOR_SETS = ("checkerboard", "swissroll", "gmm")     # the named sets of vectors (every other source: images)
 _PREFIXED: dict[str, Callable[[str, str, _Opts], Dataset]] = {
     "npz": lambda arg, split, o: images.holdout(images.npz(arg), split),
     "folder": lambda arg, split, o: images.holdout(images.folder(arg, o.resize), split),
