@@ -144,7 +144,7 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> 
 def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:
     """grid_eval.md (metric mean ± 95% CI over runs, rows = method, columns = steps) and grid_eval.png."""
     import pandas as pd
-    from adaptive_sched.compare import format_ci, mean_ci
+    from adaptive_sched.compare import mean_ci
     from adaptive_sched.plots import _pyplot, finish_line_plot
     steps = sorted(steps)                                                  # columns and the line left to right
     table = pd.read_csv(out / "grid_eval.csv")
@@ -160,7 +160,8 @@ def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> 
         for s in steps:
             mean, half, k = mean_ci(table[(table["method"] == method) & (table["steps"] == s)][metric])
             partial = f" ({k} of {len(runs)} runs)" if k != len(runs) else ""     # a run without this metric
-            cells.append(format_ci(mean, half) + partial if k else "")
+            spread = f" ± {half:.2g}" if half == half else ""                    # one run: no interval
+            cells.append(f"{mean:.4g}{spread}{partial}" if k else "")
             means.append(mean)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         ax.plot(steps, means, marker="o", label=method)

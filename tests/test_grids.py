@@ -277,7 +277,7 @@ def test_grid_eval_report_says_how_many_runs_a_cell_averages(tmp_path):
     rows = [["a", "cosine", 5, 0.1, 4.0, 0.1], ["b", "cosine", 5, 0.2, None, None]]
     pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp_path / "grid_eval.csv", index=False)
     report(tmp_path, ["a", "b"], ["cosine"], [5])
-    assert "| cosine | 4 ± 0 (1 of 2 runs) |" in (tmp_path / "grid_eval.md").read_text()
+    assert "| cosine | 4 (1 of 2 runs) |" in (tmp_path / "grid_eval.md").read_text()    # one value: no interval
 
 
 def test_grid_eval_keeps_the_rows_it_scored_when_interrupted(tmp_path, monkeypatch):
