@@ -63,11 +63,11 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     seeds = [c for c in paired.columns if re.fullmatch(r"seed\d+", c)]          # seed0, seed1, ... (not seeds_below)
     reference = paired["reference"].iloc[0]
     rows = paired.set_index("label")
-    lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", "",
-             "| schedule | " + " | ".join(seeds) + f" | − {reference} (mean ± 95% CI over paired seeds) | "
-             f"seeds below {reference} |", "|---" * (len(seeds) + 3) + "|"]
+    lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", ""]
     if reference not in rows.index:
-        lines += ["", f"({reference} has no run at step {final_step} yet: no paired differences.)"]
+        lines += [f"({reference} has no run at step {final_step} yet: no paired differences.)", ""]
+    lines += ["| schedule | " + " | ".join(seeds) + f" | − {reference} (mean ± 95% CI over paired seeds) | "
+              f"seeds below {reference} |", "|---" * (len(seeds) + 3) + "|"]
     for label in [o for o in order if o in rows.index]:
         r = rows.loc[label]
         cells = ["" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
@@ -86,7 +86,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
     final = aggregates[aggregates["step"] == final_step]
     names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
     table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
-    ranked = list(table[("mean", metric)].sort_values().index)
+    ranked = list(table[("mean", metric)].dropna().sort_values().index)   # a run without `metric` there: unfinished
     unfinished = [label for label in aggregates["label"].unique() if label not in ranked]   # no run at the end yet
     order = ranked + unfinished
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",

@@ -38,12 +38,12 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def full_precision(device: torch.device):
+def full_precision(device: torch.device | str):
     """The model in float32 whatever the caller's context: autocast off. For held-out evaluations, where the
     conversion ε̂ = (x − αx̂0)/σ multiplies an x0 model's bf16 rounding (2⁻⁹) by α/σ = e^{λ/2}: 150 at λ = 10,
     770 at 13.3. (cuDNN's default TF32 convolutions stay on: they round inputs 8× finer than bf16 and keep the
     float32 sum, where the bf16 output is rounded once more; strict float32 would slow a GPU eval several-fold.)"""
-    return torch.autocast(device.type, enabled=False)
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def x0_denoiser(model, target: str, y: torch.Tensor | None = None, guidance: float = 1.0, clip: bool = False):

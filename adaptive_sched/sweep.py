@@ -59,11 +59,11 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     if metric not in eval_metrics:
         raise UsageError(f"unknown metric {metric!r}{cfg.suggest(metric, eval_metrics)}; choose one of: "
                          f"{', '.join(eval_metrics)}")
-    if metric in ("eval_swd", "eval_fid", "eval_kid") and base.eval.sample_n <= 0:
-        raise UsageError(f"metric {metric} needs samples at each eval: set [eval] sample_n > 0")
     if metric in ("eval_fid", "eval_kid") and (base.eval.features == "none" or base.data.name in VECTOR_SETS):
         raise UsageError(f"metric {metric} needs image data and a feature network ([eval] features), not "
                          f"{base.data.name!r} with features {base.eval.features!r}")
+    if metric in ("eval_swd", "eval_fid", "eval_kid") and base.eval.sample_n <= 0:
+        raise UsageError(f"metric {metric} needs samples at each eval: set [eval] sample_n > 0")
     if metric == "eval_bpd" and base.eval.bpd_n <= 0:
         raise UsageError("metric eval_bpd needs held-out examples at each eval: set [eval] bpd_n > 0")
     if metric == "eval_excess_mse" and base.data.name != "gmm":
@@ -86,10 +86,10 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
                                  curriculum=base.schedule.curriculum), metric, pruner, str(out), trials,
               target=target, deadline=deadline)
     quiet_optuna()
+    check_out_dir(out, job.study, job.storage)      # before opening: a refused storage is not created
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
     store = open_storage(job.storage)
-    check_out_dir(out, job.study, job.storage)
     objectives = 1 if target is None else 2
     found = optuna.create_study(study_name=job.study, storage=store, directions=["minimize"] * objectives,
                                 load_if_exists=True)

@@ -102,8 +102,8 @@ def best_record(study, settings: dict) -> dict | None:
 
 def trial_forms(trial) -> dict:
     """A complete trial's parameters as `--schedule-param` strings, a TOML-ready config section, a compare entry
-    and train arguments, with its resolved [schedule] table and run directory. A tuned window (logsnr_min/max) and
-    a curriculum (its tuned START and END) are in every form that can hold them (not in `schedule_params`)."""
+    and train arguments, with its resolved [schedule] table and run directory. A tuned window (logsnr_min/max) is
+    in every form; a curriculum (its tuned START and END) in every form but `schedule_params`."""
     from adaptive_sched import schedules
     full = trial.user_attrs["config"]
     window = ("logsnr_min", "logsnr_max")

@@ -180,13 +180,13 @@ def check_out_dir(out: Path, study: str, storage: str | None = None) -> None:
 
 
 def absolute_storage(url: str) -> str:
-    """A file storage's URL with its path made absolute (journal:PATH, sqlite:///PATH), so that sweep.json names
-    the same file from any folder; other URLs as given."""
+    """A file storage's URL with its path made absolute and symlinks resolved, as default_storage's (journal:PATH,
+    sqlite:///PATH), so that sweep.json names the same file from any folder; other URLs as given."""
     if url.startswith("journal:"):
-        return "journal:" + os.path.abspath(os.path.expanduser(url[len("journal:"):]))
+        return "journal:" + os.path.realpath(os.path.expanduser(url[len("journal:"):]))
     head, sep, path = url.partition(":///")
     if sep and head.split("+")[0] == "sqlite" and path and path != ":memory:":
-        return f"{head}:///{os.path.abspath(os.path.expanduser(path))}"
+        return f"{head}:///{os.path.realpath(os.path.expanduser(path))}"
     return url
 
 

@@ -42,5 +42,10 @@ def test_one_seed_has_no_interval_and_unfinished_schedules_keep_their_rows(tmp_p
     assert "| learned | 2.8 ± 0.1 |  |" in text                        # and its step-50 value in the budget table
     paired = paired_with_reference(pd.DataFrame([{"label": "laplace", "seed": 0, "step": 100, "eval_fid": 1.5}]),
                                    "eval_fid", "cosine")
-    assert "(cosine has no run at step 100 yet: no paired differences.)" in per_seed_lines(paired, "eval_fid", 100,
-                                                                                            ["laplace"])
+    lines = per_seed_lines(paired, "eval_fid", 100, ["laplace"])
+    assert lines[3] == "(cosine has no run at step 100 yet: no paired differences.)"        # above the table
+    assert lines[5].startswith("| schedule |") and lines[7].startswith("| laplace | 1.5 |")
+    with_nan = pd.concat([aggregates, pd.DataFrame([{"label": "learned", "step": 100, "metric": "eval_fid",
+                                                     "mean": float("nan"), "ci95": float("nan"), "seeds": 0}])])
+    write_results_md(tmp_path, with_nan, "eval_fid", cfg.RunConfig(), "target v")     # no value there: unfinished
+    assert "| learned |  | 0 (unfinished) |" in (tmp_path / "results.md").read_text()

@@ -220,3 +220,5 @@ def test_discrete_decoder_refuses_data_off_its_levels():
         vlb(model, "eps", levels17, n_lambda=1, discrete_bins=256)
     with pytest.raises(UsageError, match="not on 256 levels"):
         vlb(model, "eps", torch.full((2, 3), 0.5 / 255), n_lambda=1, discrete_bins=256)   # half a level out
+    on_8_bits = (torch.arange(256.0) / 127.5 - 1).reshape(4, 64)
+    assert math.isfinite(vlb(model, "eps", on_8_bits.half().float(), n_lambda=1, discrete_bins=256)["bpd"])  # float16

@@ -280,6 +280,7 @@ def test_the_same_study_name_in_another_storage_is_refused(tmp_path, monkeypatch
     with pytest.raises(UsageError, match="holds study 'laplace' of the storage sqlite:///.*study.db, not journal:"):
         sweep.run_sweep(tiny(), tmp_path / "out", trials=1, storage=f"journal:{tmp_path / 'j.log'}")
     assert marker.read_text() == "mine" and len(pd.read_csv(tmp_path / "out" / "trials.csv")) == 1
+    assert not (tmp_path / "j.log").exists()         # the refused storage was not created
     monkeypatch.chdir(tmp_path)                      # a relative file storage is recorded as an absolute path
     sweep.run_sweep(tiny(), Path("rel"), trials=1, storage="journal:rel.log")
     assert json.loads((tmp_path / "rel" / "sweep.json").read_text())["storage"] == f"journal:{tmp_path / 'rel.log'}"

@@ -158,8 +158,8 @@ def _to_nchw(a: np.ndarray, where: str) -> np.ndarray:
     if a.ndim == 3:
         return a[:, None]
     if a.ndim == 4:
-        if a.shape[1] in (1, 3) and (a.shape[3] > 4 or a.shape[2] == a.shape[3]):
-            return a                                     # channels first (square: H x W x C would be 1 or 3 high)
+        if a.shape[1] in (1, 3) and min(a.shape[2], a.shape[3]) >= 4:
+            return a                       # channels first (read as H x W x C it would be 1 or 3 high: refused)
         if 1 <= a.shape[3] <= 4:
             a = a[..., : {1: 1, 2: 1, 3: 3, 4: 3}[a.shape[3]]]  # drop alpha channel
             return a.transpose(0, 3, 1, 2)
@@ -191,8 +191,8 @@ def npz(path: str) -> Dataset:
 
 
 def folder(path: str, resize: int | None = None) -> Dataset:
-    """All *.png/*.jpg/*.jpeg under a directory (recursive); labels from top-level subfolders. Images of different
-    sizes are first resized to resize x resize; equal sizes are left to load()'s pad-then-resize, as for an npz."""
+    """All *.png/*.jpg/*.jpeg under a directory (recursive); labels from top-level subfolders. With `resize`, every
+    image is resized to resize x resize as it loads (load() then pads and resizes back to that size)."""
     from PIL import Image
     root = Path(path)
     if not root.is_dir():
@@ -210,8 +210,8 @@ def folder(path: str, resize: int | None = None) -> Dataset:
             raise UsageError(f"cannot read image {f}: {e}") from None
     mode = "L" if all(im.mode in _GRAY_MODES for im in images) else "RGB"
     images = [im.convert(mode) for im in images]
-    if resize is not None and len({im.size for im in images}) > 1:   # only to make the sizes equal: load() pads
-        images = [im.resize((resize, resize), Image.Resampling.BILINEAR) for im in images]   # and resizes after
+    if resize is not None:          # as they load, so a folder of photos never exists at full size in float32
+        images = [im.resize((resize, resize), Image.Resampling.BILINEAR) for im in images]
     for f, im in zip(files, images):
         if im.size != images[0].size:
             raise UsageError(f"{f} is {im.size}, but {files[0]} is {images[0].size}; "
