@@ -292,11 +292,12 @@ def mean_ci(values) -> tuple[float, float, int]:
     return float(values.mean()), float(half), n
 
 
-def format_ci(mean: float, half: float, digits: int = 4) -> str:
+def format_ci(mean: float, half: float, digits: int = 4, signed: bool = False) -> str:
     """'mean ± half' for a table cell; 'mean (n = 1)' where one value gives no interval; '' for no value."""
     if mean != mean:
         return ""
-    return f"{mean:.{digits}g} ± {half:.2g}" if half == half else f"{mean:.{digits}g} (n = 1)"
+    value = f"{mean:{'+' if signed else ''}.{digits}g}"
+    return f"{value} ± {half:.2g}" if half == half else f"{value} (n = 1)"
 
 
 def report(out: Path, plan: Plan) -> Path:

@@ -71,9 +71,8 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     for label in [o for o in order if o in rows.index]:
         r = rows.loc[label]
         cells = ["" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
-        diff = ("–" if label == reference or r["paired_seeds"] == 0 else
-                f"{r['diff_mean']:+.3g} ± {r['diff_ci95']:.2g}" if r["paired_seeds"] > 1 else
-                f"{r['diff_mean']:+.3g} (n = 1)")
+        diff = "–" if label == reference or r["paired_seeds"] == 0 else \
+            format_ci(r["diff_mean"], r["diff_ci95"], 3, signed=True)
         below = "–" if label == reference else f"{r['seeds_below']} of {r['paired_seeds']}"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} | {below} |")
     return lines

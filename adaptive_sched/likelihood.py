@@ -112,19 +112,18 @@ def _check_args(x0: torch.Tensor, logsnr_min: float, logsnr_max: float, n_lambda
         check_levels(x0, discrete_bins)
 
 
-def check_levels(x0: torch.Tensor, bins: int, name: str = "discrete_bins") -> None:
+def check_levels(x0: torch.Tensor, bins: int, name: str = "discrete_bins", off: str = "None") -> None:
     """UsageError unless every value of x0 is one of the `bins` levels −1 + 2b/(bins − 1), to 10% of their spacing
     (8-bit pixels stored as float16 sit up to 6% off): a discrete decoder would otherwise score data it has moved
-    (17-level digits read as 8-bit images are up to half a spacing off)."""
+    (17-level digits read as 8-bit images are up to half a spacing off). `name` = `off` is the continuous decoder."""
     if x0.min() < -1 or x0.max() > 1:
         raise UsageError(f"{name} needs data in [-1, 1]; got range [{x0.min():.3g}, {x0.max():.3g}]")
     steps = (x0.double() + 1) * (bins - 1) / 2                           # level index, fractional when off the grid
-    off = float((steps - steps.round()).abs().max())
-    if off > 0.1:
-        off_value = "None" if name == "discrete_bins" else "0"
+    gap = float((steps - steps.round()).abs().max())
+    if gap > 0.1:
         raise UsageError(f"{name} = {bins}: the data are not on {bins} levels in [-1, 1] (a value lies "
-                         f"{off:.3g} level spacings from the nearest); set it to the data's number of levels (17 for "
-                         f"digits, 256 for 8-bit images; resized images have none) or {off_value} for the continuous "
+                         f"{gap:.3g} level spacings from the nearest); set it to the data's number of levels (17 for "
+                         f"digits, 256 for 8-bit images; resized images have none) or {off} for the continuous "
                          f"decoder")
 
 

@@ -90,13 +90,27 @@ def check_features(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
                          f"vectors (use features = \"auto\" or \"none\")")
 
 
+def check_metric_logged(config: cfg.RunConfig, metric: str) -> None:
+    """UsageError when the runs of `config` would never log the eval metric `metric` (checked before any run)."""
+    e, name = config.eval, config.data.name
+    if metric in ("eval_fid", "eval_kid") and (e.features == "none" or name in data.VECTOR_SETS):
+        raise UsageError(f"metric {metric} needs image data and a feature network ([eval] features), not "
+                         f"{name!r} with features {e.features!r}")
+    if metric in ("eval_swd", "eval_fid", "eval_kid") and e.sample_n <= 0:
+        raise UsageError(f"metric {metric} needs samples at each eval: set [eval] sample_n > 0")
+    if metric == "eval_bpd" and e.bpd_n <= 0:
+        raise UsageError("metric eval_bpd needs held-out examples at each eval: set [eval] bpd_n > 0")
+    if metric == "eval_excess_mse" and name != "gmm":
+        raise UsageError("metric eval_excess_mse needs the exact denoiser of data gmm")
+
+
 def check_bpd_levels(config: cfg.RunConfig, eval_x) -> None:
     """[eval] bpd_bins > 0 needs the held-out examples the VLB scores on that many levels (likelihood.check_levels),
     checked before training rather than at the first eval."""
     from adaptive_sched.likelihood import check_levels
     e = config.eval
     if e.bpd_n > 0 and e.bpd_bins:
-        check_levels(eval_x[:e.bpd_n], e.bpd_bins, "[eval] bpd_bins")
+        check_levels(eval_x[:e.bpd_n], e.bpd_bins, "[eval] bpd_bins", off="0")
 
 
 def check_resumable(saved: dict, current: dict) -> None:

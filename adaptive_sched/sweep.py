@@ -50,8 +50,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     """
     import optuna
     from adaptive_sched.run_build import resolve_device
-    from adaptive_sched.data import VECTOR_SETS
-    from adaptive_sched.run_checks import validate
+    from adaptive_sched.run_checks import check_metric_logged, validate
     out, schedule = output_dir(out), base.schedule.name
     validate(base)                                      # settings every trial shares: refused once, before any trial
     resolve_device(base.train.device)
@@ -59,15 +58,7 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     if metric not in eval_metrics:
         raise UsageError(f"unknown metric {metric!r}{cfg.suggest(metric, eval_metrics)}; choose one of: "
                          f"{', '.join(eval_metrics)}")
-    if metric in ("eval_fid", "eval_kid") and (base.eval.features == "none" or base.data.name in VECTOR_SETS):
-        raise UsageError(f"metric {metric} needs image data and a feature network ([eval] features), not "
-                         f"{base.data.name!r} with features {base.eval.features!r}")
-    if metric in ("eval_swd", "eval_fid", "eval_kid") and base.eval.sample_n <= 0:
-        raise UsageError(f"metric {metric} needs samples at each eval: set [eval] sample_n > 0")
-    if metric == "eval_bpd" and base.eval.bpd_n <= 0:
-        raise UsageError("metric eval_bpd needs held-out examples at each eval: set [eval] bpd_n > 0")
-    if metric == "eval_excess_mse" and base.data.name != "gmm":
-        raise UsageError("metric eval_excess_mse needs the exact denoiser of data gmm")
+    check_metric_logged(base, metric)
     if not isinstance(trials, int) or trials < 1 or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--trials and --workers must be >= 1, got {trials} and {workers}")
     if target is not None:
