@@ -102,11 +102,12 @@ def parse(path: str | Path) -> Plan:
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"[compare] seeds lists a seed twice: {seeds}")
     from adaptive_sched.run_build import build_loss, build_schedule, metric_columns
-    from adaptive_sched.run_checks import validate
+    from adaptive_sched.run_checks import check_metric_logged, validate
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
         raise UsageError(f"[compare] metric {metric!r} is not an eval metric; choose one of: "
                          f"{', '.join(eval_metrics)}")
+    check_metric_logged(base, metric)
     blank = [e for e in entries if "label" in e and not str(e["label"]).strip()]
     if blank:
         raise UsageError(f"[compare] a schedule's label must not be blank, got {blank[0]['label']!r}")

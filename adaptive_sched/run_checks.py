@@ -91,8 +91,9 @@ def check_features(config: cfg.RunConfig, shape: tuple[int, ...]) -> None:
 
 
 def check_metric_logged(config: cfg.RunConfig, metric: str) -> None:
-    """UsageError when the runs of `config` would never log the eval metric `metric` (checked before any run)."""
-    e, name = config.eval, config.data.name
+    """UsageError when the runs of `config` would never log the eval metric `metric` (checked before any run); a
+    guided metric (eval_fid@w1.5) needs what its unguided name needs."""
+    e, name, metric = config.eval, config.data.name, metric.split("@")[0]
     if metric in ("eval_fid", "eval_kid") and (e.features == "none" or name in data.VECTOR_SETS):
         raise UsageError(f"metric {metric} needs image data and a feature network ([eval] features), not "
                          f"{name!r} with features {e.features!r}")

@@ -85,6 +85,23 @@ def test_compare_options_are_validated(tmp_path):
         parse(write_config(tmp_path, extra="jobs = 0"))
 
 
+def test_a_metric_no_run_would_log_is_refused_before_any_run(tmp_path):
+    """eval_swd without samples, eval_fid on vectors: every run would train to the end and the report find nothing."""
+    for sample_n, metric, message in ((0, "eval_swd", "needs samples at each eval"),
+                                      (16, "eval_fid", "needs image data and a feature network")):
+        path = write_config(tmp_path, sample_n=sample_n)
+        path.write_text(path.read_text().replace('metric = "eval_eps_mse"', f'metric = "{metric}"'))
+        with pytest.raises(UsageError, match=message):
+            compare(path, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out" / "runs").exists()
+    path = write_config(tmp_path, sample_n=16)
+    path.write_text(path.read_text().replace('metric = "eval_eps_mse"', 'metric = "eval_swd"'))
+    assert parse(path).metric == "eval_swd"
+    from adaptive_sched.run_checks import check_metric_logged
+    with pytest.raises(UsageError, match="metric eval_fid needs image data"):       # a guided metric's needs
+        check_metric_logged(parse(path).base, "eval_fid@w1.5")
+
+
 def test_a_bad_learned_objective_or_weighting_is_refused_before_any_run(tmp_path):
     """Not at the start of that row's run, perhaps an hour into the comparison."""
     learned = 'schedules = [{ name = "cosine" }, { name = "learned", objective = "%s" }]\n'
