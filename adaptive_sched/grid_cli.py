@@ -41,7 +41,8 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
         from adaptive_sched.export import load_run_schedule, trained_params
         _, schedule, snap = load_run_schedule(run_dir)
         meta.update(training_params=trained_params(config, int(snap["step"])),
-                    training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max])
+                    training_window=[config.schedule.logsnr_min, config.schedule.logsnr_max],
+                    **({"curriculum": config.schedule.curriculum} if config.schedule.curriculum else {}))
         from adaptive_sched.class_schedules import Marginal, num_classes
         if num_classes(schedule):                    # a conditional schedule: the quantiles of its marginal
             schedule = Marginal(schedule, snap.get("class_weights"))

@@ -86,6 +86,7 @@ def test_resume_mid_curriculum_replays_it_exactly(tmp_path):
     assert exported["logsnr"].to_numpy() == pytest.approx(last.logsnr(torch.tensor(exported["t"].to_numpy())).numpy())
     grid, grid_meta = grid_for_run(tmp_path / "a", 4, "quantile")
     assert grid_meta["training_params"] == pytest.approx({"b": 1.5, "mu": -1.0})
+    assert grid_meta["curriculum"] == straight.schedule.curriculum                 # as the export's sidecar says
 
 
 class Stop(Exception):
