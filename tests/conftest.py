@@ -1,6 +1,11 @@
 """Shared fixtures."""
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):      # `pytest -n K`: K test processes share the cores, one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
