@@ -62,7 +62,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     ays_memo = {}                                    # AYS's shared stages (10 → 20) are refined once per run
     for method, steps in todo:
         grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo, **ays)
-        write_grid(out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv", grid, meta)
+        write_grid(grid_file(out, run_dir, method, steps), grid, meta)
         x = generate(model, config.train.target, tuple(snap["data_shape"]), n, grid, config.eval.sampler, seed=777,
                      device=dev, labels=labels, guidance=config.eval.guidance[0], clip_x0=config.eval.clip_x0)
         row = {"run": str(run_dir), "method": method, "steps": steps,
@@ -101,6 +101,10 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
         if twice:
             raise UsageError(f"{what} {', '.join(twice)} is given twice")
     run_dirs = [Path(r) for r in runs]
+    missing = [r for r in run_dirs if not r.is_dir()]
+    if missing:                                      # (rows named by this path may be another folder's runs)
+        raise UsageError(f"{missing[0]}: no such run directory")
+    check_grid_names(run_dirs, methods, steps, out)
     scored = CsvLog(out / "grid_eval.csv", COLUMNS).rows() if (out / "grid_eval.csv").exists() else []
     done = {(r["run"], r["method"], int(r["steps"])) for r in scored}
     todos = {run_dir: [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
@@ -109,8 +113,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    claim_settings(out, ays, any(m == "ays" for todo in todos.values() for m, _ in todo),
-                   any(r["method"] == "ays" for r in scored))
+    claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored))
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
@@ -120,8 +123,36 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     return out
 
 
+def grid_file(out: Path, run_dir: Path, method: str, steps: int) -> Path:
+    """Where the grid a row was scored with is kept: DIR/grids/<run slug>_<method>_<steps>.csv."""
+    return out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv"
+
+
+def check_grid_names(run_dirs: list[Path], methods: list[str], steps: list[int], out: Path) -> None:
+    """UsageError when two runs would keep their grids under one name (the slug is the path's last two parts:
+    a/runs/seed0 and b/runs/seed0), in this call or against a grid DIR/grids holds for another run."""
+    from adaptive_sched.out_paths import portable_path
+    slugs = {}
+    for run_dir in run_dirs:
+        other = slugs.setdefault(run_slug(run_dir), run_dir)
+        if other != run_dir:
+            raise UsageError(f"{other} and {run_dir} would keep their grids under one name in {out / 'grids'}; "
+                             f"score them into separate --out folders")
+        for method in methods:
+            for n in steps:
+                path = grid_file(out, run_dir, method, n)
+                sidecar = path.with_name(path.name + ".json")                      # (grids.write_grid's)
+                try:
+                    kept = json.loads(sidecar.read_text()).get("run_dir") if sidecar.exists() else None
+                except (ValueError, AttributeError):
+                    kept = None
+                if kept is not None and kept != portable_path(run_dir):
+                    raise UsageError(f"{sidecar} holds the grid of run {kept} (as named from the folder grid-eval "
+                                     f"ran in), not {portable_path(run_dir)}: use another --out, or run from there")
+
+
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
-    """Keep DIR's AYS rows to one setting: before AYS rows are scored, refuse other settings than those in
+    """Keep DIR's AYS rows to one setting: when AYS rows are asked for, refuse other settings than those in
     DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
     from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag
     if not uses_ays:

@@ -29,11 +29,21 @@ class CsvLog:
             self._rewrite([])
 
     def append(self, row: dict) -> None:
-        """Append one row (missing columns left blank)."""
+        """Append one row (missing columns left blank). A torn last line (an earlier write cut short: rows() drops
+        it) is cut off first, so the new row starts a line of its own."""
         buffer = io.StringIO()
-        csv.writer(buffer).writerow([_format(row.get(c)) for c in self.columns])
-        with self.path.open("a", newline="") as handle:
-            handle.write(buffer.getvalue())
+        writer = csv.writer(buffer)
+        with self.path.open("r+b") as handle:
+            end = handle.seek(0, io.SEEK_END)
+            torn = end > 0 and handle.seek(end - 1) >= 0 and handle.read(1) != b"\n"
+            if torn:
+                end = self.path.read_bytes().rfind(b"\n") + 1
+                handle.truncate(end)
+                handle.seek(end)
+            if end == 0:                                # the header itself was torn
+                writer.writerow(self.columns)
+            writer.writerow([_format(row.get(c)) for c in self.columns])
+            handle.write(buffer.getvalue().encode())
             handle.flush()
 
     def rows(self) -> list[dict]:

@@ -349,3 +349,35 @@ def test_grid_eval_passes_ays_settings_and_keeps_a_folder_to_one_setting(tmp_pat
     assert "--ays-samples, --ays-sweeps, --ays-candidates, --ays-data apply only to ays grids" in err
     assert main(["grid-eval", str(run), "--methods", "ays", "--out", str(tmp_path / "g2"), "--ays-data", "0"]) == 2
     assert "--ays-data must be an integer >= 1" in capsys.readouterr().err and not (tmp_path / "g2").exists()
+    (out / "grid_eval.json").write_text(json.dumps({"ays": {"ays_samples": 8, "ays_sweeps": 1, "ays_candidates": 2,
+                                                            "ays_coarse": 10, "ays_data": 40}}))
+    assert main(["grid-eval", str(run), "--steps", "3", "--methods", "ays", "--out", str(out), "--quiet"]) == 2
+    assert "--ays-samples 8 (now 64)" in capsys.readouterr().err     # asked for, though every AYS row is scored
+
+
+def test_grid_eval_refuses_a_run_path_that_is_not_there_and_two_runs_under_one_grid_name(tmp_path, monkeypatch):
+    """Rows are keyed by the run's path as typed: from a folder where `runs/a` is no run, the rows another folder's
+    runs/a left are not reported as this one's; two runs whose paths end alike (x/runs/seed0, y/runs/seed0) would
+    keep their grids under one name."""
+    import shutil
+    from adaptive_sched import config as cfg
+    from adaptive_sched.grid_eval import COLUMNS, grid_eval
+    from adaptive_sched.train import train
+    out = tmp_path / "ge"
+    out.mkdir()
+    (out / "grid_eval.csv").write_text(",".join(COLUMNS) + "\nruns/a,cosine,3,0.12,,\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="runs/a: no such run directory"):
+        grid_eval(["runs/a"], [3], ["cosine"], out, progress=False)
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10},
+                            "eval": {"every": 10, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
+    train(config, tmp_path / "x" / "runs" / "seed0", progress=False)
+    shutil.copytree(tmp_path / "x", tmp_path / "y")
+    with pytest.raises(UsageError, match="would keep their grids under one name"):
+        grid_eval(["x/runs/seed0", "y/runs/seed0"], [3], ["cosine"], tmp_path / "both", progress=False)
+    grid_eval(["x/runs/seed0"], [3], ["cosine"], tmp_path / "one", progress=False)
+    with pytest.raises(UsageError, match="holds the grid of run x/runs/seed0"):
+        grid_eval(["y/runs/seed0"], [3], ["cosine"], tmp_path / "one", progress=False)
+    grid_eval(["x/runs/seed0"], [3, 4], ["cosine"], tmp_path / "one", progress=False)     # its own grids: fine
