@@ -101,7 +101,7 @@ def parse(path: str | Path) -> Plan:
         raise UsageError("[compare] seeds must be a non-empty list of integers")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"[compare] seeds lists a seed twice: {seeds}")
-    from adaptive_sched.run_build import build_loss, build_schedule, metric_columns
+    from adaptive_sched.run_build import build_loss, build_schedule, check_table_condition, metric_columns
     from adaptive_sched.run_checks import check_metric_logged, validate
     eval_metrics = [c for c in metric_columns(base) if c.startswith("eval_")]
     if metric not in eval_metrics:
@@ -125,7 +125,9 @@ def parse(path: str | Path) -> Plan:
         configs = [run_config(base, entry, seed) for seed in seeds]
         for config in configs:
             validate(config)
-        build_loss(configs[0], build_schedule(configs[0].schedule))
+        schedule = build_schedule(configs[0].schedule)
+        check_table_condition(schedule, configs[0].learned.condition)
+        build_loss(configs[0], schedule)
     jobs, samples = section.get("jobs", 1), section.get("samples", 64)
     if not isinstance(jobs, int) or jobs < 1 or not isinstance(samples, int) or samples < 0:
         raise UsageError("[compare] jobs must be an integer >= 1 and samples an integer >= 0")

@@ -31,6 +31,31 @@ def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu"
     return torch.arange(n, device=device) % num_classes
 
 
+SAMPLE_LABELS = ("held_out", "balanced")
+
+
+def eval_labels(how: str, held_out_y: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """The labels of the n samples an eval scores against the first n held-out rows: "held_out" their own labels
+    (the samples' class mix is the reference's, whatever the data's class frequencies), "balanced" equal counts."""
+    if how == "balanced":
+        return balanced_labels(n, num_classes)
+    return held_out_y[:n].to("cpu", torch.int64)
+
+
+def check_class_labels(train_y: torch.Tensor, held_out_y: torch.Tensor | None, num_classes: int) -> None:
+    """UsageError unless every label is in 0..K−1 and every class occurs in the training data: a class with no
+    training example would get untrained embeddings, and samples of it would be scored as if trained."""
+    for name, y in (("training", train_y), ("held-out", held_out_y)):
+        if y is not None and len(y) and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+            raise UsageError(f"{name} labels must be in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}")
+    counts = torch.bincount(train_y.cpu(), minlength=num_classes)
+    missing = torch.nonzero(counts == 0).flatten().tolist()
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise UsageError(f"class labels must run 0..{num_classes - 1} with every class in the training data; "
+                         f"no training example has label {shown} (renumber the labels, or use more of the data)")
+
+
 def guided_prediction(model, x: torch.Tensor, logsnr: torch.Tensor, y: torch.Tensor | None, guidance: float,
                       null_class: int) -> torch.Tensor:
     """pred_uncond + w·(pred_cond − pred_uncond) in the network's own target space; one batched call for both

@@ -126,6 +126,8 @@ class EvalConfig:
     bpd_bins: int = 0             # 0: continuous decoder; 256: 8-bit images (VDM's categorical decoder)
     guidance: list = field(default_factory=lambda: [1.0])   # CFG scales w (conditional runs): samples and
                                   # FID/KID/SWD at each; the first also gives the plain eval_fid/eval_kid/eval_swd
+    sample_labels: str = "held_out"   # conditional runs' sample labels: held_out (those of the held-out rows the
+                                      # samples are scored against: the same class mix) or balanced (equal counts)
 
 
 @dataclass

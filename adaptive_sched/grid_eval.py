@@ -41,7 +41,7 @@ def run_slug(run_dir: Path) -> str:
 def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | None, device: str,
               progress: bool, ays: dict) -> Iterator[dict]:
     """Rows {run, method, steps, metrics} for the (method, steps) pairs of one run, each as soon as it is scored."""
-    from adaptive_sched.conditioning import balanced_labels
+    from adaptive_sched.conditioning import eval_labels
     from adaptive_sched.data import Dataset
     from adaptive_sched.eval_features import build_evaluator
     from adaptive_sched.evaluate import sliced_wasserstein
@@ -58,7 +58,7 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
                        held_out.num_classes, held_out.oracle)
     scorer, _ = build_evaluator(config.eval, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
     classes = snap.get("num_classes", 0)
-    labels = balanced_labels(n, classes) if classes else None
+    labels = eval_labels(config.eval.sample_labels, held_out.y, n, classes) if classes else None
     ays_memo = {}                                    # AYS's shared stages (10 → 20) are refined once per run
     for method, steps in todo:
         grid, meta = grid_for_run(run_dir, steps, method, device=device, ays_memo=ays_memo, **ays)

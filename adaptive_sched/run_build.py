@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from adaptive_sched import config as cfg, curriculum, data as datasets, distributed, schedules, weighting
-from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, condition_frequencies, guidance_suffix,
-                                         parse_condition)
+from adaptive_sched.conditioning import (GUIDED_METRICS, ScheduleCondition, check_class_labels, condition_frequencies,
+                                         guidance_suffix, parse_condition)
 from adaptive_sched.errors import UsageError
 from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model
@@ -52,6 +52,16 @@ def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: in
     curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
         cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
     return schedule_at(s, step, steps, ramps)
+
+
+def check_table_condition(schedule, condition: str) -> None:
+    """UsageError when a table holding several classes' schedules would train a run whose schedule sees no
+    condition ([learned] condition = "none"): its λ(t, y) needs each example's class."""
+    from adaptive_sched.class_schedules import num_classes
+    k = num_classes(schedule)
+    if k and condition == "none":
+        raise UsageError(f"the table holds {k} classes' schedules: set [learned] condition = \"class\" to train "
+                         f"with them, or train on the marginal table (an export's FILE.csv beside FILE.classes.csv)")
 
 
 def conditional_schedule(schedule_config: cfg.ScheduleConfig, num_conditions: int):
@@ -135,7 +145,10 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
                                  eval_data.oracle)
     num_classes = denoiser_classes(config, train_data)
     condition = parse_condition(config.learned.condition, train_data.x, train_data.y, train_data.num_classes)
+    if num_classes or condition.kind == "class":
+        check_class_labels(train_data.y, eval_data.y, train_data.num_classes)
     schedule = build_schedule(config.schedule, 0, config.train.steps, condition.num_classes)
+    check_table_condition(schedule, condition.kind)
     loss = build_loss(config, schedule)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, train_data.shape, num_classes, **config.model.params).to(device)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from adaptive_sched import config as cfg, data, models, samplers
-from adaptive_sched.conditioning import check_guidance
+from adaptive_sched.conditioning import SAMPLE_LABELS, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import sampling_grid
 from adaptive_sched.losses import check_objective
@@ -62,6 +62,8 @@ def validate(config: cfg.RunConfig) -> None:
     if not (math.isfinite(t.p_uncond) and 0 <= t.p_uncond < 1):
         raise UsageError(f"p_uncond must be in [0, 1), got {t.p_uncond}")
     check_guidance(e.guidance, t.conditional)
+    if e.sample_labels not in SAMPLE_LABELS:
+        raise UsageError(f"[eval] sample_labels must be one of {', '.join(SAMPLE_LABELS)}, got {e.sample_labels!r}")
     if t.compile_mode not in cfg.COMPILE_MODES:
         raise UsageError(f"[train] compile_mode must be one of {', '.join(cfg.COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.compile_mode != "default" and not t.compile:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from adaptive_sched.class_schedules import marginal_density, num_classes, per_class_density_rows
-from adaptive_sched.conditioning import balanced_labels, guidance_suffix
+from adaptive_sched.conditioning import eval_labels, guidance_suffix
 from adaptive_sched.evaluate import eval_grid, loss_profile, sliced_wasserstein, summarize
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
@@ -50,11 +50,12 @@ def evaluate(run, out_dir: Path, step: int) -> dict[str, float]:
 
 def sample_metrics(run, model) -> dict[str, float]:
     """Sliced Wasserstein (and FID/KID for images) of EMA samples against held-out data, at every guidance scale
-    of a conditional run (class-balanced labels, same noise); the first scale also gives the unsuffixed names."""
+    of a conditional run (labels per [eval] sample_labels, same noise); the first scale also gives the unsuffixed
+    names."""
     e = run.config.eval
     grid = sampling_grid(e.grid, e.sample_steps, e.sample_logsnr_min, e.sample_logsnr_max)
     n = min(e.sample_n, len(run.eval_data))
-    labels = balanced_labels(n, run.num_classes) if run.num_classes else None
+    labels = eval_labels(e.sample_labels, run.eval_data.y, n, run.num_classes) if run.num_classes else None
     metrics = {}
     for i, w in enumerate(e.guidance):
         x = generate(model, run.config.train.target, run.train_data.shape, n, grid, e.sampler, seed=777,

@@ -342,3 +342,65 @@ def test_quantile_grid_of_a_conditional_run_uses_the_marginal(tmp_path):
     steps = surv[:-1] - surv[1:]
     assert "marginal" in meta["training_density"] and grid[0] == lo and grid[-1] == hi
     torch.testing.assert_close(steps, torch.full_like(steps, float(steps.mean())), rtol=1e-9, atol=1e-12)
+
+
+def test_eval_samples_take_the_labels_of_the_held_out_rows_they_are_scored_against(tmp_path, monkeypatch):
+    """The gmm's classes are unequal (weights 0.075 to 0.163): equal class counts would score even the exact
+    conditional sampler as far from the held-out rows. By default the samples take those rows' own labels;
+    sample_labels = "balanced" gives equal counts."""
+    from adaptive_sched import run_eval
+    from adaptive_sched.run_build import load_data
+    from adaptive_sched.train import train
+    seen = []
+    real = run_eval.generate
+    monkeypatch.setattr(run_eval, "generate", lambda *a, **kw: seen.append(kw["labels"].clone()) or real(*a, **kw))
+    for how in ("held_out", "balanced"):
+        config = cfg.from_dict({"data": {"name": "gmm", "n": 400},
+                                "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                                "train": {"steps": 4, "batch_size": 32, "device": "cpu", "log_every": 4,
+                                          "conditional": True},
+                                "eval": {"every": 4, "n": 200, "sample_n": 150, "sample_steps": 3,
+                                         "sample_labels": how}})
+        train(config, tmp_path / how, progress=False)
+    test = load_data(config.data, "test")
+    held_out = test.y[:150]
+    assert torch.equal(seen[0], held_out) and torch.bincount(held_out).min() < torch.bincount(held_out).max() - 5
+    assert torch.equal(seen[1], balanced_labels(150, test.num_classes))
+    with pytest.raises(UsageError, match="sample_labels must be one of held_out, balanced"):
+        train(cfg.from_dict({"eval": {"sample_labels": "uniform"}}), tmp_path / "bad", progress=False)
+
+
+def test_labels_with_a_class_missing_from_the_training_data_are_refused(tmp_path):
+    """An npz labelled {3, 7} would make an 8-class model whose classes 0-2 and 4-6 never train, and whose
+    evals sample them; a run that does not use the labels is not refused."""
+    from adaptive_sched.conditioning import check_class_labels
+    from adaptive_sched.run_build import build
+    path = _two_class_npz(tmp_path / "sparse.npz")
+    with np.load(path) as f:
+        x, y = f["x"], f["y"]
+    np.savez(path, x=x, y=np.where(y == 1, 7, 3))
+    with pytest.raises(UsageError, match="no training example has label 0, 1, 2, 4, 5, 6"):
+        build(_conditional_config(path, steps=10))
+    unconditional = _conditional_config(path, steps=10)
+    unconditional.train.conditional, unconditional.eval.guidance = False, [1.0]
+    assert build(unconditional).num_classes == 0
+    with pytest.raises(UsageError, match=r"held-out labels must be in 0..2, got 0..3"):
+        check_class_labels(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), 3)
+
+
+def test_a_table_of_several_classes_needs_a_class_conditioned_run(tmp_path):
+    """A FILE.classes.csv export as the schedule of a run whose schedule sees no class failed at its first step."""
+    from adaptive_sched import schedules
+    from adaptive_sched.run_build import build
+    t = np.linspace(0, 1, 11)
+    rows = {k: schedules.build("cosine", shift=k / 5).logsnr(torch.tensor(t)).numpy() for k in range(10)}  # digits
+    path = tmp_path / "s.classes.csv"
+    path.write_text("class,t,logsnr\n" + "".join(f"{k},{float(ti)!r},{float(li)!r}\n" for k, lam in rows.items()
+                                                  for ti, li in zip(t, lam)))
+    config = cfg.from_dict({"data": {"name": "digits"}, "schedule": {"name": "table", "path": str(path)},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 4, "batch_size": 8, "device": "cpu"}, "eval": {"features": "none"}})
+    with pytest.raises(UsageError, match="the table holds 10 classes' schedules: set \\[learned\\] condition"):
+        build(config)
+    config.learned.condition = "class"
+    assert build(config).condition.kind == "class"
