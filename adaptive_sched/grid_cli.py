@@ -8,24 +8,27 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from adaptive_sched import grids
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file, portable_path
+
+if TYPE_CHECKING:
+    import torch
+
+METHODS = ("ays", "quantile", "karras", "cosine")     # grid_for_run's; torch loads only when a grid is built
 
 
 def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
                  seed: int = 0, ays_samples: int = 64, ays_sweeps: int = 3, ays_candidates: int = 12,
                  ays_coarse: int = 10, ays_data: int = 1000, ays_memo: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """(grid, provenance) for a run: `method` in grids.METHODS, in the run's sampling window; steps=None: the run's.
+    """(grid, provenance) for a run: `method` in METHODS, in the run's sampling window; steps=None: the run's.
 
     `ays_memo`: a dict kept by the caller for this run (see grids.ays_grid), so AYS at 10 then 20 steps refines
     the 10-step stage once."""
-    from adaptive_sched import checkpoint, config as cfg
-    if method not in grids.METHODS:
-        raise UsageError(f"unknown grid method {method!r}; choose one of: {', '.join(grids.METHODS)}")
+    from adaptive_sched import checkpoint, config as cfg, grids
+    if method not in METHODS:
+        raise UsageError(f"unknown grid method {method!r}; choose one of: {', '.join(METHODS)}")
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
     e = config.eval
@@ -70,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                     "(ays, quantile, karras, cosine) as CSV + JSON sidecar")
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, help="sampler steps N; the grid has N + 1 points (default: the run's)")
-    p.add_argument("--method", choices=list(grids.METHODS), default="ays")
+    p.add_argument("--method", choices=list(METHODS), default="ays")
     p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json)")
     p.add_argument("--rho", type=float, help="karras: ρ of the noise-level spacing (default 7)")
     p.add_argument("--seed", type=int, help="ays: seed of the Monte Carlo draws (default 0)")
@@ -123,6 +126,7 @@ def refuse_unused(options: dict, methods: str | list[str], uses: str) -> None:
 
 def cmd_sampling_grid(args) -> int:
     """Build the grid for args.run_dir and write it to args.out."""
+    from adaptive_sched import grids
     out = Path(args.out)
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {out.name}")

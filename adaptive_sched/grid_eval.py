@@ -83,7 +83,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     DIR/grid_eval.json: a folder's rows all come from one setting, so a call with other settings into the same
     folder is refused."""
     from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag, check_ays_settings, refuse_unused
-    from adaptive_sched.grids import METHODS
+    from adaptive_sched.grid_cli import METHODS
     from adaptive_sched.runlog import CsvLog
     bad = [m for m in methods if m not in METHODS]
     if bad:

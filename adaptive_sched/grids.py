@@ -26,7 +26,6 @@ from adaptive_sched.out_paths import output_file
 from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
-METHODS = ("ays", "quantile", "karras", "cosine")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x (N, ...), λ (N,)) -> x̂0 (N, ...)
 
 

@@ -182,3 +182,11 @@ schedules = [{ name = "cosine" }, { name = "laplace", b = 1.0 }]
         assert (out / name).exists(), name
     again = cli("compare", str(config), "--out", str(out), "--quiet")
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
+
+
+def test_the_command_line_parser_loads_without_torch():
+    """`adaptive-sched --help` and argument errors answer at once: no subcommand's parser imports torch."""
+    import subprocess
+    import sys
+    probe = "import sys; from adaptive_sched.cli import make_parser; make_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
