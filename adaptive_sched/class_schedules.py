@@ -122,15 +122,27 @@ def marginal_density(schedule, logsnr, weights=None) -> torch.Tensor:
     return weighted_sum(w, per_class(schedule.density, lam, k))
 
 
+def distinct_points(points: np.ndarray, tol: float) -> np.ndarray:
+    """The sorted points with each run of neighbours closer than `tol` kept as its first point, and the largest
+    point always kept (so both ends of a sorted window stay exact)."""
+    x = np.unique(points)
+    kept = [x[0]]
+    for value in x[1:-1]:
+        if value - kept[-1] > tol and x[-1] - value > tol:
+            kept.append(value)
+    return np.array(kept + [x[-1]]) if len(x) > 1 else x
+
+
 def marginal_table(schedule, logsnr_grid, weights=None) -> tuple[np.ndarray, np.ndarray]:
     """(t increasing 0 → 1, λ decreasing) of the marginal at the grid's points inside the schedule's window
     plus both window ends: t = t_marg(λ), exact at those points (piecewise linear between them).
 
-    A stretch of λ where no class has mass leaves t_marg flat (λ(t) jumps): a UsageError naming it.
+    A stretch of λ where no class has mass leaves t_marg flat (λ(t) jumps): a UsageError naming it. Points closer
+    than 1e-9 of the window are one point (two classes' knots a rounding error apart gave a zero-width "gap").
     """
     lo, hi = float(schedule.logsnr_min), float(schedule.logsnr_max)
     lam = np.asarray(logsnr_grid, dtype=np.float64).reshape(-1)
-    lam = np.unique(np.concatenate([lam[(lam > lo) & (lam < hi)], [lo, hi]]))[::-1].copy()   # decreasing
+    lam = distinct_points(np.concatenate([lam[(lam > lo) & (lam < hi)], [lo, hi]]), 1e-9 * (hi - lo))[::-1].copy()
     t = marginal_survival(schedule, torch.from_numpy(lam), weights).numpy()
     t[0], t[-1] = 0.0, 1.0
     flat = np.flatnonzero(np.diff(t) <= 0)

@@ -355,3 +355,16 @@ def test_per_class_density_plot(tmp_path, two_class):
         writer.writerows(rows)
     png = per_class_densities(tmp_path / "density.csv", tmp_path / "density.png", "two classes")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_class_tables_a_rounding_error_apart_have_no_gap():
+    """Two classes' knots 1e-14 apart made a zero-width flat stretch of the marginal, refused as a gap."""
+    from adaptive_sched.class_schedules import distinct_points
+    from adaptive_sched.schedules.table import ClassTable
+    cos = schedules.build("cosine", logsnr_min=-10.0, logsnr_max=10.0)
+    t = np.linspace(0, 1, 2001)
+    lam = cos.logsnr(torch.tensor(t, dtype=torch.float64)).numpy()
+    table = ClassTable({0: (t, lam), 1: (t, lam + 1e-14 * np.sign(lam))})
+    probe = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(table.logsnr(probe), cos.logsnr(probe), rtol=0, atol=1e-5)
+    assert distinct_points(np.array([0.0, 1e-12, 0.5, 1.0 - 1e-12, 1.0]), 1e-9).tolist() == [0.0, 0.5, 1.0]
