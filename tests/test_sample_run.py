@@ -29,3 +29,18 @@ def test_a_guidance_scale_that_overflows_writes_nothing(conditional_run, tmp_pat
     with pytest.raises(UsageError, match=r"8 of 8 samples hold NaN or infinite values \(guidance 1e\+30"):
         sample_run.sample_run(conditional_run, 8, tmp_path / "s.npz", steps=5, guidance=1e30)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unconditional_samples_of_a_run_evaluated_with_guidance(tmp_path):
+    """--class none draws from the null class: the run's first [eval] guidance scale (2 here) does not apply, and
+    an explicit --guidance other than 1 is refused (it was refused as if the model had no classes)."""
+    config = cfg.from_dict({"data": {"name": "gmm", "n": 256}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                            "train": {"steps": 2, "batch_size": 16, "device": "cpu", "log_every": 2,
+                                      "conditional": True},
+                            "eval": {"every": 2, "n": 32, "sample_n": 0, "logsnr_points": 3, "guidance": [2.0, 1.0]}})
+    train(config, tmp_path / "run", progress=False)
+    path = sample_run.sample_run(tmp_path / "run", 8, tmp_path / "s.npz", steps=3, label="none")
+    with np.load(path) as f:
+        assert float(f["guidance"]) == 1.0 and np.isfinite(f["x"]).all()
+    with pytest.raises(UsageError, match="--guidance 3 guides class-conditional samples, not --class none"):
+        sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, label="none", guidance=3.0)
