@@ -58,7 +58,10 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
 
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
-    """Fréchet distance of N(μ1, Σ1) and N(μ2, Σ2): ‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})."""
+    """Fréchet distance of N(μ1, Σ1) and N(μ2, Σ2): ‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}).
+
+    The square root is taken of the covariances divided by their mean variance s (and the trace scaled back by s),
+    so its realness tolerance and the eps ridge are relative: FID(c·a, c·b) = c²·FID(a, b) at any feature scale."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -67,14 +70,18 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) 
                          "need mu (D,) and sigma (D, D) from the same feature network")
     if not all(np.isfinite(v).all() for v in (mu1, mu2, sigma1, sigma2)):
         raise UsageError("stats contain NaN or inf; recompute them from finite features")
-    root = _sqrtm_product(sigma1, sigma2)
-    if root is None:  # near-singular product: add eps·I to both covariances and retry
+    scale = (np.trace(sigma1) + np.trace(sigma2)) / (2 * d)
+    scale = scale if scale > 0 else 1.0                     # (both constant: any scale gives a zero root)
+    s1, s2 = sigma1 / scale, sigma2 / scale
+    root = _sqrtm_product(s1, s2)
+    if root is None:  # near-singular product: add eps·I to both (scaled) covariances and retry
         ridge = eps * np.eye(d)
-        root = _sqrtm_product(sigma1 + ridge, sigma2 + ridge)
+        root = _sqrtm_product(s1 + ridge, s2 + ridge)
         if root is None:
-            raise UsageError(f"sqrtm(Σ1 Σ2) is not finite even with eps={eps}; pass a larger eps")
+            raise UsageError(f"sqrtm(Σ1 Σ2) has no finite real value even with a ridge of {eps:g} times the mean "
+                             f"variance; use more samples than feature dimensions ({d})")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * scale * np.trace(root))
 
 
 def frechet_distance(a, b) -> float:
