@@ -109,7 +109,7 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
             "source_run": portable_path(run_dir), "points": points}
     if not classes:
         columns = schedule_columns(schedule, points)
-        if discrete_steps:
+        if discrete_steps is not None:
             meta["alphas_cumprod"] = alphas_cumprod(schedule, discrete_steps).tolist()
     else:
         weights = run_class_weights(snap, classes)
@@ -118,7 +118,7 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
         medians = class_medians(schedule)
         meta.update(num_classes=classes, class_weights=weights.tolist(), class_medians=medians.tolist(),
                     median_spread=median_spread(medians), marginal="sum_k w_k p(logsnr | k)")
-        if discrete_steps:
+        if discrete_steps is not None:
             meta["alphas_cumprod"] = alphas_cumprod(Table(t=columns["t"], logsnr=columns["logsnr"]),
                                                     discrete_steps).tolist()
             meta["alphas_cumprod_per_class"] = [alphas_cumprod(schedule, discrete_steps, k).tolist()

@@ -191,6 +191,9 @@ def test_export_and_reload_as_table(tmp_path):
     assert np.all(np.diff(meta["alphas_cumprod"]) < 0)
     export(tmp_path / "run", tmp_path / "learned.json")
     assert len(json.loads((tmp_path / "learned.json").read_text())["logsnr"]) == 1001
+    with pytest.raises(UsageError, match="--alphas-cumprod must be >= 1, got 0"):     # was ignored, not refused
+        export(tmp_path / "run", tmp_path / "zero.csv", discrete_steps=0)
+    assert not (tmp_path / "zero.csv").exists()
 
 
 @pytest.mark.slow
