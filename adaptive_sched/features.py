@@ -162,11 +162,11 @@ def _score(net: nn.Module, x: torch.Tensor, y: torch.Tensor | None, batch_size: 
 
 
 def _cache_key(dataset_name: str, kind: str, train, seed: int, steps: int) -> str:
-    """File stem: slug of the name, kind, CxHxW, seed, and a hash of name, size, version, steps and sampled data."""
+    """File stem: slug of the name, kind, CxHxW, seed, and a hash of name, size, version, steps and all the data
+    (every example: a file re-exported with some images changed trains a new network, never reuses the old one)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset_name).strip("_")[:48] or "data"
     h = hashlib.sha1(f"{dataset_name}|{len(train)}|{FEATURE_VERSION}|{steps}".encode())
-    stride = max(1, len(train) // 256)  # a cheap content fingerprint: every stride-th example
-    h.update(train.x[::stride].detach().cpu().contiguous().numpy().tobytes())
+    h.update(train.x.detach().cpu().contiguous().numpy().tobytes())
     if train.y is not None:
         h.update(train.y.cpu().numpy().tobytes())
     shape = "x".join(str(s) for s in train.shape)
@@ -214,7 +214,9 @@ def feature_net(dataset_name: str, train, test, seed: int = 0, cache_dir: Path |
     info = {"kind": kind, "dataset": dataset_name, "seed": seed, "train_examples": len(train),
             "feature_dim": FEATURE_DIM if kind == "classifier" else BOTTLENECK_DIM, "steps": steps, "key": key}
     with _one_thread(device), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # initial weights; the data order has its own generator
+        # initial weights (built on the CPU): the CPU generator alone, restored by fork_rng; torch.manual_seed would
+        # also reseed every CUDA generator, so a run's dropout would depend on whether this cache was warm
+        torch.random.default_generator.manual_seed(seed)      # the data order has its own generator
         net = _build(arch).to(device)
         _fit(net, train.x.to(device), labels, steps, seed)
         if test is not None and len(test) and kind == "autoencoder":

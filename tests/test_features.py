@@ -110,9 +110,25 @@ def test_cache_key_depends_on_name_shape_seed_and_data(digits):
             features._cache_key("digits", "classifier", padded, 0, 400),
             features._cache_key("npz:/a b/c.npz", "classifier", train, 0, 400),
             features._cache_key("digits", "classifier", Dataset("digits", -train.x, train.y, 10), 0, 400)}
-    assert len(keys) == 5
+    one_changed = train.x.clone()
+    one_changed[1, 0, 3, 3] += 0.5                  # one pixel of one image (the key once hashed every 6th image)
+    keys.add(features._cache_key("digits", "classifier", Dataset("digits", one_changed, train.y, 10), 0, 400))
+    assert len(keys) == 6
     assert features._cache_key("digits", "classifier", padded, 0, 400).startswith("digits-classifier-1x12x12-seed0-")
     assert all("/" not in k and " " not in k for k in keys)
+
+
+def test_training_a_feature_net_leaves_the_cuda_generators_alone(digits, tmp_path, monkeypatch):
+    """Its initial weights are seeded on the CPU generator only (restored after): torch.manual_seed would reseed
+    every CUDA generator, and a run's dropout would then depend on whether the cache was warm."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    small = Dataset("digits", digits[0].x[:128], digits[0].y[:128], 10)
+    torch.manual_seed(123)
+    reseeded.clear()
+    before = torch.random.get_rng_state()
+    feature_net("digits", small, None, seed=0, cache_dir=tmp_path, steps=1)
+    assert reseeded == [] and torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_damaged_cache_entry_is_retrained(digits, tmp_path):
