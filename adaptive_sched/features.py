@@ -180,7 +180,8 @@ def _load_cached(arch: dict, weights: Path, sidecar: Path) -> tuple[nn.Module, d
     try:
         net = _build(arch)
         net.load_state_dict(checkpoint.load(weights)["state_dict"])  # weights_only=True: runs no code
-        return net, json.loads(sidecar.read_text())
+        info = json.loads(sidecar.read_text())
+        return (net, info) if isinstance(info, dict) else None
     except (UsageError, KeyError, RuntimeError, ValueError):
         return None  # damaged entry: the caller retrains and overwrites it
 

@@ -137,6 +137,8 @@ def test_damaged_cache_entry_is_retrained(digits, tmp_path):
     (tmp_path / f"{info['key']}.pt").write_bytes(b"not a checkpoint")
     net, again = feature_net("digits", small, None, seed=0, cache_dir=tmp_path, steps=2)
     assert not again["cached"] and net(small.x[:4]).shape == (4, features.FEATURE_DIM)
+    (tmp_path / f"{info['key']}.json").write_text("[1, 2]")              # valid JSON, but not the sidecar's table
+    assert not feature_net("digits", small, None, seed=0, cache_dir=tmp_path, steps=2)[1]["cached"]
 
 
 def test_unlabelled_images_get_an_autoencoder(digits, tmp_path):
