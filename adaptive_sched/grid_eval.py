@@ -82,8 +82,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     `ays`: grid_cli's ays_* settings (default grid_cli.AYS_DEFAULTS; refused without an "ays" method), kept in
     DIR/grid_eval.json: a folder's rows all come from one setting, so a call with other settings into the same
     folder is refused."""
-    from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag, check_ays_settings, refuse_unused
-    from adaptive_sched.grid_cli import METHODS
+    from adaptive_sched.grid_cli import AYS_DEFAULTS, METHODS, ays_flag, check_ays_settings, refuse_unused
     from adaptive_sched.runlog import CsvLog
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -104,7 +103,6 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     missing = [r for r in run_dirs if not r.is_dir()]
     if missing:                                      # (rows named by this path may be another folder's runs)
         raise UsageError(f"{missing[0]}: no such run directory")
-    check_grid_names(run_dirs, methods, steps, out)
     scored = CsvLog(out / "grid_eval.csv", COLUMNS).rows() if (out / "grid_eval.csv").exists() else []
     done = {(r["run"], r["method"], int(r["steps"])) for r in scored}
     todos = {run_dir: [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
@@ -112,6 +110,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     for run_dir, todo in todos.items():             # a run scored before needs no checkpoint now
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
+    check_grid_names(todos, out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored))
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
@@ -128,27 +127,27 @@ def grid_file(out: Path, run_dir: Path, method: str, steps: int) -> Path:
     return out / "grids" / f"{run_slug(run_dir)}_{method}_{steps}.csv"
 
 
-def check_grid_names(run_dirs: list[Path], methods: list[str], steps: list[int], out: Path) -> None:
+def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> None:
     """UsageError when two runs would keep their grids under one name (the slug is the path's last two parts:
-    a/runs/seed0 and b/runs/seed0), in this call or against a grid DIR/grids holds for another run."""
+    a/runs/seed0 and b/runs/seed0): two runs of this call, or a grid to score whose file DIR/grids holds for
+    another run."""
     from adaptive_sched.out_paths import portable_path
     slugs = {}
-    for run_dir in run_dirs:
+    for run_dir, todo in todos.items():
         other = slugs.setdefault(run_slug(run_dir), run_dir)
         if other != run_dir:
             raise UsageError(f"{other} and {run_dir} would keep their grids under one name in {out / 'grids'}; "
                              f"score them into separate --out folders")
-        for method in methods:
-            for n in steps:
-                path = grid_file(out, run_dir, method, n)
-                sidecar = path.with_name(path.name + ".json")                      # (grids.write_grid's)
-                try:
-                    kept = json.loads(sidecar.read_text()).get("run_dir") if sidecar.exists() else None
-                except (ValueError, AttributeError):
-                    kept = None
-                if kept is not None and kept != portable_path(run_dir):
-                    raise UsageError(f"{sidecar} holds the grid of run {kept} (as named from the folder grid-eval "
-                                     f"ran in), not {portable_path(run_dir)}: use another --out, or run from there")
+        for method, n in todo:
+            path = grid_file(out, run_dir, method, n)
+            sidecar = path.with_name(path.name + ".json")                          # (grids.write_grid's)
+            try:
+                kept = json.loads(sidecar.read_text()).get("run_dir") if sidecar.exists() else None
+            except (ValueError, AttributeError):
+                kept = None
+            if kept is not None and kept != portable_path(run_dir):
+                raise UsageError(f"{sidecar} holds the grid of run {kept} (as named from the folder grid-eval "
+                                 f"ran in), not {portable_path(run_dir)}: use another --out, or run from there")
 
 
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
