@@ -55,6 +55,11 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     if state is not None and not resume:
         raise UsageError(f"{out_dir} already holds a run (checkpoint at step {state['step']}); "
                          f"pass --resume to continue it, or choose another --out")
+    if state is None:
+        refuse_run_without_checkpoint(out_dir, resume)
+    elif int(state["step"]) > run.config.train.steps:
+        raise UsageError(f"cannot resume {out_dir}: its checkpoint is at step {state['step']}, beyond [train] steps "
+                         f"{run.config.train.steps}; keep steps >= {state['step']}, or choose another --out")
     current = run.config.to_dict()
     if state is not None:
         check_resumable(state["config"], current)
@@ -82,6 +87,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             raise UsageError(gap or f"cannot resume {out_dir}: rank 0 found metrics.csv behind the checkpoint")
     if not run.world.is_main:
         return start, state
+    if start == 0:                                 # what a killed earlier attempt left describes no run of this one
+        for name in (run_artifacts.FINAL_TABLE, run_artifacts.FINAL_TABLE + ".json", run_artifacts.SAMPLE_PANEL):
+            (out_dir / name).unlink(missing_ok=True)
     atomic_write_text(out_dir / "config.toml", cfg.dumps_toml(current))
     from adaptive_sched.eval_features import write_info
     write_info(out_dir, run.fid_info or {})
@@ -92,6 +100,20 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             header = (out_dir / name).read_text().splitlines()[0].split(",")
             CsvLog(out_dir / name, header).truncate_after(start)
     return start, state
+
+
+def refuse_run_without_checkpoint(out_dir: Path, resume: bool) -> None:
+    """UsageError when a folder with no checkpoint holds a run that training from step 0 would overwrite: a
+    finished one (finished.json: brought back without its checkpoints, it can be neither continued nor retrained
+    over), or, without --resume, the metrics of one killed before its first checkpoint."""
+    marker = out_dir / run_artifacts.FINISHED
+    if marker.exists():
+        raise UsageError(f"{out_dir} holds a finished run ({marker.name}) without its checkpoint: it cannot be "
+                         f"continued, and training there would overwrite it; choose another --out")
+    metrics = out_dir / "metrics.csv"
+    if not resume and metrics.exists() and CsvLog(metrics, ["step"]).rows():
+        raise UsageError(f"{out_dir} holds a run's metrics.csv but no checkpoint (stopped before its first one): "
+                         f"pass --resume to train it again from step 0, or choose another --out")
 
 
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:

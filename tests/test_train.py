@@ -61,6 +61,33 @@ def test_run_dir_is_not_overwritten_and_resume_checks_config(tmp_path):
     assert int(float(final["step"])) == 50
 
 
+def test_a_run_without_its_checkpoint_is_not_trained_over(tmp_path):
+    """A finished run brought back without checkpoints (as the GPU sessions bring them): training there, with or
+    without --resume, started from step 0 over its metrics while its finished.json stayed, so a killed retrain
+    counted as finished. A run killed before its first checkpoint restarts only with --resume."""
+    run = tmp_path / "run"
+    train(gmm_config(steps=50), run, progress=False)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "ema.pt"):
+        (run / name).unlink(missing_ok=True)
+    before = (run / "metrics.csv").read_text()
+    for resume in (False, True):
+        with pytest.raises(UsageError, match="holds a finished run .finished.json. without its checkpoint"):
+            train(gmm_config(steps=100), run, resume=resume, progress=False)
+    assert (run / "metrics.csv").read_text() == before
+    (run / "finished.json").unlink()                     # as a run killed before its first checkpoint
+    with pytest.raises(UsageError, match="metrics.csv but no checkpoint .* pass --resume"):
+        train(gmm_config(steps=50), run, progress=False)
+    train(gmm_config(steps=50), run, resume=True, progress=False)
+    assert (run / "metrics.csv").read_text().splitlines()[1:] != [] and (run / "finished.json").exists()
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    """Resuming a 50-step checkpoint with steps = 25 returned at once and marked the run finished at step 25."""
+    train(gmm_config(steps=50), tmp_path / "run", progress=False)
+    with pytest.raises(UsageError, match="checkpoint is at step 50, beyond \\[train\\] steps 25"):
+        train(gmm_config(steps=25), tmp_path / "run", resume=True, progress=False)
+
+
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     train(gmm_config(steps=100), tmp_path / "run", progress=False)
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
