@@ -119,10 +119,13 @@ def refuse_run_without_checkpoint(out_dir: Path, resume: bool) -> None:
 def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     """Write the training state (atomically, keeping the previous one) and the EMA snapshot (rank 0).
 
-    Under DDP every rank first checks that the ranks' weights and schedule parameters are identical.
+    Under DDP every rank first checks that the ranks' weights, schedule parameters and loss histograms are
+    identical.
     """
     distributed.assert_identical(list(run.model.parameters()), run.world, "denoiser weights")
     distributed.assert_identical(run.schedule_params, run.world, "learned-schedule parameters")
+    if run.loss.histogram is not None:                      # the adaptive objective's target (adaptive_binned: its λ)
+        distributed.assert_identical(list(run.loss.histogram.buffers()), run.world, "loss histograms")
     if not run.world.is_main:
         return
     state = {"step": step, "logged_step": run.logged_step, "world_size": run.world.size,

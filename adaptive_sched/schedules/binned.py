@@ -29,7 +29,8 @@ class LossHistogram(torch.nn.Module):
     def update(self, logsnr: torch.Tensor, weighted_loss: torch.Tensor) -> None:
         """Move each bin's EMA towards the mean of this batch's w·ℓ in it (bins without examples keep theirs).
 
-        Non-finite values (a diverging step) are left out, so they never poison the EMA.
+        Non-finite values (a diverging step) are left out, so they never poison the EMA. Under DDP the bins' sums
+        and counts are summed over the ranks first: every rank holds the histogram of the whole global batch.
         """
         bins = len(self.value)
         width = (self.logsnr_max - self.logsnr_min) / bins
@@ -38,6 +39,11 @@ class LossHistogram(torch.nn.Module):
         values = torch.where(ok, weighted_loss.double(), 0.0)
         total = torch.zeros_like(self.value).index_add_(0, idx, values)
         count = torch.zeros_like(self.value).index_add_(0, idx, ok.to(self.value.dtype))
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            both = torch.stack([total, count])                           # (2, K): one collective
+            dist.all_reduce(both)
+            total, count = both[0], both[1]
         batch_mean = total / count.clamp(min=1)
         first = (self.seen == 0) & (count > 0)
         rate = torch.where(count > 0, torch.full_like(self.value, 1 - self.decay), torch.zeros_like(self.value))
