@@ -11,6 +11,7 @@ from adaptive_sched.atomic import atomic_open
 from adaptive_sched.errors import UsageError
 
 STATE_NAME = "checkpoint.pt"          # full training state, for resume
+DAMAGED_NAME = "checkpoint.damaged.pt"  # an unreadable latest, set aside when a run resumes from the previous one
 PREVIOUS_NAME = "checkpoint.prev.pt"  # the one before it, the fallback if the latest is damaged
 EMA_NAME = "ema.pt"                   # small EMA snapshot + config, for sampling and export
 
@@ -52,14 +53,15 @@ def save_training_state(run_dir: str | Path, state: dict) -> None:
 
 
 def load_training_state(run_dir: str | Path, map_location="cpu") -> dict | None:
-    """The latest readable training state in `run_dir` (falling back to the previous one), or None."""
+    """The latest readable training state in `run_dir` (falling back to the previous one), or None; its
+    "loaded_from" entry names the file it came from."""
     run_dir = Path(run_dir)
     for name in (STATE_NAME, PREVIOUS_NAME):
         path = run_dir / name
         if not path.exists():
             continue
         try:
-            return load(path, map_location)
+            return {**load(path, map_location), "loaded_from": name}
         except UsageError as err:
             warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
     return None

@@ -7,6 +7,7 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -85,6 +86,10 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         gap = metrics_gap(out_dir, run.logged_step, start) if run.world.is_main else None
         if distributed.rank0_says(gap is not None, run.world):      # rank 0 decides: every rank stops together
             raise UsageError(gap or f"cannot resume {out_dir}: rank 0 found metrics.csv behind the checkpoint")
+        latest = out_dir / checkpoint.STATE_NAME
+        if run.world.is_main and state["loaded_from"] != checkpoint.STATE_NAME and latest.exists():
+            # the damaged latest would become the fallback at the next save, over the readable one resumed from
+            os.replace(latest, out_dir / checkpoint.DAMAGED_NAME)
     if not run.world.is_main:
         return start, state
     if start == 0:                                 # what a killed earlier attempt left describes no run of this one

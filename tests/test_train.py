@@ -94,6 +94,12 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     with pytest.warns(UserWarning, match="damaged"):
         state = checkpoint.load_training_state(tmp_path / "run")
     assert state["step"] == 50
+    with pytest.warns(UserWarning, match="damaged"):              # resumed from step 50: the damaged file is set
+        train(gmm_config(steps=100), tmp_path / "run", resume=True, progress=False)    # aside, not made the fallback
+    assert (tmp_path / "run" / "checkpoint.damaged.pt").read_bytes() == b"truncated"
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.prev.pt")["step"] == 50
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 100
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
     metrics = (tmp_path / "run" / "metrics.csv").read_text()
     (tmp_path / "run" / "checkpoint.prev.pt").write_bytes(b"")         # no readable checkpoint left
     for resume in (True, False):                   # refused, not a fresh run over the old one's metrics.csv
