@@ -7,9 +7,12 @@ their runs are resumable, so nothing is lost.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,42 +63,61 @@ def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: floa
     pending, running, failed, started = list(jobs), [], [], []
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")
-    try:
-        while pending or running:
-            if pending and deadline is not None and time.monotonic() >= deadline:
-                pending, bar.total = [], len(started)        # the time budget is spent: start nothing more
-                if not running:
-                    break
-            while pending and len(running) < parallel:
-                job = pending.pop(0)
-                started.append(job)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                handle = job.log.open("w")
-                proc = subprocess.Popen([sys.executable, "-m", "adaptive_sched", *job.args], stdout=handle,
-                                        stderr=subprocess.STDOUT, env=env)
-                running.append((job, proc, handle))
-            time.sleep(poll_s)
-            for item in [r for r in running if r[1].poll() is not None]:
-                job, proc, handle = item
+    with stop_signals_raise():                  # SIGTERM/SIGHUP end the loop through `finally`, too
+        try:
+            while pending or running:
+                if pending and deadline is not None and time.monotonic() >= deadline:
+                    pending, bar.total = [], len(started)        # the time budget is spent: start nothing more
+                    if not running:
+                        break
+                while pending and len(running) < parallel:
+                    job = pending.pop(0)
+                    started.append(job)
+                    job.log.parent.mkdir(parents=True, exist_ok=True)
+                    handle = job.log.open("w")
+                    proc = subprocess.Popen([sys.executable, "-m", "adaptive_sched", *job.args], stdout=handle,
+                                            stderr=subprocess.STDOUT, env=env)
+                    running.append((job, proc, handle))
+                time.sleep(poll_s)
+                for item in [r for r in running if r[1].poll() is not None]:
+                    job, proc, handle = item
+                    handle.close()
+                    running.remove(item)
+                    bar.update(1)
+                    if proc.returncode != 0:
+                        failed.append((job, proc.returncode))
+                        bar.write(f"{job.name}: failed with exit status {proc.returncode} ({last_line(job.log)}); "
+                                  f"log: {job.log}")
+                    else:
+                        bar.write(f"{job.name}: done")
+        finally:
+            for job, proc, handle in running:            # interrupted: stop the children, keep their checkpoints
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
                 handle.close()
-                running.remove(item)
-                bar.update(1)
-                if proc.returncode != 0:
-                    failed.append((job, proc.returncode))
-                    bar.write(f"{job.name}: failed with exit status {proc.returncode} ({last_line(job.log)}); "
-                              f"log: {job.log}")
-                else:
-                    bar.write(f"{job.name}: done")
-    finally:
-        for job, proc, handle in running:            # interrupted: stop the children, keep their checkpoints
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
-        bar.close()
+            bar.close()
     return failed, [job for job in jobs if job not in started]
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """While inside, SIGTERM and SIGHUP raise SystemExit(128 + signal) (Python's default ends the process without
+    running `finally` blocks, so run_jobs' children outlived it); the previous handlers come back on leaving.
+    Signals can only be handled in the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def last_line(path: Path) -> str:

@@ -191,7 +191,7 @@ def run_workers(job: Job, remaining: int) -> None:
     """K worker processes share the remaining trials (exact quotas, so the study ends at --trials)."""
     import subprocess
 
-    from adaptive_sched.jobs import child_env, threads_per_job
+    from adaptive_sched.jobs import child_env, stop_signals_raise, threads_per_job
     from adaptive_sched.run_build import resolve_device
     if not isinstance(job.pruner, str):
         raise UsageError(f"--workers > 1 needs a pruner by name ({', '.join(PRUNERS)}), not an object")
@@ -212,8 +212,9 @@ def run_workers(job: Job, remaining: int) -> None:
         proc.stdin.close()
         procs.append(proc)
     try:
-        codes = [proc.wait() for proc in procs]
-    except KeyboardInterrupt:
+        with stop_signals_raise():              # SIGTERM/SIGHUP stop the workers too, as Ctrl-C does
+            codes = [proc.wait() for proc in procs]
+    except (KeyboardInterrupt, SystemExit):
         stop_workers(procs)
         raise
     if any(c in (130, -2) for c in codes):

@@ -1,0 +1,45 @@
+"""jobs.run_jobs: concurrent CLI processes; a parent stopped by SIGTERM or SIGHUP stops its children too."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+RUNNER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from adaptive_sched import jobs
+    jobs.sys.executable = sys.argv[1]            # a stand-in child: records its pid, then sleeps
+    jobs.run_jobs([jobs.Job("sleeper", [], Path(sys.argv[2]))], 1, progress=False)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_parent_stops_its_children(tmp_path, sig):
+    """Python's default SIGTERM/SIGHUP ends the parent without its `finally`, leaving the training children
+    running as orphans (a time limit's SIGTERM on a compare --jobs K)."""
+    child = tmp_path / "child.sh"
+    pid_file = tmp_path / "pid"
+    child.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    child.chmod(0o755)
+    parent = subprocess.Popen([sys.executable, "-c", RUNNER, str(child), str(tmp_path / "log")],
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    parent.send_signal(sig)
+    assert parent.wait(timeout=30) != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
