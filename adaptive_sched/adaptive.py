@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from adaptive_sched.schedules.binned import LossHistogram
+from adaptive_sched.schedules.binned import LossHistogram, summed_over_ranks
 
 
 def class_histograms(schedule) -> LossHistogram | nn.ModuleList:
@@ -28,11 +28,14 @@ def class_histograms(schedule) -> LossHistogram | nn.ModuleList:
 @torch.no_grad()
 def update_histogram(histogram: LossHistogram | nn.ModuleList, logsnr: torch.Tensor, weighted_loss: torch.Tensor,
                      cond: torch.Tensor | None = None) -> None:
-    """Update the EMA of w·ℓ; per class, each histogram sees only its class's examples (cond (N,))."""
+    """Update the EMA of w·ℓ; per class, each histogram sees only its class's examples (cond (N,)). Under DDP the
+    classes' bin sums go over the ranks in one collective."""
     if not isinstance(histogram, nn.ModuleList):
         return histogram.update(logsnr, weighted_loss)
-    for k, h in enumerate(histogram):          # another class's examples are NaN here, which update() leaves out
-        h.update(logsnr, torch.where(cond == k, weighted_loss, math.nan))
+    sums = summed_over_ranks(torch.stack([h.batch_sums(logsnr, torch.where(cond == k, weighted_loss, math.nan))
+                                          for k, h in enumerate(histogram)]))  # (C, 2, K); NaN: another class's
+    for h, class_sums in zip(histogram, sums):
+        h.apply_sums(class_sums)
 
 
 def fit_loss(schedule, histogram: LossHistogram | nn.ModuleList, points: int = 129) -> torch.Tensor:

@@ -35,8 +35,9 @@ class CsvLog:
         writer = csv.writer(buffer)
         with self.path.open("r+b") as handle:
             end = handle.seek(0, io.SEEK_END)
-            torn = end > 0 and handle.seek(end - 1) >= 0 and handle.read(1) != b"\n"
-            if torn:
+            if end > 0:
+                handle.seek(end - 1)
+            if end > 0 and handle.read(1) != b"\n":             # torn: keep the file up to its last newline
                 end = self.path.read_bytes().rfind(b"\n") + 1
                 handle.truncate(end)
                 handle.seek(end)

@@ -78,8 +78,9 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     grid_name = grid or config.eval.grid
     if steps is None and not grid_name.lower().endswith(".csv"):   # a grid file brings its own step count
         steps = config.eval.sample_steps
-    labels = sample_labels(label, n, snap.get("num_classes", 0))
-    if labels is None and snap.get("num_classes", 0):   # --class none: the unconditional branch takes no guidance
+    classes = snap.get("num_classes", 0)
+    labels = sample_labels(label, n, classes)
+    if labels is None and classes:                  # --class none: the unconditional branch takes no guidance
         if guidance not in (None, 1.0):
             raise UsageError(f"--guidance {guidance:g} guides class-conditional samples, not --class none")
         guidance = 1.0

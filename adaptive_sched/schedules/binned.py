@@ -14,6 +14,14 @@ from adaptive_sched.schedules.base import check_count, check_finite, sample_by_i
 from adaptive_sched.schedules.table import interp
 
 
+def summed_over_ranks(sums: torch.Tensor) -> torch.Tensor:
+    """`sums` summed over the DDP ranks (one collective), or as it is outside torchrun."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return sums
+
+
 class LossHistogram(torch.nn.Module):
     """EMA of w(λ)·ℓ(λ) in `bins` equal bins over [logsnr_min, logsnr_max]."""
 
@@ -32,6 +40,11 @@ class LossHistogram(torch.nn.Module):
         Non-finite values (a diverging step) are left out, so they never poison the EMA. Under DDP the bins' sums
         and counts are summed over the ranks first: every rank holds the histogram of the whole global batch.
         """
+        self.apply_sums(summed_over_ranks(self.batch_sums(logsnr, weighted_loss)))
+
+    @torch.no_grad()
+    def batch_sums(self, logsnr: torch.Tensor, weighted_loss: torch.Tensor) -> torch.Tensor:
+        """(2, K): this batch's finite w·ℓ summed per bin, and how many examples each bin got."""
         bins = len(self.value)
         width = (self.logsnr_max - self.logsnr_min) / bins
         ok = torch.isfinite(weighted_loss) & torch.isfinite(logsnr)
@@ -39,11 +52,12 @@ class LossHistogram(torch.nn.Module):
         values = torch.where(ok, weighted_loss.double(), 0.0)
         total = torch.zeros_like(self.value).index_add_(0, idx, values)
         count = torch.zeros_like(self.value).index_add_(0, idx, ok.to(self.value.dtype))
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            both = torch.stack([total, count])                           # (2, K): one collective
-            dist.all_reduce(both)
-            total, count = both[0], both[1]
+        return torch.stack([total, count])
+
+    @torch.no_grad()
+    def apply_sums(self, sums: torch.Tensor) -> None:
+        """The EMA step from batch_sums' (2, K) (summed over the ranks under DDP)."""
+        total, count = sums[0], sums[1]
         batch_mean = total / count.clamp(min=1)
         first = (self.seen == 0) & (count > 0)
         rate = torch.where(count > 0, torch.full_like(self.value, 1 - self.decay), torch.zeros_like(self.value))
