@@ -30,7 +30,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-param", action="append", metavar="K=V", help="schedule parameter, repeatable")
     p.add_argument("--curriculum", action="append", metavar="P=START:END[:SHAPE]",
                    help="move schedule parameter P over training (shape linear, cosine or sinusoidal), repeatable")
-    p.add_argument("--schedule-objective", help="learned schedules: variance (default) or cvdm")
+    p.add_argument("--schedule-objective", help="learned schedules: variance (default), adaptive or cvdm")
     p.add_argument("--target", help="prediction target: eps, x0, v, flow")
     p.add_argument("--weighting", help="loss weighting (default: schedule)")
     p.add_argument("--weighting-param", action="append", metavar="K=V", help="weighting parameter, repeatable")
@@ -157,7 +157,8 @@ def make_parser() -> Parser:
     p.add_argument("--out", help="run directory (metrics.csv, config.toml, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--compile", dest="train_compile", action="store_true", default=None,
-                   help="torch.compile the denoiser (and a learned schedule); eager with a warning if that fails")
+                   help="torch.compile the loss (a learned schedule's network, the weighting and the denoiser); eager "
+                        "with a warning if that fails")
     p.add_argument("--channels-last", dest="train_channels_last", action="store_true", default=None,
                    help="keep the image denoiser's weights in channels_last (NHWC): no cudnn layout transposes")
     p.add_argument("--compile-mode", dest="train_compile_mode", choices=cfg.COMPILE_MODES, default=None,

@@ -95,7 +95,7 @@ class TrainConfig:
     max_nonfinite: int = 20       # stop after this many non-finite losses in a row (each one is skipped)
     conditional: bool = False     # class-conditional denoiser (labels from the data) for classifier-free guidance
     p_uncond: float = 0.1         # conditional: probability of replacing a label by the null class in training
-    compile: bool = False         # torch.compile the denoiser (and a learned schedule); eager if compiling fails
+    compile: bool = False         # torch.compile the loss (learned schedule, weighting, denoiser); eager if it fails
     channels_last: bool = False   # image denoiser's weights in NHWC (cudnn's native layout for bf16 convs)
     compile_mode: str = "default"  # with compile: "default", or "reduce-overhead" (CUDA graphs replay each step's
                                   # kernels without the host launching them; single process only)

@@ -208,7 +208,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "same model(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN")
     p.add_argument("--steps", default="5,10,20", help="comma-separated sampler step counts (default 5,10,20)")
-    p.add_argument("--methods", default="cosine,karras,quantile,ays", help="comma-separated grid methods")
+    p.add_argument("--methods", default="cosine,karras,quantile,ays", help="comma-separated grid methods (default: %(default)s)")
     p.add_argument("--n", type=int, help="samples per (run, method, steps) (default: the run's [eval] sample_n)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--device", default="auto")
