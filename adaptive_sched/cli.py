@@ -103,6 +103,10 @@ def cmd_train(args) -> int:
     refuse_ignored_options(args, config, [config.schedule.name])
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
+    from adaptive_sched.run_checks import ineffective_settings
+    if os.environ.get("RANK", "0") == "0":
+        for line in ineffective_settings(config):
+            print(f"warning: {line}", file=sys.stderr)
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
     shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd", "eval_fid",
                                    "eval_bpd") if k in final}

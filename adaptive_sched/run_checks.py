@@ -70,6 +70,32 @@ def validate(config: cfg.RunConfig) -> None:
         raise UsageError(f"[train] compile_mode {t.compile_mode!r} needs compile = true (train --compile)")
 
 
+def ineffective_settings(config: cfg.RunConfig) -> list[str]:
+    """One line per setting a config file gives a non-default value that this run would not use (train warns with
+    them: a resolved config.toml reused with another schedule keeps its [learned] keys, so they are not refused)."""
+    learned, defaults, t = config.learned, cfg.LearnedConfig(), config.train
+    name = config.schedule.name
+    uses = {"objective": ("learned",), "lr": ("learned",), "weight_decay": ("learned",),
+            "freeze_steps": ("learned",), "smoothness": ("learned",), "condition": ("learned", "table")}
+    lines = [f"[learned] {key} = {getattr(learned, key)!r} has no effect with schedule {name!r}"
+             for key, users in uses.items() if name not in users and getattr(learned, key) != getattr(defaults, key)]
+    if name == "learned" and learned.objective != "cvdm" and learned.smoothness != defaults.smoothness:
+        lines.append(f"[learned] smoothness = {learned.smoothness!r} has no effect with objective "
+                     f"{learned.objective!r} (only cvdm has the penalty)")
+    weighs_like = config.weighting.name == "schedule" and (
+        name == "adaptive_binned" or (name == "learned" and learned.objective in ("variance", "adaptive")))
+    if learned.weight_like != defaults.weight_like and not weighs_like:
+        lines.append(f"[learned] weight_like = {learned.weight_like!r} has no effect here (it sets the weighting of "
+                     f"a learned schedule's variance or adaptive objective, or of adaptive_binned, when [weighting] "
+                     f"name = \"schedule\")")
+    if not t.conditional:
+        lines += [f"[{section}] {key} = {value!r} has no effect without [train] conditional = true"
+                  for section, key, value, default in (("train", "p_uncond", t.p_uncond, cfg.TrainConfig.p_uncond),
+                                                       ("eval", "sample_labels", config.eval.sample_labels,
+                                                        cfg.EvalConfig.sample_labels)) if value != default]
+    return lines
+
+
 def check_batch_size(config: cfg.RunConfig, n_train: int) -> None:
     """batch_size in 1..n_train (the training set size)."""
     if not 0 < config.train.batch_size <= n_train:

@@ -190,3 +190,45 @@ def test_the_command_line_parser_loads_without_torch():
     import sys
     probe = "import sys; from adaptive_sched.cli import make_parser; make_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({}, []),
+    ({"schedule": {"name": "laplace"}, "learned": {"smoothness": 1e-3}}, ["[learned] smoothness = 0.001"]),
+    ({"schedule": {"name": "learned"}, "learned": {"objective": "variance", "smoothness": 1e-3}},
+     ["smoothness = 0.001 has no effect with objective 'variance'"]),
+    ({"schedule": {"name": "learned"}, "learned": {"objective": "cvdm", "smoothness": 1e-3}}, []),
+    ({"schedule": {"name": "cosine"}, "learned": {"objective": "cvdm", "lr": 0.01}},
+     ["[learned] objective = 'cvdm'", "[learned] lr = 0.01"]),
+    ({"schedule": {"name": "learned"}, "learned": {"objective": "cvdm", "weight_like": "cosine"}},
+     ["weight_like = 'cosine' has no effect"]),
+    ({"schedule": {"name": "learned"}, "learned": {"weight_like": "cosine"}}, []),
+    ({"schedule": {"name": "learned"}, "learned": {"weight_like": "cosine"}, "weighting": {"name": "elbo"}},
+     ["weight_like = 'cosine' has no effect"]),
+    ({"schedule": {"name": "adaptive_binned"}, "learned": {"weight_like": "cosine"}}, []),
+    ({"schedule": {"name": "table"}, "learned": {"condition": "class"}}, []),
+    ({"schedule": {"name": "laplace"}, "learned": {"condition": "class"}}, ["[learned] condition = 'class'"]),
+    ({"train": {"p_uncond": 0.2}, "eval": {"sample_labels": "balanced"}},
+     ["[train] p_uncond = 0.2 has no effect without", "[eval] sample_labels = 'balanced' has no effect without"]),
+    ({"train": {"p_uncond": 0.2, "conditional": True}, "eval": {"sample_labels": "balanced"}}, []),
+])
+def test_ineffective_settings_name_each_setting_nothing_uses(raw, expected):
+    from adaptive_sched.run_checks import ineffective_settings
+    lines = ineffective_settings(cfg.from_dict(raw))
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert start in line
+
+
+def test_train_warns_about_config_file_settings_it_does_not_use(tmp_path):
+    """A TOML key the run would ignore (here a cvdm smoothness with a fixed schedule) is named on stderr; the run
+    still trains (a resolved config.toml of a learned run, reused with a fixed schedule, carries [learned])."""
+    path = tmp_path / "c.toml"
+    path.write_text('[learned]\nobjective = "cvdm"\nsmoothness = 1e-3\n[train]\np_uncond = 0.3\n')
+    result = cli("train", *FAST, "--steps", "10", "--eval-every", "10", "--schedule", "laplace", "--config",
+                 str(path), "--out", str(tmp_path / "run"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: [learned] objective = 'cvdm' has no effect with schedule 'laplace'",
+                        "warning: [learned] smoothness = 0.001 has no effect with schedule 'laplace'",
+                        "warning: [train] p_uncond = 0.3 has no effect without [train] conditional = true"]
