@@ -9,6 +9,7 @@ has), DIR/grid_eval.md (mean ± 95% CI over runs) and DIR/grid_eval.png (the met
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -56,7 +57,8 @@ def score_run(run_dir: Path, todo: list[tuple[str, int]], out: Path, n: int | No
     n = min(n or config.eval.sample_n or config.eval.n, len(held_out))
     held_out = Dataset(held_out.name, held_out.x[:n], None if held_out.y is None else held_out.y[:n],
                        held_out.num_classes, held_out.oracle)
-    scorer, _ = build_evaluator(config.eval, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
+    scoring = dataclasses.replace(config.eval, sample_n=n)    # FID/KID against all n rows, even if the run drew none
+    scorer, _ = build_evaluator(scoring, config.data, train_data, held_out, dev) if n >= 2 else (None, {})
     classes = snap.get("num_classes", 0)
     labels = eval_labels(config.eval.sample_labels, held_out.y, n, classes) if classes else None
     ays_memo = {}                                    # AYS's shared stages (10 → 20) are refined once per run

@@ -381,3 +381,46 @@ def test_grid_eval_refuses_a_run_path_that_is_not_there_and_two_runs_under_one_g
     with pytest.raises(UsageError, match="holds the grid of run x/runs/seed0"):
         grid_eval(["y/runs/seed0"], [3], ["cosine"], tmp_path / "one", progress=False)
     grid_eval(["x/runs/seed0"], [3, 4], ["cosine"], tmp_path / "one", progress=False)     # its own grids: fine
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+def test_grid_eval_scores_fid_against_all_n_rows_even_for_a_run_that_drew_no_samples(tmp_path):
+    """A run trained with sample_n = 0 still gets FID/KID from grid-eval (the scorer was built from the run's
+    sample_n and silently dropped them), and the reference set is the --n rows the samples are scored against
+    (with sample_n = 24 and --n 40, it held 24)."""
+    import pandas as pd
+    import torch.nn.functional as F
+    from torch import nn
+    from adaptive_sched import config as cfg
+    from adaptive_sched import features
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    net = tmp_path / "pool.pt"
+    torch.jit.save(torch.jit.script(Pool()), str(net))
+    references = []
+    real = features.FidEvaluator.__init__
+
+    def spy(self, net, reference, *args, **kwargs):
+        references.append(len(reference))
+        real(self, net, reference, *args, **kwargs)
+
+    for sample_n in (0, 24):
+        config = cfg.from_dict({"data": {"name": "digits"},
+                                "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                                "train": {"steps": 5, "batch_size": 16, "device": "cpu", "log_every": 5},
+                                "eval": {"every": 5, "n": 40, "sample_n": sample_n, "sample_steps": 3,
+                                         "features": f"torchscript:{net}"}})
+        train(config, tmp_path / f"run{sample_n}", progress=False)
+    references.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features.FidEvaluator, "__init__", spy)
+        assert main(["grid-eval", str(tmp_path / "run0"), str(tmp_path / "run24"), "--steps", "3", "--methods",
+                     "cosine", "--n", "40", "--out", str(tmp_path / "ge"), "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "ge" / "grid_eval.csv")
+    assert len(table) == 2 and table["eval_fid"].notna().all() and table["eval_kid"].notna().all()
+    assert references == [40, 40]
