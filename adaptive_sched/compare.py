@@ -191,6 +191,7 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     deadline = deadline_after(time_budget)
     out = output_dir(out)
+    check_runs_match(plan, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.toml", Path(config_file).read_text())
     todo = []
@@ -223,6 +224,24 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     if not any((run_dir_of(out, e, s) / "metrics.csv").exists() for e in plan.entries for s in plan.seeds):
         return out                                   # nothing has run yet: no report to write
     return report(out, plan)
+
+
+def check_runs_match(plan: Plan, out: Path) -> None:
+    """UsageError, before any run starts, when a run already in DIR (finished or not) was trained with settings other
+    than the plan's for it (run_checks.check_resumable, as `train --resume` does): a finished run was skipped and
+    the report rewritten under the new settings, which its numbers do not come from."""
+    from adaptive_sched.run_checks import check_resumable
+    for seed in plan.seeds:
+        for entry in plan.entries:
+            saved = run_dir_of(out, entry, seed) / "config.toml"
+            if not saved.exists():
+                continue
+            try:
+                check_resumable(cfg.read_toml(saved), run_config(plan.base, entry, seed).to_dict())
+            except UsageError as err:
+                detail = str(err).removeprefix("cannot resume: ").split("; use ")[0]
+                raise UsageError(f"{run_label(entry)} seed {seed} in {out} was trained with other settings "
+                                 f"({detail}); use another --out, or the settings it ran with") from None
 
 
 def runs_failed(count: int, total: int, first: str) -> UsageError:

@@ -157,9 +157,18 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 OPEN_SECTIONS = ("schedule", "weighting", "model")   # extra keys are the component's own parameters
 
 
+def legacy_defaults(saved: dict) -> dict:
+    """{(section, key): value} for keys added after `saved` was written whose default is not what that run did:
+    conditional evals drew equal class counts until [eval] sample_labels (default held_out) came in on 2026-11-27."""
+    return {("eval", "sample_labels"): "balanced"} if saved.get("train", {}).get("conditional") else {}
+
+
 def with_defaults(saved: dict) -> dict:
-    """A config dict written by an older version (to_dict's layout) with the keys it lacks at their defaults."""
+    """A config dict written by an older version (to_dict's layout) with the keys it lacks at their defaults, or at
+    legacy_defaults' value where the default changed what such a run did."""
     defaults = RunConfig().to_dict()
+    for (section, key), value in legacy_defaults(saved).items():
+        defaults[section][key] = value
     return {section: {**defaults.get(section, {}), **values} for section, values in saved.items()}
 
 

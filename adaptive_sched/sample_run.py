@@ -21,7 +21,7 @@ from adaptive_sched.run_build import resolve_device
 def load_snapshot(run_dir: str | Path, device: torch.device):
     """(config, EMA model, snapshot) from RUN_DIR/ema.pt, loaded without running code."""
     snap = checkpoint.load_ema_snapshot(run_dir)
-    config = cfg.from_dict(snap["config"])
+    config = cfg.from_dict(cfg.with_defaults(snap["config"]))    # an older run: the keys it lacks as it ran
     if "model_params" in snap:                     # the constructor's arguments as they were, defaults included
         name, params = snap["model_name"], snap["model_params"]
     else:

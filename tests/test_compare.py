@@ -226,3 +226,47 @@ def test_a_guided_metric_is_listed_per_seed_at_every_guidance_scale():
                             "eval_fid@w3": [float("nan")]})
     assert per_seed_metrics(summary, "eval_fid@w1.5") == ["eval_fid@w1", "eval_fid@w1.5"]   # w3 never logged
     assert per_seed_metrics(summary, "eval_fid") == ["eval_fid"]
+
+
+def test_runs_trained_with_other_settings_are_refused_before_anything_is_rewritten(tmp_path):
+    """A comparison run again into its folder with a changed base setting, or a changed entry under the same label,
+    is refused before any run or report: finished runs were skipped and results.md / compare.toml rewritten under
+    settings their numbers do not come from."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    compare(config, out, progress=False)
+    written = {name: (out / name).read_bytes() for name in ("compare.toml", "results.md", "summary.csv")}
+    original = config.read_text()
+    for changed, message in ((original.replace("[train]\n", "[train]\nlr = 0.01\n"),
+                              r"cosine seed 0 in .*\(\[train\] lr was 0.001 in the saved run, now 0.01\)"),
+                             (original.replace("hidden = 32", "hidden = 48"), r"\[model\] hidden was 32"),
+                             (original.replace("b = 1.0 }", "b = 2.0, label = \"laplace_b=1.0\" }"),
+                              r"laplace_b=1.0 seed 0 .*\(\[schedule\] b was 1.0 in the saved run, now 2.0\)")):
+        config.write_text(changed)
+        with pytest.raises(UsageError, match=message):
+            compare(config, out, progress=False)
+        assert {name: (out / name).read_bytes() for name in written} == written
+    config.write_text(original.replace("steps = 40", "steps = 60"))     # more steps resume, as train --resume does
+    compare(config, out, progress=False)
+    assert pd.read_csv(out / "summary.csv")["step"].max() == 60
+
+
+def test_a_run_saved_before_sample_labels_existed_counts_as_balanced_if_conditional():
+    """Conditional evals drew equal class counts before [eval] sample_labels (default held_out) came in: a saved
+    conditional config without the key resumes under "balanced" and is refused under "held_out"; an unconditional
+    one, which draws no labels, under either."""
+    from adaptive_sched import config as cfg
+    from adaptive_sched.run_checks import check_resumable
+    for conditional in (True, False):
+        saved = cfg.RunConfig().to_dict()
+        saved["train"]["conditional"] = conditional
+        del saved["eval"]["sample_labels"]
+        for labels in ("balanced", "held_out"):
+            current = cfg.RunConfig().to_dict()
+            current["train"]["conditional"] = conditional
+            current["eval"]["sample_labels"] = labels
+            if conditional and labels == "held_out":
+                with pytest.raises(UsageError, match="sample_labels was 'balanced'"):
+                    check_resumable(saved, current)
+            elif conditional or labels == "held_out":
+                check_resumable(saved, current)
