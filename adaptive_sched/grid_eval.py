@@ -113,8 +113,9 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
     check_grid_names(todos, out)
+    claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored), n, bool(scored),
+                   {run_dir: bool(todo) for run_dir, todo in todos.items()})
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored))
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
@@ -152,25 +153,44 @@ def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> Non
                                  f"ran in), not {portable_path(run_dir)}: use another --out, or run from there")
 
 
-def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool) -> None:
-    """Keep DIR's AYS rows to one setting: when AYS rows are asked for, refuse other settings than those in
-    DIR/grid_eval.json (a folder whose AYS rows predate that file was scored with the defaults); record them."""
+def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: int | None, has_rows: bool,
+                   runs: dict[Path, bool]) -> None:
+    """Keep DIR's rows to one setting, recorded in DIR/grid_eval.json, and refuse a call that would mix them:
+    AYS settings other than those recorded (when AYS rows are asked for; a folder whose AYS rows predate the file
+    was scored with the defaults); another --n (rows predating the key used the default); a run that has trained
+    on since its rows were scored (the step of its ema.pt). `runs`: run → whether this call scores rows for it."""
+    from adaptive_sched.checkpoint import load_ema_snapshot
     from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag
-    if not uses_ays:
-        return
     path = out / "grid_eval.json"
     try:
-        before = json.loads(path.read_text())["ays"] if path.exists() else None
-    except (ValueError, KeyError, TypeError):
+        settings = json.loads(path.read_text()) if path.exists() else {}
+        assert isinstance(settings, dict) and isinstance(settings.get("runs", {}), dict)
+    except (ValueError, AssertionError):
         raise UsageError(f"{path} is not a grid-eval settings file") from None
-    if before is None and has_ays_rows:
-        before = dict(AYS_DEFAULTS)
-    if before is not None and before != ays:
-        changed = ", ".join(f"{ays_flag(k)} {before.get(k)} (now {v})" for k, v in ays.items()
-                            if before.get(k) != v)
-        raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
-    if not path.exists():
-        atomic_write_json(path, {"ays": ays}, indent=2)
+    before = settings.get("ays")
+    if uses_ays:
+        if before is None and has_ays_rows:
+            before = dict(AYS_DEFAULTS)
+        if before is not None and before != ays:
+            changed = ", ".join(f"{ays_flag(k)} {before.get(k)} (now {v})" for k, v in ays.items()
+                                if before.get(k) != v)
+            raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
+    if has_rows and settings.get("n") != n:
+        raise UsageError(f"{out}'s rows were scored with --n {settings.get('n') or 'unset (each run its sample_n)'}"
+                         f", now {n or 'unset'}: use the same --n or another --out")
+    recorded, steps = settings.get("runs", {}), {}
+    for run_dir, scoring in runs.items():
+        if (run_dir / "ema.pt").exists() and (scoring or str(run_dir) in recorded):
+            steps[str(run_dir)] = int(load_ema_snapshot(run_dir)["step"])
+            was = recorded.get(str(run_dir))
+            if was is not None and was != steps[str(run_dir)]:
+                raise UsageError(f"{out}'s rows of {run_dir} were scored at its step {was}, and it is at step "
+                                 f"{steps[str(run_dir)]} now: score it into another --out")
+    update = {**({"ays": ays} if uses_ays and before is None else {}), "n": n,
+              "runs": {**recorded, **{run: step for run, step in steps.items() if runs[Path(run)]}}}
+    if {**settings, **update} != settings:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**settings, **update}, indent=2)
 
 
 def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:

@@ -424,3 +424,32 @@ def test_grid_eval_scores_fid_against_all_n_rows_even_for_a_run_that_drew_no_sam
     table = pd.read_csv(tmp_path / "ge" / "grid_eval.csv")
     assert len(table) == 2 and table["eval_fid"].notna().all() and table["eval_kid"].notna().all()
     assert references == [40, 40]
+
+
+def test_grid_eval_refuses_rows_of_a_run_trained_on_since_or_another_n(tmp_path, capsys):
+    """Rows are keyed by (run, method, steps): a run trained further after its rows were scored, or a call with
+    another --n, returned the old rows as the new call's. Both are refused before any work; the same call again
+    is a no-op."""
+    import pandas as pd
+    from adaptive_sched import config as cfg
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    settings = {"data": {"name": "digits"},
+                "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                "train": {"steps": 5, "batch_size": 16, "device": "cpu", "log_every": 5},
+                "eval": {"every": 5, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}}
+    run, out = tmp_path / "run", tmp_path / "ge"
+    train(cfg.from_dict(settings), run, progress=False)
+    call = ["grid-eval", str(run), "--steps", "3", "--methods", "cosine", "--out", str(out), "--quiet"]
+    assert main(call) == 0 and main(call) == 0
+    assert json.loads((out / "grid_eval.json").read_text())["runs"] == {str(run): 5}
+    table = pd.read_csv(out / "grid_eval.csv")
+    capsys.readouterr()
+    assert main([*call, "--n", "30"]) == 2
+    assert "scored with --n unset (each run its sample_n), now 30" in capsys.readouterr().err
+    settings["train"]["steps"] = 10
+    train(cfg.from_dict(settings), run, resume=True, progress=False)
+    assert main(call) == 2
+    assert f"rows of {run} were scored at its step 5, and it is at step 10 now" in capsys.readouterr().err
+    assert pd.read_csv(out / "grid_eval.csv").equals(table)
+    assert main([*call[:-3], "--out", str(tmp_path / "ge2"), "--quiet"]) == 0
