@@ -74,7 +74,8 @@ def values_at(ramps: dict[str, Ramp], step: int, steps: int) -> dict[str, float]
 
 
 def validate(name: str, fixed: dict, ramps: dict[str, Ramp], build) -> None:
-    """Refuse a curriculum on a learned schedule or an unknown parameter; build both ends to check values."""
+    """Refuse a curriculum on a learned schedule or an unknown parameter, or on one `fixed` also gives; build both
+    ends to check values."""
     from adaptive_sched import schedules
     if not ramps:
         return
@@ -83,5 +84,9 @@ def validate(name: str, fixed: dict, ramps: dict[str, Ramp], build) -> None:
         if param not in valid:
             raise UsageError(f"curriculum: {name} has no parameter {param!r}; its parameters: "
                              f"{', '.join(valid) or 'none'}")
+        if param in fixed:
+            raise UsageError(f"{name} {param} is given both as a value ({fixed[param]!r}) and by a curriculum "
+                             f"({ramps[param].start}:{ramps[param].end}:{ramps[param].shape}); the curriculum sets it at every "
+                             f"step, so drop one")
     for p in (0.0, 0.5, 1.0):
         build({**fixed, **{k: r.value(p) for k, r in ramps.items()}})

@@ -48,6 +48,9 @@ def test_the_schedule_at_a_step_carries_the_ramped_parameter():
         build_schedule(cfg.ScheduleConfig("laplace", curriculum={"b": "1:-1"}))     # the end is invalid
     with pytest.raises(UsageError, match="learns its own"):
         build_schedule(cfg.ScheduleConfig("learned", curriculum={"b": "1:2"}))
+    with pytest.raises(UsageError, match=r"laplace b is given both as a value \(0.7\) and by a curriculum "
+                                         r"\(0.3:1.5:linear\)"):     # the value was recorded, the ramp trained
+        build_schedule(cfg.ScheduleConfig("laplace", params={"b": 0.7}, curriculum={"b": "0.3:1.5"}))
 
 
 def curriculum_config(steps):
