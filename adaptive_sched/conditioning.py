@@ -72,9 +72,9 @@ def guided_prediction(model, x: torch.Tensor, logsnr: torch.Tensor, y: torch.Ten
     return uncond + guidance * (cond - uncond)
 
 
-def check_guidance(scales, conditional: bool) -> list[float]:
+def check_guidance(scales, conditional: bool, p_uncond: float | None = None) -> list[float]:
     """The [eval] guidance scales as floats; UsageError unless finite, >= 0, and (when w != 1) the model is
-    conditional."""
+    conditional with a trained unconditional branch (p_uncond > 0, when given)."""
     scales = [float(w) for w in scales]
     if not scales:
         raise UsageError("[eval] guidance needs at least one scale, e.g. [1.0]")
@@ -84,6 +84,9 @@ def check_guidance(scales, conditional: bool) -> list[float]:
         raise UsageError(f"[eval] guidance scales must be distinct, got {scales}")
     if not conditional and scales != [1.0]:
         raise UsageError(f"guidance scales {scales} need a class-conditional model: set [train] conditional = true")
+    if conditional and p_uncond == 0 and scales != [1.0]:
+        raise UsageError(f"guidance scales {scales} need the unconditional branch, which [train] p_uncond = 0 never "
+                         f"trains (its null class stays at its initial embedding): use w = 1 or p_uncond > 0")
     return scales
 
 

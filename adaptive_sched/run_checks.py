@@ -61,7 +61,7 @@ def validate(config: cfg.RunConfig) -> None:
         raise UsageError(f"ema_decay must be in [0, 1), got {t.ema_decay}")
     if not (math.isfinite(t.p_uncond) and 0 <= t.p_uncond < 1):
         raise UsageError(f"p_uncond must be in [0, 1), got {t.p_uncond}")
-    check_guidance(e.guidance, t.conditional)
+    check_guidance(e.guidance, t.conditional, t.p_uncond)
     if e.sample_labels not in SAMPLE_LABELS:
         raise UsageError(f"[eval] sample_labels must be one of {', '.join(SAMPLE_LABELS)}, got {e.sample_labels!r}")
     if t.compile_mode not in cfg.COMPILE_MODES:

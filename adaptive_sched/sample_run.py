@@ -81,11 +81,14 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
     classes = snap.get("num_classes", 0)
     labels = sample_labels(label, n, classes)
     if labels is None and classes:                  # --class none: the unconditional branch takes no guidance
+        if config.train.p_uncond == 0:
+            raise UsageError("--class none samples the unconditional branch, which this run never trained "
+                             "([train] p_uncond = 0)")
         if guidance not in (None, 1.0):
             raise UsageError(f"--guidance {guidance:g} guides class-conditional samples, not --class none")
         guidance = 1.0
     w = config.eval.guidance[0] if guidance is None else guidance
-    check_guidance([w], labels is not None)
+    check_guidance([w], labels is not None, config.train.p_uncond)
     lo, hi = config.eval.sample_logsnr_min, config.eval.sample_logsnr_max
     if grid_name == "per-class":
         lam_grid = per_class_grids(run_dir, labels, steps, lo, hi)

@@ -83,6 +83,9 @@ def test_check_guidance():
     for bad, conditional in (([2.0], False), ([], True), ([-1.0], True), ([1.0, 1.0], True), ([float("nan")], True)):
         with pytest.raises(UsageError):
             check_guidance(bad, conditional)
+    assert check_guidance([1.0], True, p_uncond=0.0) == [1.0]
+    with pytest.raises(UsageError, match=r"never trains"):     # p_uncond = 0: the null class is never trained
+        check_guidance([1.0, 2.0], True, p_uncond=0.0)
 
 
 def test_stats_condition_has_equal_mass_bins():

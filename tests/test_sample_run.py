@@ -44,3 +44,21 @@ def test_unconditional_samples_of_a_run_evaluated_with_guidance(tmp_path):
         assert float(f["guidance"]) == 1.0 and np.isfinite(f["x"]).all()
     with pytest.raises(UsageError, match="--guidance 3 guides class-conditional samples, not --class none"):
         sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, label="none", guidance=3.0)
+
+
+def test_a_run_that_never_dropped_labels_has_no_unconditional_branch_to_sample(tmp_path):
+    """p_uncond = 0 never trains the null class: guidance other than 1 (which mixes in the unconditional branch)
+    and --class none sampled an untrained embedding; both are refused, at train time and at sample time."""
+    settings = {"data": {"name": "gmm", "n": 256}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                "train": {"steps": 2, "batch_size": 16, "device": "cpu", "log_every": 2, "conditional": True,
+                          "p_uncond": 0.0},
+                "eval": {"every": 2, "n": 32, "sample_n": 0, "logsnr_points": 3, "guidance": [1.0, 2.0]}}
+    with pytest.raises(UsageError, match=r"p_uncond = 0 never trains"):
+        train(cfg.from_dict(settings), tmp_path / "refused", progress=False)
+    settings["eval"]["guidance"] = [1.0]
+    train(cfg.from_dict(settings), tmp_path / "run", progress=False)
+    sample_run.sample_run(tmp_path / "run", 8, tmp_path / "s.npz", steps=3, guidance=1.0)
+    with pytest.raises(UsageError, match=r"p_uncond = 0 never trains"):
+        sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, guidance=3.0)
+    with pytest.raises(UsageError, match=r"--class none samples the unconditional branch, which this run never"):
+        sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, label="none")
