@@ -88,13 +88,17 @@ def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
 
 def refuse_ignored_options(args: argparse.Namespace, config: cfg.RunConfig, schedule_names: list[str]) -> None:
     """UsageError for a run option given on the command line that nothing would use: --schedule-objective when no
-    schedule of the command (`schedule_names`) takes one, --p-uncond without --conditional."""
+    schedule of the command (`schedule_names`) takes one, --p-uncond without --conditional, --schedule-condition
+    when no schedule of the command can be conditioned."""
     from adaptive_sched.schedules import OBJECTIVE_SCHEDULES
     if args.schedule_objective is not None and not set(schedule_names) & set(OBJECTIVE_SCHEDULES):
         raise UsageError(f"--schedule-objective applies only to a learned schedule, not "
                          f"{', '.join(map(repr, schedule_names))}")
     if args.p_uncond is not None and not config.train.conditional:
         raise UsageError("--p-uncond applies only to a conditional run (add --conditional)")
+    if args.schedule_condition not in (None, "none") and not set(schedule_names) & {"learned", "table"}:
+        raise UsageError(f"--schedule-condition applies only to a learned schedule (or a table with a class column), "
+                         f"not {', '.join(map(repr, schedule_names))}")
 
 
 def cmd_train(args) -> int:
@@ -103,7 +107,8 @@ def cmd_train(args) -> int:
     refuse_ignored_options(args, config, [config.schedule.name])
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
-    from adaptive_sched.run_checks import ineffective_settings
+    from adaptive_sched.run_checks import ineffective_settings, validate
+    validate(config)                              # (a setting that is refused needs no warning first)
     if os.environ.get("RANK", "0") == "0":
         for line in ineffective_settings(config):
             print(f"warning: {line}", file=sys.stderr)

@@ -76,7 +76,7 @@ def ineffective_settings(config: cfg.RunConfig) -> list[str]:
     learned, defaults, t = config.learned, cfg.LearnedConfig(), config.train
     name = config.schedule.name
     uses = {"objective": ("learned",), "lr": ("learned",), "weight_decay": ("learned",),
-            "freeze_steps": ("learned",), "smoothness": ("learned",), "condition": ("learned", "table")}
+            "freeze_steps": ("learned",), "smoothness": ("learned",)}     # (a condition nothing takes is refused)
     lines = [f"[learned] {key} = {getattr(learned, key)!r} has no effect with schedule {name!r}"
              for key, users in uses.items() if name not in users and getattr(learned, key) != getattr(defaults, key)]
     if name == "learned" and learned.objective != "cvdm" and learned.smoothness != defaults.smoothness:
