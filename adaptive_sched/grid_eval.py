@@ -105,6 +105,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     missing = [r for r in run_dirs if not r.is_dir()]
     if missing:                                      # (rows named by this path may be another folder's runs)
         raise UsageError(f"{missing[0]}: no such run directory")
+    check_same_data(run_dirs)
     scored = CsvLog(out / "grid_eval.csv", COLUMNS).rows() if (out / "grid_eval.csv").exists() else []
     done = {(r["run"], r["method"], int(r["steps"])) for r in scored}
     todos = {run_dir: [(m, s) for m in methods for s in steps if (str(run_dir), m, s) not in done]
@@ -123,6 +124,22 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
                 log.append(row)                      # row by row: an interrupted call keeps what it scored
     report(out, [str(r) for r in run_dirs], methods, steps)
     return out
+
+
+def check_same_data(run_dirs: list[Path]) -> None:
+    """UsageError when the runs were trained on different data ([data] of their config.toml): grid_eval.md
+    averages every cell over the runs, which would mix scores of different data sets."""
+    from adaptive_sched import config as cfg
+    seen = {}
+    for run_dir in run_dirs:
+        if (run_dir / "config.toml").exists():
+            data = cfg.read_toml(run_dir / "config.toml").get("data", {})
+            first, settings = seen.setdefault("data", (run_dir, data))
+            if settings != data:
+                diff = ", ".join(f"{k} {settings.get(k)!r} / {data.get(k)!r}" for k in sorted(set(settings) | set(data))
+                                 if settings.get(k) != data.get(k))
+                raise UsageError(f"{first} and {run_dir} were trained on different data ({diff}): a cell's mean "
+                                 f"would mix them; score them into separate --out folders")
 
 
 def grid_file(out: Path, run_dir: Path, method: str, steps: int) -> Path:

@@ -453,3 +453,22 @@ def test_grid_eval_refuses_rows_of_a_run_trained_on_since_or_another_n(tmp_path,
     assert f"rows of {run} were scored at its step 5, and it is at step 10 now" in capsys.readouterr().err
     assert pd.read_csv(out / "grid_eval.csv").equals(table)
     assert main([*call[:-3], "--out", str(tmp_path / "ge2"), "--quiet"]) == 0
+
+
+def test_grid_eval_refuses_runs_trained_on_different_data(tmp_path, capsys):
+    """grid_eval.md averages each cell over the runs: a gmm run and a digits run were averaged into one table."""
+    from adaptive_sched import config as cfg
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    for name, data, model in (("gmm", {"name": "gmm", "n": 256}, {"name": "mlp", "hidden": 16, "depth": 1}),
+                              ("digits", {"name": "digits"},
+                               {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0})):
+        train(cfg.from_dict({"data": data, "model": model,
+                             "train": {"steps": 2, "batch_size": 16, "device": "cpu", "log_every": 2},
+                             "eval": {"every": 2, "n": 32, "sample_n": 16, "sample_steps": 3, "features": "none",
+                                      "logsnr_points": 3}}), tmp_path / name, progress=False)
+    assert main(["grid-eval", str(tmp_path / "gmm"), str(tmp_path / "digits"), "--steps", "3", "--methods",
+                 "cosine", "--out", str(tmp_path / "ge"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "were trained on different data (" in err and "name 'gmm' / 'digits'" in err
+    assert not (tmp_path / "ge").exists()
