@@ -306,6 +306,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--peak-n must be >= 0 (0: skip the FLOP/s peak), got {args.peak_n}")
     if args.concurrent and min(parse_list(args.concurrent, int)) < 1:
         raise UsageError("--concurrent takes worker counts >= 1, e.g. 1,2,4,8")
+    if args.schedule and args.compare_schedules and args.schedule not in parse_list(args.compare_schedules):
+        raise UsageError(f"--schedule {args.schedule} is not among --compare-schedules {args.compare_schedules}, "
+                         f"which are what bench measures: add it there or drop --schedule")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

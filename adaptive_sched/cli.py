@@ -140,6 +140,10 @@ def cmd_schedules(args) -> int:
 def cmd_compare(args) -> int:
     from adaptive_sched.compare import compare, status
     if args.status:
+        given = [flag for flag, value in (("--jobs", args.jobs), ("--time-budget", args.time_budget))
+                 if value is not None]
+        if given:
+            raise UsageError(f"--status only counts finished runs; {', '.join(given)} would not be used")
         done, total = status(args.config_file, args.out)
         print(f"{done} of {total} runs finished" + (" (all)" if done == total else ""))
         return 0

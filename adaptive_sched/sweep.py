@@ -150,6 +150,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--storage is empty: give a URL (sqlite:///PATH, journal:PATH, postgresql://...) or leave "
                          "it out for DIR/study.db")
     if args.report is not None:
+        given = [flag for flag, value in (("--trials", args.trials), ("--schedule", args.schedule),
+                                          ("--config", args.config), ("--metric", args.metric),
+                                          ("--pruner", args.pruner), ("--target-value", args.target_value),
+                                          ("--time-budget", args.time_budget), ("--tune-lr", args.tune_lr or None),
+                                          ("--tune-weighting", args.tune_weighting or None),
+                                          ("--workers", None if args.workers == 1 else args.workers),
+                                          ("--data", args.data), ("--steps", args.steps)) if value is not None]
+        if given:
+            raise UsageError(f"sweep --report re-renders a study from its storage; {', '.join(given)} would not be "
+                             f"used (run the sweep without --report to train)")
         report_only(out, args.storage, args.study)
         return 0
     run_raw, section = spaces.split_config(cfg.read_toml(args.config) if args.config else {})
@@ -160,6 +170,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not trials:
         raise UsageError("sweep needs --trials N (or [sweep] trials in --config)")
     tune = list(section.get("tune", [])) + ["lr"] * args.tune_lr + ["weighting"] * args.tune_weighting
+    for name, given in (("lr", args.lr), ("weighting", args.weighting)):
+        if name in tune and given is not None:
+            raise UsageError(f"--{name} {given} is never used: the sweep tunes {name} (--tune-{name} or [sweep] "
+                             f"tune); drop one")
     from adaptive_sched.cli import refuse_ignored_options
     base = base_config(args, run_raw)
     refuse_ignored_options(args, base, [base.schedule.name])
