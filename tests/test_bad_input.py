@@ -299,6 +299,8 @@ CASES = [
     ("bench-schedule-outside-the-compared-ones", ["bench", *RUN_OPTIONS, "--schedule", "cauchy",
                                                   "--compare-schedules", "laplace"], {},
      ["--schedule cauchy is not among --compare-schedules laplace"], MAIN),
+    ("data-dir-on-a-set-that-does-not-read-it", [*TRAIN, "--data-dir", "/nonexistent"], {},
+     ["data_dir applies to fashion-mnist only (where to find its files); 'gmm' does not read it"], MAIN),
     ("compare-status-with-jobs", ["compare", "{d}/c.toml", "--out", "{d}/cmp", "--status", "--jobs", "3"],
      toml('[compare]\nschedules = [{ name = "cosine" }]\n'), ["--status only counts finished runs; --jobs would"],
      MAIN),

@@ -49,6 +49,7 @@ _NAMED: dict[str, Callable[[str, str, _Opts], Dataset]] = {
     "fashion-mnist": lambda arg, split, o: images.fashion_mnist(split, o.data_dir),
 }
 VECTOR_SETS = ("checkerboard", "swissroll", "gmm")     # the named sets of vectors (every other source: images)
+DATA_DIR_SETS = ("fashion-mnist",)                    # the named sets that look for their files in data_dir
 _PREFIXED: dict[str, Callable[[str, str, _Opts], Dataset]] = {
     "npz": lambda arg, split, o: images.holdout(images.npz(arg), split),
     "folder": lambda arg, split, o: images.holdout(images.folder(arg, o.resize), split),
@@ -89,6 +90,9 @@ def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: i
     loader, arg = _loader(spec)
     if dim is not None and spec != "gmm":
         raise UsageError(f"dim sets the gmm's dimension only; {spec!r} has a fixed shape (drop [data] dim)")
+    if data_dir and spec not in DATA_DIR_SETS:
+        raise UsageError(f"data_dir applies to {', '.join(DATA_DIR_SETS)} only (where to find its files); {spec!r} "
+                         f"does not read it (drop --data-dir / [data] data_dir)")
     opts = _Opts(data_dir=data_dir, resize=resize, n=n, dim=dim, seed=seed)
     ds = loader(arg, split, opts)
     if ds.kind == "image":
