@@ -79,11 +79,15 @@ def validate(name: str, fixed: dict, ramps: dict[str, Ramp], build) -> None:
     from adaptive_sched import schedules
     if not ramps:
         return
-    valid = [k for k in schedules.parameters(name) if k not in ("logsnr_min", "logsnr_max")]
+    defaults = schedules.parameters(name)
+    valid = [k for k in defaults if k not in ("logsnr_min", "logsnr_max")]
     for param in ramps:
         if param not in valid:
             raise UsageError(f"curriculum: {name} has no parameter {param!r}; its parameters: "
                              f"{', '.join(valid) or 'none'}")
+        if isinstance(defaults[param], int) and not isinstance(defaults[param], bool):
+            raise UsageError(f"curriculum: {name} {param} takes whole numbers, which a ramp passes between; "
+                             f"give it a value instead")
         if param in fixed:
             raise UsageError(f"{name} {param} is given both as a value ({fixed[param]!r}) and by a curriculum "
                              f"({ramps[param].start}:{ramps[param].end}:{ramps[param].shape}); the curriculum sets it at every "

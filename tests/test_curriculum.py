@@ -51,6 +51,8 @@ def test_the_schedule_at_a_step_carries_the_ramped_parameter():
     with pytest.raises(UsageError, match=r"laplace b is given both as a value \(0.7\) and by a curriculum "
                                          r"\(0.3:1.5:linear\)"):     # the value was recorded, the ramp trained
         build_schedule(cfg.ScheduleConfig("laplace", params={"b": 0.7}, curriculum={"b": "0.3:1.5"}))
+    with pytest.raises(UsageError, match="polynomial levels takes whole numbers"):     # failed at step 2, mid-run
+        build_schedule(cfg.ScheduleConfig("polynomial", curriculum={"levels": "2:10"}))
 
 
 def curriculum_config(steps):
