@@ -24,14 +24,15 @@ from adaptive_sched.class_schedules import class_medians, class_weights, margina
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_file, portable_path
-from adaptive_sched.schedules.table import Table, write_class_table, write_table
+from adaptive_sched.schedules.table import Table, check_table_source, write_class_table, write_table
 
 
 def load_run_schedule(run_dir: str | Path):
     """(config, schedule, snapshot) of a run, with a learned schedule's trained state restored.
 
     A snapshot with schedule_num_classes = C > 0 rebuilds a learned schedule with num_classes=C; the rebuilt
-    schedule must have C classes (a table run's C comes from its file when the snapshot does not say).
+    schedule must have C classes (a table run's C comes from its file when the snapshot does not say). A table run
+    whose snapshot records its file's sha256 (table_source) is refused once that file has changed or is gone.
     """
     snap = checkpoint.load_ema_snapshot(run_dir)
     config = cfg.from_dict(snap["config"])
@@ -44,7 +45,14 @@ def load_run_schedule(run_dir: str | Path):
         params["init"] = "none"           # the trained weights replace the init fit
         if classes:
             params["num_classes"] = classes
+    recorded = snap.get("table_source")
+    remedy = "restore the file the run trained on to use its schedule"
+    if recorded and not Path(recorded["path"]).is_file():
+        where = "" if Path(recorded["path"]).is_absolute() else " (the path is relative to where the run trained)"
+        raise UsageError(f"{run_dir}: the run trained on table {recorded['path']} (sha256 "
+                         f"{recorded['sha256'][:12]}...), which is gone{where}; {remedy}")
     schedule = schedules.build(s.name, logsnr_min=s.logsnr_min, logsnr_max=s.logsnr_max, **params)
+    check_table_source(recorded, schedule, str(run_dir), remedy)
     if "schedule" in snap:
         schedule.load_state_dict(snap["schedule"])
     if classes and num_classes(schedule) != classes:

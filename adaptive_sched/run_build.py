@@ -19,6 +19,7 @@ from adaptive_sched.run_checks import (check_batch_size, check_bpd_levels, check
                                        validate)
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.schedules.binned import LossHistogram
+from adaptive_sched.schedules.table import check_window
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,17 +42,21 @@ def load_data(data_config: cfg.DataConfig, split: str) -> datasets.Dataset:
 
 def build_schedule(schedule_config: cfg.ScheduleConfig, step: int = 0, steps: int = 1, num_conditions: int = 0):
     """The training schedule from its config, with any curriculum's parameter values at `step` of `steps`;
-    `num_conditions` > 0 builds a learned schedule λ(t, c) conditioned on that many classes or bins."""
+    `num_conditions` > 0 builds a learned schedule λ(t, c) conditioned on that many classes or bins. A table must
+    fit in the window (table.check_window: the window would clip it)."""
     s = schedule_config
     if num_conditions:
-        return conditional_schedule(s, num_conditions)
-    ramps = curriculum.parse(s.curriculum)
-    if ramps and schedules.is_learned(schedules.lookup(s.name)):      # the class tells; no need to build (and fit) it
-        raise UsageError(f"a curriculum moves a fixed schedule's parameters; {s.name!r} learns its own, so drop --curriculum")
-
-    curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
-        cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
-    return schedule_at(s, step, steps, ramps)
+        schedule = conditional_schedule(s, num_conditions)
+    else:
+        ramps = curriculum.parse(s.curriculum)
+        if ramps and schedules.is_learned(schedules.lookup(s.name)):   # the class tells; no need to build (and fit) it
+            raise UsageError(f"a curriculum moves a fixed schedule's parameters; {s.name!r} learns its own, so drop "
+                             f"--curriculum")
+        curriculum.validate(s.name, s.params, ramps, lambda params: schedule_at(
+            cfg.ScheduleConfig(s.name, s.logsnr_min, s.logsnr_max, params), 0, 1))
+        schedule = schedule_at(s, step, steps, ramps)
+    check_window(schedule, s.logsnr_min, s.logsnr_max)
+    return schedule
 
 
 def check_table_condition(schedule, condition: str) -> None:

@@ -28,6 +28,7 @@ from adaptive_sched.run_build import Run, build, metric_columns, schedule_at
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
 from adaptive_sched.run_checks import check_resumable, metrics_gap
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
+from adaptive_sched.schedules.table import check_table_source, table_source
 from adaptive_sched.seeding import step_generator
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
 
@@ -64,6 +65,8 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     current = run.config.to_dict()
     if state is not None:
         check_resumable(state["config"], current)
+        check_table_source(state.get("table_source"), run.loss.schedule, f"cannot resume {out_dir}",
+                           "restore the file it trained on, or train into another --out")
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         match_state_layout(run.optimizer)
@@ -142,6 +145,9 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     learned = schedules.is_learned(run.loss.schedule)
     if learned:
         state["schedule"] = run.loss.schedule.state_dict()
+    source = table_source(run.loss.schedule)       # the table file's sha256, checked on resume, export and sampling
+    if source is not None:
+        state["table_source"] = source
     state["loss_bins"] = run.loss_bins.state_dict()
     if run.loss.histogram is not None:
         state["histogram"] = run.loss.histogram.state_dict()
@@ -152,6 +158,8 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
                 "model_params": constructor_params(model_config.name, shape, model_config.params)}
     if learned:
         snapshot["schedule"] = run.loss.schedule.state_dict()
+    if source is not None:
+        snapshot["table_source"] = source
     if run.num_classes:
         snapshot["num_classes"] = run.num_classes
     if run.condition.num_classes:

@@ -46,7 +46,7 @@ def test_a_fixed_schedule_or_the_cvdm_objective_keeps_the_configured_weighting()
 
 def test_schedule_at_moves_a_curriculum_parameter_linearly():
     # steps 0..100 of a 101-step run: b = 0.3 + 1.2 · step / 100
-    s = cfg.ScheduleConfig("laplace", -20.0, 20.0, {"b": 0.3}, curriculum={"b": "0.3:1.5:linear"})
+    s = cfg.ScheduleConfig("laplace", -20.0, 20.0, {}, curriculum={"b": "0.3:1.5:linear"})
     assert [schedule_at(s, step, 101).b for step in (0, 50, 100)] == pytest.approx([0.3, 0.9, 1.5])
     assert build_schedule(s, 25, 101).b == pytest.approx(0.6)
 

@@ -6,10 +6,17 @@ p(λ) = (t_{i+1} − t_i) / (λ_i − λ_{i+1}) on [λ_{i+1}, λ_i]. Exact at th
 A CSV with a `class` column is a multi-class table (long format: class,t,logsnr[,density,...], classes
 0..K−1 and optionally `all` for the marginal); `Table(path=...)` then returns a `ClassTable`, one Table per
 class, following the conditional-schedule protocol of adaptive_sched.class_schedules.
+
+A table read from a file keeps the sha256 of the bytes it parsed (`sha256`); a run records it (`table_source`) and
+refuses to go on, or to report its schedule, once the file has changed (`check_table_source`). In a run, the window
+[schedule] logsnr_min/logsnr_max must hold the table's λ range (`check_window`): a narrower one would clip it.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +33,11 @@ CLASS_COLUMN = "class"
 MARGINAL = "all"
 
 
-def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
+def read_csv_rows(path: Path, data: bytes | None = None) -> tuple[list[str], list[dict]]:
     """(header, rows as dicts) of a CSV whose '#' lines are comments (the table and grid file formats); a row with
-    more or fewer fields than the header is a UsageError (never read as shifted or partial values)."""
-    with path.open(newline="") as handle:
+    more or fewer fields than the header is a UsageError (never read as shifted or partial values). `data`: the
+    file's bytes, when the caller has read them (decoded as open() would)."""
+    with (path.open(newline="") if data is None else io.TextIOWrapper(io.BytesIO(data), newline="")) as handle:
         reader = csv.DictReader(row for row in handle if not row.startswith("#"))
         rows = list(reader)
     fields = list(reader.fieldnames or [])
@@ -40,18 +48,20 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
     return fields, rows
 
 
-def _table_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    """The rows of table CSV `path`, which must exist and have `columns`; UsageError otherwise."""
+def _table_rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], str]:
+    """(rows, sha256 of the bytes read) of table CSV `path`, which must exist and have `columns`; UsageError
+    otherwise."""
     if not path.is_file():
         raise UsageError(f"table file not found: {path} (write one with `adaptive-sched export RUN_DIR --out FILE.csv`)")
+    data = path.read_bytes()
     try:
-        fields, rows = read_csv_rows(path)
+        fields, rows = read_csv_rows(path, data)
     except UnicodeDecodeError as err:
         raise UsageError(f"table {path} is not a text CSV ({err})") from None
     missing = [c for c in columns if c not in fields]
     if missing:
         raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns {','.join(columns)}")
-    return rows
+    return rows, hashlib.sha256(data).hexdigest()
 
 
 def _numeric(path: Path, rows: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +77,14 @@ def _numeric(path: Path, rows: list[dict], where: str) -> tuple[np.ndarray, np.n
 
 def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate columns t and logsnr from a CSV; raise UsageError naming what is wrong."""
+    return _read_table(path)[:2]
+
+
+def _read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """read_table's (t, λ) and the sha256 of the bytes they were parsed from."""
     path = Path(path)
-    return _numeric(path, _table_rows(path, REQUIRED_COLUMNS), f"table {path}")
+    rows, digest = _table_rows(path, REQUIRED_COLUMNS)
+    return *_numeric(path, rows, f"table {path}"), digest
 
 
 def has_class_column(path: str | Path) -> bool:
@@ -83,9 +99,15 @@ def has_class_column(path: str | Path) -> bool:
 
 def read_class_table(path: str | Path) -> dict:
     """{k: (t, λ)} for classes 0..K−1 (and "all" if present) from a long-format CSV; UsageError naming the file."""
+    return _read_class_table(path)[0]
+
+
+def _read_class_table(path: str | Path) -> tuple[dict, str]:
+    """read_class_table's {k: (t, λ)} and the sha256 of the bytes they were parsed from."""
     path = Path(path)
     groups: dict = {}
-    for row in _table_rows(path, (CLASS_COLUMN,) + REQUIRED_COLUMNS):
+    rows, digest = _table_rows(path, (CLASS_COLUMN,) + REQUIRED_COLUMNS)
+    for row in rows:
         label = (row[CLASS_COLUMN] or "").strip()
         if label != MARGINAL:
             if not (label.isascii() and label.lstrip("+").isdecimal()):
@@ -97,7 +119,7 @@ def read_class_table(path: str | Path) -> dict:
         missing = sorted(set(range(max(labels, default=-1) + 1)) - set(labels))
         raise UsageError(f"table {path}: the classes must be 0..K-1 with none missing; it has "
                          f"{', '.join(map(str, labels)) or 'none'}" + (f" (missing {missing[0]})" if missing else ""))
-    return {k: _numeric(path, rows, f"table {path} class {k}") for k, rows in groups.items()}
+    return {k: _numeric(path, rows, f"table {path} class {k}") for k, rows in groups.items()}, digest
 
 
 def validate_table(t: np.ndarray, logsnr: np.ndarray, where: str = "table") -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +149,11 @@ def interp(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
 
 
 class Table(Schedule):
-    """λ(t) piecewise-linear through a table (t_i, λ_i); `path` is a CSV with columns t,logsnr."""
+    """λ(t) piecewise-linear through the (t, λ) table in CSV `path` (columns t,logsnr); a run's window must hold it.
+
+    The window defaults (None) to the table's own λ range; a narrower one given here truncates the table, and a run
+    (run_build.build_schedule) refuses a table its [schedule] logsnr_min/logsnr_max would cut.
+    """
 
     name = "table"
 
@@ -135,7 +161,8 @@ class Table(Schedule):
                 *, t: np.ndarray | None = None, logsnr: np.ndarray | None = None):
         """A `ClassTable` instead when `path` is a multi-class CSV (it has a class column)."""
         if cls is Table and isinstance(path, (str, Path)) and has_class_column(path):
-            return ClassTable(read_class_table(path), logsnr_min, logsnr_max, path=str(path))
+            tables, digest = _read_class_table(path)
+            return ClassTable(tables, logsnr_min, logsnr_max, path=str(path), sha256=digest)
         return super().__new__(cls)
 
     def __init__(self, path: str | None = None, logsnr_min: float | None = None, logsnr_max: float | None = None,
@@ -145,7 +172,7 @@ class Table(Schedule):
         if path is not None and not isinstance(path, (str, Path)):
             raise UsageError(f"table path must be a file name, got {path!r}")
         self.path = None if path is None else str(path)
-        t_np, lam_np = read_table(path) if path is not None else validate_table(t, logsnr)
+        t_np, lam_np, self.sha256 = _read_table(path) if path is not None else (*validate_table(t, logsnr), None)
         self._cache: dict = {}
         self._t = torch.from_numpy(t_np)                 # (M,) increasing
         self._lam = torch.from_numpy(lam_np)             # (M,) decreasing
@@ -245,11 +272,11 @@ class ClassTable:
     name = "table"
 
     def __init__(self, tables: dict, logsnr_min: float | None = None, logsnr_max: float | None = None,
-                 weights=None, path: str | None = None):
+                 weights=None, path: str | None = None, sha256: str | None = None):
         labels = sorted(k for k in tables if k != MARGINAL)
         if not labels or labels != list(range(len(labels))):
             raise UsageError(f"a class table needs classes 0..K-1 (and optionally {MARGINAL!r}), got {list(tables)}")
-        self.path, self.num_classes = path, len(labels)
+        self.path, self.sha256, self.num_classes = path, sha256, len(labels)
         self.classes = [Table(t=tables[k][0], logsnr=tables[k][1], logsnr_min=logsnr_min, logsnr_max=logsnr_max)
                         for k in labels]
         self.logsnr_min = min(c.logsnr_min for c in self.classes)
@@ -308,3 +335,53 @@ class ClassTable:
     def __repr__(self) -> str:
         return (f"table(path={self.path!r}, num_classes={self.num_classes}, logsnr_min={self.logsnr_min}, "
                 f"logsnr_max={self.logsnr_max})")
+
+
+def table_span(schedule) -> tuple[float, float] | None:
+    """(lowest, highest) λ the table holds, over all its classes for a ClassTable (before any window cut it);
+    None for a schedule that is not a table."""
+    parts = schedule.classes + [schedule.marginal] if isinstance(schedule, ClassTable) else [schedule]
+    if not all(isinstance(part, Table) for part in parts):
+        return None
+    return min(p.support[0] for p in parts), max(p.support[1] for p in parts)
+
+
+def check_window(schedule, logsnr_min: float, logsnr_max: float) -> None:
+    """UsageError when a table's λ reaches beyond a run's window [logsnr_min, logsnr_max], which would clip it
+    (the run would train on another schedule than the file's). Round-off at the ends passes (a relative 1e-6: a
+    float32 copy of the window), so an export whose ends sit at its window loads."""
+    span = table_span(schedule)
+    if span is None:
+        return
+    low, high = span
+    below = low < logsnr_min - 1e-6 * max(1.0, abs(logsnr_min))
+    above = high > logsnr_max + 1e-6 * max(1.0, abs(logsnr_max))
+    if not (below or above):
+        return
+    widen = {key: value for key, value, out in (("logsnr_min", math.floor(low), below),
+                                                ("logsnr_max", math.ceil(high), above)) if out}
+    where = f"table {schedule.path}" if schedule.path else "the table"
+    raise UsageError(f"{where} spans logsnr {low!r} to {high!r}, beyond the run's window [{logsnr_min!r}, "
+                     f"{logsnr_max!r}], which would clip it: widen the window to hold it ([schedule] "
+                     f"{' and '.join(f'{k} = {v}' for k, v in widen.items())} in the config file, or "
+                     f"{' '.join(f'--schedule-param {k}={v}' for k, v in widen.items())})")
+
+
+def table_source(schedule) -> dict | None:
+    """{"path", "sha256"} of the file a table was read from (what a run records, see check_table_source); None for a
+    schedule that is not a table read from a file."""
+    if not isinstance(schedule, (Table, ClassTable)) or getattr(schedule, "sha256", None) is None:
+        return None
+    return {"path": schedule.path, "sha256": schedule.sha256}
+
+
+def check_table_source(recorded: dict | None, schedule, what: str, remedy: str) -> None:
+    """UsageError when the table file a run recorded (`recorded`, from `table_source`) now holds other bytes than
+    the ones `schedule` was built from; `what` starts the message (e.g. "cannot resume RUN"), `remedy` ends it. A
+    run saved before runs recorded their table (None) passes."""
+    if not recorded:
+        return
+    now = getattr(schedule, "sha256", None)
+    if now != recorded["sha256"]:
+        raise UsageError(f"{what}: table {recorded['path']} changed since the run started (sha256 "
+                         f"{recorded['sha256'][:12]}... then, {str(now)[:12]}... now); {remedy}")
