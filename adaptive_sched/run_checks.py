@@ -160,6 +160,15 @@ def check_resumable(saved: dict, current: dict) -> None:
                                  f"use the same settings or another --out")
 
 
+def resumed_changes(saved: dict, current: dict) -> list[str]:
+    """'[section] key old → new' for each RESUMABLE_CHANGES setting a resume changes (what a resume command that does
+    not restate, e.g., --checkpoint-every silently gets: the default)."""
+    saved = cfg.with_defaults(saved)
+    return [f"[{section}] {key} {saved.get(section, {}).get(key)!r} → {current.get(section, {}).get(key)!r}"
+            for section, key in sorted(RESUMABLE_CHANGES)
+            if saved.get(section, {}).get(key) != current.get(section, {}).get(key)]
+
+
 def metrics_gap(out_dir: Path, logged_step: int, start: int) -> str | None:
     """Why a run cannot resume when metrics.csv ends before the checkpoint's last logged row (its rows were lost:
     the run would otherwise go on, or count as finished, with its eval rows missing); None when it covers it."""

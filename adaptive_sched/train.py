@@ -8,6 +8,7 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from adaptive_sched.optim import match_state_layout, warmup_lr
 from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_build import Run, build, metric_columns, schedule_at
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
-from adaptive_sched.run_checks import check_resumable, metrics_gap
+from adaptive_sched.run_checks import check_resumable, metrics_gap, resumed_changes
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
 from adaptive_sched.schedules.table import check_table_source, table_source
 from adaptive_sched.seeding import step_generator
@@ -65,6 +66,9 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
     current = run.config.to_dict()
     if state is not None:
         check_resumable(state["config"], current)
+        changes = resumed_changes(state["config"], current)
+        if changes and run.world.is_main:
+            print(f"note: resuming {out_dir} with {', '.join(changes)}", file=sys.stderr)
         check_table_source(state.get("table_source"), run.loss.schedule, f"cannot resume {out_dir}",
                            "restore the file it trained on, or train into another --out")
         run.model.load_state_dict(state["model"])
@@ -113,12 +117,18 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
 def refuse_run_without_checkpoint(out_dir: Path, resume: bool) -> None:
     """UsageError when a folder with no checkpoint holds a run that training from step 0 would overwrite: a
     finished one (finished.json: brought back without its checkpoints, it can be neither continued nor retrained
-    over), or, without --resume, the metrics of one killed before its first checkpoint."""
+    over), or, without --resume, the metrics of one killed before its first checkpoint; also a metrics.csv that is
+    not a run's (a file of the user's)."""
     marker = out_dir / run_artifacts.FINISHED
     if marker.exists():
         raise UsageError(f"{out_dir} holds a finished run ({marker.name}) without its checkpoint: it cannot be "
                          f"continued, and training there would overwrite it; choose another --out")
     metrics = out_dir / "metrics.csv"
+    with metrics.open(errors="replace") if metrics.exists() else open(os.devnull) as handle:
+        first = handle.readline()
+    if first and not first.startswith("step,"):
+        raise UsageError(f"{metrics} is not a run's metrics file (its first line: {first.strip()[:40]!r}), and "
+                         f"training there would overwrite it; choose another --out")
     if not resume and metrics.exists() and CsvLog(metrics, ["step"]).rows():
         raise UsageError(f"{out_dir} holds a run's metrics.csv but no checkpoint (stopped before its first one): "
                          f"pass --resume to train it again from step 0, or choose another --out")

@@ -81,6 +81,31 @@ def test_a_run_without_its_checkpoint_is_not_trained_over(tmp_path):
     assert (run / "metrics.csv").read_text().splitlines()[1:] != [] and (run / "finished.json").exists()
 
 
+def test_a_metrics_csv_that_is_not_a_runs_is_not_overwritten(tmp_path):
+    """A folder holding a file of the user's named metrics.csv: it was truncated and overwritten (only a run's own
+    metrics were protected)."""
+    run = tmp_path / "notes"
+    run.mkdir()
+    (run / "metrics.csv").write_text("my notes\nlr 1e-3 looked best\n")
+    for resume in (False, True):
+        with pytest.raises(UsageError, match=r"metrics.csv is not a run's metrics file \(its first line: 'my notes'\)"):
+            train(gmm_config(steps=10), run, resume=resume, progress=False)
+    assert (run / "metrics.csv").read_text() == "my notes\nlr 1e-3 looked best\n"
+
+
+def test_a_resume_names_the_settings_it_changes(tmp_path, capsys):
+    """A resume command that does not restate --checkpoint-every gets the default (500 here, 25 before): allowed,
+    but said, since a rarer checkpoint can lose progress."""
+    train(gmm_config(steps=50, checkpoint_every=25), tmp_path / "run", progress=False)
+    capsys.readouterr()
+    train(gmm_config(steps=60, checkpoint_every=25), tmp_path / "run", resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "note: resuming" in err and "[train] steps 50 → 60" in err and "checkpoint_every" not in err
+    train(gmm_config(steps=70, checkpoint_every=500), tmp_path / "run", resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "[train] checkpoint_every 25 → 500, [train] steps 60 → 70" in err
+
+
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     """Resuming a 50-step checkpoint with steps = 25 returned at once and marked the run finished at step 25."""
     train(gmm_config(steps=50), tmp_path / "run", progress=False)
