@@ -148,7 +148,9 @@ def tuned_entry(entry: dict, config_file: Path) -> dict:
                          f"holds best.json)")
     try:
         found = json.loads(path.read_text()).get("compare_entry")
-    except (ValueError, AttributeError):
+    except ValueError:
+        raise UsageError(f"[compare] best = {str(given)!r} is not a JSON file (a sweep's best.json)") from None
+    except AttributeError:
         found = None
     if not isinstance(found, dict) or "name" not in found:
         raise UsageError(f"[compare] best = {str(given)!r} holds no single best schedule (a multi-objective study's "

@@ -243,6 +243,8 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 def read_toml(path: str | Path) -> dict:
     """Parse a TOML file into a dict; a missing or malformed file raises UsageError."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"config file {path} is a folder; give a .toml file (a run's is {path / 'config.toml'})")
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
