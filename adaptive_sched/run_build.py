@@ -64,6 +64,9 @@ def check_table_condition(schedule, condition: str) -> None:
     condition ([learned] condition = "none"): its λ(t, y) needs each example's class."""
     from adaptive_sched.class_schedules import num_classes
     k = num_classes(schedule)
+    if k and condition == "none" and schedules.is_learned(schedule):
+        raise UsageError(f"a learned schedule's classes come from [learned] condition (\"class\" or \"stats:K\", "
+                         f"--schedule-condition), not from num_classes = {k}")
     if k and condition == "none":
         raise UsageError(f"the table holds {k} classes' schedules: set [learned] condition = \"class\" to train "
                          f"with them, or train on the marginal table (an export's FILE.csv beside FILE.classes.csv)")

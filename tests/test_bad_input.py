@@ -301,6 +301,8 @@ CASES = [
      ["--schedule cauchy is not among --compare-schedules laplace"], MAIN),
     ("data-dir-on-a-set-that-does-not-read-it", [*TRAIN, "--data-dir", "/nonexistent"], {},
      ["data_dir applies to fashion-mnist only (where to find its files); 'gmm' does not read it"], MAIN),
+    ("learned-num-classes-by-hand", [*TRAIN, "--schedule", "learned", "--schedule-param", "num_classes=3"], {},
+     ["a learned schedule's classes come from [learned] condition"], MAIN),
     ("config-that-is-a-folder", [*TRAIN, "--config", "{d}"], {}, ["is a folder; give a .toml file"], MAIN),
     ("compare-best-that-is-not-json", ["compare", "{d}/c.toml", "--out", "{d}/cmp"],
      {"c.toml": '[compare]\nschedules = [{ best = "b.json" }]\n', "b.json": "{not json"},
