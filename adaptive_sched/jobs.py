@@ -59,7 +59,7 @@ def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: floa
              deadline: float | None = None) -> tuple[list[tuple[Job, int]], list[Job]]:
     """Run `jobs`, at most `parallel` at a time, none starting after `deadline` (time.monotonic()); return the
     (job, exit status) of those that failed and the jobs never started."""
-    env = child_env(threads_per_job(parallel))
+    env = child_env(threads_per_job(max(1, min(parallel, len(jobs)))))     # 1 run left of --jobs 2: all cores
     pending, running, failed, started = list(jobs), [], [], []
     from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), disable=not progress, unit="run", desc=f"{parallel} at a time")

@@ -43,3 +43,20 @@ def test_a_stopped_parent_stops_its_children(tmp_path, sig):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+def test_fewer_runs_than_jobs_share_the_cores_among_the_runs(tmp_path, monkeypatch):
+    """One run left under --jobs 2 got half the cores (threads were split by --jobs, not by the runs there are)."""
+    from pathlib import Path
+    from adaptive_sched import jobs
+    child = tmp_path / "child.sh"
+    child.write_text("#!/bin/sh\necho $OMP_NUM_THREADS\n")
+    child.chmod(0o755)
+    monkeypatch.setattr(jobs.sys, "executable", str(child))
+    monkeypatch.setattr(jobs, "threads_per_job", lambda k: 8 // k)        # as on 8 cores
+    for runs, parallel, threads in ((1, 2, "8"), (2, 2, "4"), (3, 2, "4"), (1, 1, "8")):
+        logs = [Path(tmp_path / f"{runs}-{parallel}-{i}.log") for i in range(runs)]
+        failed, unstarted = jobs.run_jobs([jobs.Job(f"j{i}", [], log) for i, log in enumerate(logs)], parallel,
+                                          progress=False, poll_s=0.01)
+        assert not failed and not unstarted
+        assert {log.read_text().strip() for log in logs} == {threads}
