@@ -232,14 +232,21 @@ def check_runs_match(plan: Plan, out: Path) -> None:
     """UsageError, before any run starts, when a run already in DIR (finished or not) was trained with settings other
     than the plan's for it (run_checks.check_resumable, as `train --resume` does): a finished run was skipped and
     the report rewritten under the new settings, which its numbers do not come from."""
+    from adaptive_sched.checkpoint import STATE_NAME
+    from adaptive_sched.run_artifacts import FINISHED
     from adaptive_sched.run_checks import check_resumable
     for seed in plan.seeds:
         for entry in plan.entries:
-            saved = run_dir_of(out, entry, seed) / "config.toml"
-            if not saved.exists():
-                continue
+            run_dir = run_dir_of(out, entry, seed)
+            saved = run_dir / "config.toml"
+            if not saved.exists() or not ((run_dir / STATE_NAME).exists() or (run_dir / FINISHED).exists()):
+                continue                              # nothing trained to keep: the run starts again as now given
+            settings = cfg.read_toml(saved)
+            if not all(isinstance(section, dict) for section in settings.values()):
+                raise UsageError(f"{saved} is not a run's config (every top-level key is a [section]); restore it "
+                                 f"or use another --out")
             try:
-                check_resumable(cfg.read_toml(saved), run_config(plan.base, entry, seed).to_dict())
+                check_resumable(settings, run_config(plan.base, entry, seed).to_dict())
             except UsageError as err:
                 detail = str(err).removeprefix("cannot resume: ").split("; use ")[0]
                 raise UsageError(f"{run_label(entry)} seed {seed} in {out} was trained with other settings "

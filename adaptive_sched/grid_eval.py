@@ -114,14 +114,15 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
         if todo and not (run_dir / "ema.pt").exists():
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
     check_grid_names(todos, out)
-    claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored), n, bool(scored),
-                   {run_dir: bool(todo) for run_dir, todo in todos.items()})
+    steps_now = claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored), n, bool(scored),
+                               {run_dir: bool(todo) for run_dir, todo in todos.items()})
     (out / "grids").mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
             for row in score_run(run_dir, todo, out, n, device, progress, ays):
                 log.append(row)                      # row by row: an interrupted call keeps what it scored
+                record_scored(out, run_dir, steps_now[str(run_dir)])
     report(out, [str(r) for r in run_dirs], methods, steps)
     return out
 
@@ -133,7 +134,8 @@ def check_same_data(run_dirs: list[Path]) -> None:
     seen = {}
     for run_dir in run_dirs:
         if (run_dir / "config.toml").exists():
-            data = cfg.read_toml(run_dir / "config.toml").get("data", {})
+            data = cfg.with_defaults({"data": cfg.read_toml(run_dir / "config.toml").get("data", {})})["data"]
+            data.pop("data_dir", None)                 # where the files were, not which data
             first, settings = seen.setdefault("data", (run_dir, data))
             if settings != data:
                 diff = ", ".join(f"{k} {settings.get(k)!r} / {data.get(k)!r}" for k in sorted(set(settings) | set(data))
@@ -171,11 +173,12 @@ def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> Non
 
 
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: int | None, has_rows: bool,
-                   runs: dict[Path, bool]) -> None:
+                   runs: dict[Path, bool]) -> dict[str, int]:
     """Keep DIR's rows to one setting, recorded in DIR/grid_eval.json, and refuse a call that would mix them:
     AYS settings other than those recorded (when AYS rows are asked for; a folder whose AYS rows predate the file
     was scored with the defaults); another --n (rows predating the key used the default); a run that has trained
-    on since its rows were scored (the step of its ema.pt). `runs`: run → whether this call scores rows for it."""
+    on since its rows were scored (the step of its ema.pt, recorded by record_scored). `runs`: run → whether this
+    call scores rows for it. Returns {run: step} of the runs with weights."""
     from adaptive_sched.checkpoint import load_ema_snapshot
     from adaptive_sched.grid_cli import AYS_DEFAULTS, ays_flag
     path = out / "grid_eval.json"
@@ -192,7 +195,7 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: 
             changed = ", ".join(f"{ays_flag(k)} {before.get(k)} (now {v})" for k, v in ays.items()
                                 if before.get(k) != v)
             raise UsageError(f"{out}'s ays rows were scored with {changed}: use those settings or another --out")
-    if has_rows and settings.get("n") != n:
+    if has_rows and "n" in settings and settings["n"] != n:    # (a folder from before the record: unknown)
         raise UsageError(f"{out}'s rows were scored with --n {settings.get('n') or 'unset (each run its sample_n)'}"
                          f", now {n or 'unset'}: use the same --n or another --out")
     recorded, steps = settings.get("runs", {}), {}
@@ -203,11 +206,19 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: 
             if was is not None and was != steps[str(run_dir)]:
                 raise UsageError(f"{out}'s rows of {run_dir} were scored at its step {was}, and it is at step "
                                  f"{steps[str(run_dir)]} now: score it into another --out")
-    update = {**({"ays": ays} if uses_ays and before is None else {}), "n": n,
-              "runs": {**recorded, **{run: step for run, step in steps.items() if runs[Path(run)]}}}
+    update = {**({"ays": ays} if uses_ays and before is None else {}), "n": n, "runs": recorded}
     if {**settings, **update} != settings:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**settings, **update}, indent=2)
+    return steps
+
+
+def record_scored(out: Path, run_dir: Path, step: int) -> None:
+    """Add `run_dir` at `step` to DIR/grid_eval.json's runs, once rows of it are in grid_eval.csv."""
+    path = out / "grid_eval.json"
+    settings = json.loads(path.read_text())
+    if settings.get("runs", {}).get(str(run_dir)) != step:
+        atomic_write_json(path, {**settings, "runs": {**settings.get("runs", {}), str(run_dir): step}}, indent=2)
 
 
 def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:

@@ -18,11 +18,16 @@ from adaptive_sched.runlog import CsvLog
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"), ("eval", "every"),
                      ("train", "device"), ("train", "compile"), ("train", "channels_last"), ("train", "compile_mode")}
 
+CONDITIONAL_ONLY = {("train", "p_uncond"), ("eval", "sample_labels")}    # keys only a conditional run reads
+
 
 def validate(config: cfg.RunConfig) -> None:
     """Refuse impossible settings before any work is done (the batch size against the data: check_batch_size)."""
     t, e = config.train, config.eval
     data.check_spec(config.data.name)
+    if config.data.data_dir and config.data.name not in data.DATA_DIR_SETS:
+        raise UsageError(f"data_dir applies to {', '.join(data.DATA_DIR_SETS)} only (where to find its files); "
+                         f"{config.data.name!r} does not read it (drop --data-dir / [data] data_dir)")
     models.check_options(config.model.name, config.model.params)
     for name, value in (("lr", t.lr), ("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)):
         if not math.isfinite(value) or value < 0:
@@ -144,11 +149,15 @@ def check_bpd_levels(config: cfg.RunConfig, eval_x) -> None:
 
 def check_resumable(saved: dict, current: dict) -> None:
     """A resumed run must have the same config as the saved one, except for RESUMABLE_CHANGES (steps only without a
-    curriculum); a key the saved run lacks (written by an older version) counts as that key's default."""
+    curriculum) and, between unconditional runs, CONDITIONAL_ONLY; a key the saved run lacks (written by an older
+    version) counts as that key's default (cfg.with_defaults)."""
     saved = cfg.with_defaults(saved)
+    unconditional = not saved.get("train", {}).get("conditional") and not current.get("train", {}).get("conditional")
     for section in sorted(set(saved) | set(current)):
         keys = set(saved.get(section, {})) | set(current.get(section, {}))
         for key in sorted(keys):
+            if unconditional and (section, key) in CONDITIONAL_ONLY:
+                continue                               # settings no unconditional run uses
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if (section, key) == ("train", "steps") and old != new and saved.get("schedule", {}).get("curriculum"):
                 raise UsageError(f"cannot resume: [train] steps was {old!r} in the saved run, now {new!r}, and its "

@@ -268,5 +268,31 @@ def test_a_run_saved_before_sample_labels_existed_counts_as_balanced_if_conditio
             if conditional and labels == "held_out":
                 with pytest.raises(UsageError, match="sample_labels was 'balanced'"):
                     check_resumable(saved, current)
-            elif conditional or labels == "held_out":
+            else:
                 check_resumable(saved, current)
+    unconditional = cfg.RunConfig().to_dict()
+    changed = cfg.RunConfig().to_dict()
+    changed["train"]["p_uncond"] = 0.3                   # read by no unconditional run: no reason to refuse
+    check_resumable(unconditional, changed)
+    changed["train"]["conditional"] = True
+    with pytest.raises(UsageError, match="conditional was False"):
+        check_resumable(unconditional, changed)
+
+
+def test_a_run_with_nothing_trained_to_keep_starts_again_under_the_new_settings(tmp_path, capsys):
+    """A run killed before its first checkpoint (config.toml and a metrics header, no checkpoint) is not held to its
+    old settings: train --resume restarts it from step 0 anyway. A config.toml that is not a run's is refused in
+    one line (it was a traceback)."""
+    from adaptive_sched.compare import run_dir_of
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    plan = parse(config)
+    killed = run_dir_of(out, plan.entries[0], 0)
+    killed.mkdir(parents=True)
+    (killed / "config.toml").write_text("[train]\nlr = 0.5\n")
+    (killed / "metrics.csv").write_text("step,loss\n")
+    compare(config, out, progress=False)
+    assert pd.read_csv(out / "summary.csv")["step"].max() == 40
+    (killed / "config.toml").write_text('note = "mine"\n[train]\nlr = 0.001\n')
+    with pytest.raises(UsageError, match=r"config.toml is not a run's config \(every top-level key is a"):
+        compare(config, out, progress=False)

@@ -472,3 +472,18 @@ def test_grid_eval_refuses_runs_trained_on_different_data(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "were trained on different data (" in err and "name 'gmm' / 'digits'" in err
     assert not (tmp_path / "ge").exists()
+
+
+def test_runs_of_one_data_set_found_in_different_folders_are_the_same_data(tmp_path):
+    """check_same_data compares what the data are, not where their files were (data_dir), and fills keys an older
+    config.toml lacks with their defaults."""
+    from adaptive_sched.grid_eval import check_same_data
+    from adaptive_sched.errors import UsageError
+    for name, text in (("a", '[data]\nname = "fashion-mnist"\ndata_dir = ""\npad = 2\n'),
+                       ("b", '[data]\nname = "fashion-mnist"\ndata_dir = "/home/me/data"\npad = 2\nseed = 0\n'),
+                       ("c", '[data]\nname = "fashion-mnist"\npad = 0\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(text)
+    check_same_data([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(UsageError, match=r"different data \(pad 2 / 0\)"):
+        check_same_data([tmp_path / "a", tmp_path / "c"])

@@ -90,9 +90,6 @@ def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: i
     loader, arg = _loader(spec)
     if dim is not None and spec != "gmm":
         raise UsageError(f"dim sets the gmm's dimension only; {spec!r} has a fixed shape (drop [data] dim)")
-    if data_dir and spec not in DATA_DIR_SETS:
-        raise UsageError(f"data_dir applies to {', '.join(DATA_DIR_SETS)} only (where to find its files); {spec!r} "
-                         f"does not read it (drop --data-dir / [data] data_dir)")
     opts = _Opts(data_dir=data_dir, resize=resize, n=n, dim=dim, seed=seed)
     ds = loader(arg, split, opts)
     if ds.kind == "image":
