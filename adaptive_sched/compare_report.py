@@ -5,7 +5,7 @@ from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched.atomic import atomic_write_text
-from adaptive_sched.compare import format_ci, mean_ci
+from adaptive_sched.compare_stats import format_ci, mean_ci
 from adaptive_sched.conditioning import GUIDED_METRICS
 
 
@@ -57,7 +57,7 @@ def guidance_table(final, metric: str, order) -> list[str]:
 
 def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     """Markdown lines: `metric` per seed at the final step and its paired difference from the reference (the rows of
-    compare.paired_with_reference); a difference's interval that excludes 0 is what "below in every seed" needs."""
+    compare_stats.paired_with_reference); a difference's interval that excludes 0 is what "below in every seed" needs."""
     if paired is None or not len(paired):
         return []
     seeds = [c for c in paired.columns if re.fullmatch(r"seed\d+", c)]          # seed0, seed1, ... (not seeds_below)
@@ -102,7 +102,7 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
         lines.append(f"| {label} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
-    for name, rows in (paired or {}).items():       # metric name -> compare.paired_with_reference's rows
+    for name, rows in (paired or {}).items():       # metric name -> compare_stats.paired_with_reference's rows
         lines += per_seed_lines(rows, name, final_step, order)
     if reached is not None and len(reached):
         reference = reached["reference"].iloc[0]

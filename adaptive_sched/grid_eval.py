@@ -224,7 +224,7 @@ def record_scored(out: Path, run_dir: Path, step: int) -> None:
 def report(out: Path, runs: list[str], methods: list[str], steps: list[int]) -> None:
     """grid_eval.md (metric mean ± 95% CI over runs, rows = method, columns = steps) and grid_eval.png."""
     import pandas as pd
-    from adaptive_sched.compare import mean_ci
+    from adaptive_sched.compare_stats import mean_ci
     from adaptive_sched.plots import _pyplot, finish_line_plot
     steps = sorted(steps)                                                  # columns and the line left to right
     table = pd.read_csv(out / "grid_eval.csv")

@@ -4,7 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from adaptive_sched.compare import compare, parse, steps_to_target
+from adaptive_sched.compare import compare, parse
+from adaptive_sched.compare_stats import steps_to_target
 from adaptive_sched.errors import UsageError
 
 TINY = """
@@ -202,7 +203,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, jobs):
 
 def test_paired_differences_match_scipys_paired_t_interval():
     from scipy import stats
-    from adaptive_sched.compare import paired_with_reference
+    from adaptive_sched.compare_stats import paired_with_reference
     fid = {"cos": [4.6, 4.2, 4.3], "lap": [8.8, 8.6, 4.0], "cau": [4.5, 4.1, 4.25]}
     rows = [{"label": label, "seed": seed, "step": step, "eval_fid": v + (10 if step == 100 else 0)}
             for label, vs in fid.items() for seed, v in enumerate(vs) for step in (100, 200)]
@@ -221,7 +222,7 @@ def test_paired_differences_match_scipys_paired_t_interval():
 
 
 def test_a_guided_metric_is_listed_per_seed_at_every_guidance_scale():
-    from adaptive_sched.compare import per_seed_metrics
+    from adaptive_sched.compare_stats import per_seed_metrics
     summary = pd.DataFrame({"eval_fid": [1.0], "eval_fid@w1": [1.0], "eval_fid@w1.5": [1.0], "eval_swd@w1": [1.0],
                             "eval_fid@w3": [float("nan")]})
     assert per_seed_metrics(summary, "eval_fid@w1.5") == ["eval_fid@w1", "eval_fid@w1.5"]   # w3 never logged

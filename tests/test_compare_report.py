@@ -1,7 +1,7 @@
 """compare_report: the per-seed table of results.md, paired with the reference."""
 import pandas as pd
 
-from adaptive_sched.compare import paired_with_reference
+from adaptive_sched.compare_stats import paired_with_reference
 from adaptive_sched.compare_report import per_seed_lines
 
 
@@ -25,7 +25,7 @@ def test_one_seed_has_no_interval_and_unfinished_schedules_keep_their_rows(tmp_p
     import math
 
     from adaptive_sched import config as cfg
-    from adaptive_sched.compare import format_ci, mean_ci
+    from adaptive_sched.compare_stats import format_ci, mean_ci
     from adaptive_sched.compare_report import write_results_md
     assert mean_ci([0.5])[0] == 0.5 and math.isnan(mean_ci([0.5])[1])
     assert format_ci(0.5, math.nan) == "0.5 (n = 1)" and format_ci(math.nan, math.nan) == ""
