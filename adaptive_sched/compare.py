@@ -34,7 +34,7 @@ from adaptive_sched.diffusion import TARGETS
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_artifacts import final_schedule, is_finished
-from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog
+from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog, header_of
 
 LEARNED_KEYS = {f.name for f in dataclasses.fields(cfg.LearnedConfig)}   # an entry's keys that go to [learned]
 COMPARE_KEYS = {"seeds", "metric", "schedules", "targets", "jobs", "reference", "samples"}
@@ -300,13 +300,6 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
     if not frames:
         raise UsageError(f"no finished runs under {out / 'runs'}")
     return pd.concat(frames, ignore_index=True), pd.concat(profiles, ignore_index=True)
-
-
-def header_of(path: Path, default: list[str]) -> list[str]:
-    """The column names on a CSV log's first line (`default` for an empty file)."""
-    with path.open() as handle:
-        first = handle.readline().strip()
-    return first.split(",") if first else default
 
 
 

@@ -120,9 +120,10 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
         if todo:
-            for row in score_run(run_dir, todo, out, n, device, progress, ays):
+            for i, row in enumerate(score_run(run_dir, todo, out, n, device, progress, ays)):
                 log.append(row)                      # row by row: an interrupted call keeps what it scored
-                record_scored(out, run_dir, steps_now[str(run_dir)])
+                if i == 0:
+                    record_scored(out, run_dir, steps_now[str(run_dir)])
     report(out, [str(r) for r in run_dirs], methods, steps)
     return out
 
@@ -131,13 +132,14 @@ def check_same_data(run_dirs: list[Path]) -> None:
     """UsageError when the runs were trained on different data ([data] of their config.toml): grid_eval.md
     averages every cell over the runs, which would mix scores of different data sets."""
     from adaptive_sched import config as cfg
-    seen = {}
+    first, settings = None, None
     for run_dir in run_dirs:
         if (run_dir / "config.toml").exists():
             data = cfg.with_defaults({"data": cfg.read_toml(run_dir / "config.toml").get("data", {})})["data"]
             data.pop("data_dir", None)                 # where the files were, not which data
-            first, settings = seen.setdefault("data", (run_dir, data))
-            if settings != data:
+            if first is None:
+                first, settings = run_dir, data
+            elif settings != data:
                 diff = ", ".join(f"{k} {settings.get(k)!r} / {data.get(k)!r}" for k in sorted(set(settings) | set(data))
                                  if settings.get(k) != data.get(k))
                 raise UsageError(f"{first} and {run_dir} were trained on different data ({diff}): a cell's mean "
@@ -258,7 +260,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "same model(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN")
     p.add_argument("--steps", default="5,10,20", help="comma-separated sampler step counts (default 5,10,20)")
-    p.add_argument("--methods", default="cosine,karras,quantile,ays", help="comma-separated grid methods (default: %(default)s)")
+    p.add_argument("--methods", default="cosine,karras,quantile,ays",
+                   help="comma-separated grid methods (default: %(default)s)")
     p.add_argument("--n", type=int, help="samples per (run, method, steps) (default: the run's [eval] sample_n)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--device", default="auto")

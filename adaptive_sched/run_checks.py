@@ -80,10 +80,9 @@ def ineffective_settings(config: cfg.RunConfig) -> list[str]:
     them: a resolved config.toml reused with another schedule keeps its [learned] keys, so they are not refused)."""
     learned, defaults, t = config.learned, cfg.LearnedConfig(), config.train
     name = config.schedule.name
-    uses = {"objective": ("learned",), "lr": ("learned",), "weight_decay": ("learned",),
-            "freeze_steps": ("learned",), "smoothness": ("learned",)}     # (a condition nothing takes is refused)
+    only_learned = ("objective", "lr", "weight_decay", "freeze_steps", "smoothness")   # (condition: refused if unused)
     lines = [f"[learned] {key} = {getattr(learned, key)!r} has no effect with schedule {name!r}"
-             for key, users in uses.items() if name not in users and getattr(learned, key) != getattr(defaults, key)]
+             for key in only_learned if name != "learned" and getattr(learned, key) != getattr(defaults, key)]
     if name == "learned" and learned.objective != "cvdm" and learned.smoothness != defaults.smoothness:
         lines.append(f"[learned] smoothness = {learned.smoothness!r} has no effect with objective "
                      f"{learned.objective!r} (only cvdm has the penalty)")

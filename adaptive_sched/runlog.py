@@ -12,6 +12,15 @@ METRIC_COLUMNS = ["step", "loss", "lr", "img_s", "elapsed_s", "skipped", "eval_e
 PROFILE_COLUMNS = ["step", "logsnr", "eps_mse", "oracle_eps_mse"]
 
 
+def header_of(path: Path, default: list[str]) -> list[str]:
+    """The column names on a CSV log's first line (`default` for an empty or missing file)."""
+    if not path.exists():
+        return default
+    with path.open(errors="replace") as handle:
+        first = handle.readline().strip()
+    return first.split(",") if first else default
+
+
 def _format(value) -> str:
     if value is None:
         return ""

@@ -28,7 +28,7 @@ from adaptive_sched.out_paths import output_dir
 from adaptive_sched.run_build import Run, build, metric_columns, schedule_at
 from adaptive_sched.run_eval import CLASS_DENSITY_CSV, ema_model, evaluate
 from adaptive_sched.run_checks import check_resumable, metrics_gap, resumed_changes
-from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog
+from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog, header_of
 from adaptive_sched.schedules.table import check_table_source, table_source
 from adaptive_sched.seeding import step_generator
 from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
@@ -109,8 +109,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
         CsvLog(out_dir / name, columns).truncate_after(start)
     for name in ("schedule_density.csv", "loss_bins.csv", CLASS_DENSITY_CSV):
         if (out_dir / name).exists():
-            header = (out_dir / name).read_text().splitlines()[0].split(",")
-            CsvLog(out_dir / name, header).truncate_after(start)
+            CsvLog(out_dir / name, header_of(out_dir / name, [])).truncate_after(start)
     return start, state
 
 
@@ -124,10 +123,9 @@ def refuse_run_without_checkpoint(out_dir: Path, resume: bool) -> None:
         raise UsageError(f"{out_dir} holds a finished run ({marker.name}) without its checkpoint: it cannot be "
                          f"continued, and training there would overwrite it; choose another --out")
     metrics = out_dir / "metrics.csv"
-    with metrics.open(errors="replace") if metrics.exists() else open(os.devnull) as handle:
-        first = handle.readline()
-    if first and not first.startswith("step,"):
-        raise UsageError(f"{metrics} is not a run's metrics file (its first line: {first.strip()[:40]!r}), and "
+    header = header_of(metrics, [])
+    if header and header[0] != "step":
+        raise UsageError(f"{metrics} is not a run's metrics file (its first line: {','.join(header)[:40]!r}), and "
                          f"training there would overwrite it; choose another --out")
     if not resume and metrics.exists() and CsvLog(metrics, ["step"]).rows():
         raise UsageError(f"{out_dir} holds a run's metrics.csv but no checkpoint (stopped before its first one): "
