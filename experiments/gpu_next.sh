@@ -19,7 +19,8 @@
 #   5 fashion_tuned compare (the studies' best against defaults and learned)       issue 5
 #   6 targets compare (eps / x0 / v x cosine / laplace)                           issue 4
 #   7 bench concurrency (1, 2, 4, 8 processes), channels_last and CUDA graphs, learned overhead with channels_last
-#     and under CUDA graphs (with their CUDA test) (all but concurrency run before step 2)                                                       issues 6, 3
+#     and under CUDA graphs (with their CUDA test), the issue's reference-size U-Net (bench_reference.toml) eager
+#     and under CUDA graphs (all but concurrency run before step 2)                 issues 6, 3
 # The steps are experiments/gpu_steps.sh, run under a hard timeout (HARD, default 560 s) so that the packing
 # below always happens before the device call's own limit (keep timeout_s above HARD + 20).
 # Knobs (environment): BUDGET (s, default 480), RUN_S (s a compare run may take once started, 150: a Fashion-MNIST

@@ -200,3 +200,22 @@ def test_gpu_trim_moves_the_cpu_results_aside_and_back(tmp_path):
     assert inside.returncode == 2 and "must be outside the checkout" in inside.stderr
     (tmp_path / "held" / "demo").mkdir()                                   # a collision: nothing moves at all
     assert trim("aside").returncode == 2 and (repo / "results" / "digits-cpu").is_dir()
+
+
+def test_the_reference_bench_config_is_the_issues_net_on_the_bench_data():
+    import re
+    import tomllib
+    from adaptive_sched.models import build_model, count_parameters
+    from adaptive_sched.models.unet import REFERENCE_LAYOUT
+    ref = tomllib.loads((ROOT / "experiments" / "bench_reference.toml").read_text())
+    bench = tomllib.loads((ROOT / "experiments" / "bench_fashion.toml").read_text())
+    assert ref["data"] == bench["data"] and ref["train"] == bench["train"]
+    params = {k: v for k, v in ref["model"].items() if k != "name"}
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()} == REFERENCE_LAYOUT
+    # gpu_steps.sh recognises the step as done by the net's parameter count in a bench line
+    steps = (ROOT / "experiments" / "gpu_steps.sh").read_text()
+    counted = count_parameters(build_model("unet", (1, 32, 32), **params))
+    assert re.findall(r'"params": (\d+),', steps) == [str(counted)]
+    line = json.dumps({"mode": "reduce-overhead", "schedule": "cosine", "params": counted, "img_s": 1.0})
+    pattern = re.search(r"grep -qsE '([^']*params[^']*)'", steps).group(1)
+    assert subprocess.run(["grep", "-qE", pattern], input=line, text=True).returncode == 0

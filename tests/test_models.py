@@ -235,3 +235,83 @@ def test_a_snapshot_records_the_constructor_arguments_so_a_later_default_change_
     assert len(build_model("unet", (1, 8, 8), channels=[8], emb_dim=16).mid) == 3     # the new default bites
     _, loaded, _ = load_snapshot(tmp_path / "run", torch.device("cpu"))
     assert len(loaded.mid) == 1                                                          # but not old runs
+
+
+def training_step_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """FLOPs per image of one forward + backward pass (torch.utils.flop_counter, as bench counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, *shape)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(2)).square().mean().backward()
+    return counter.get_total_flops() / 2
+
+
+def test_the_reference_layout_has_the_performance_issues_size():
+    """Issue 6 / ../shared/GPU.md: 4.16M parameters and 5.09 GFLOP per image per training step at 1x32x32; the
+    default layout is 4.62M and 6.84 GFLOP."""
+    from adaptive_sched.models.unet import REFERENCE_LAYOUT
+    model = build_model("unet", (1, 32, 32), **REFERENCE_LAYOUT)
+    assert round(count_parameters(model) / 1e6, 2) == 4.16
+    assert round(training_step_flops(model, (1, 32, 32)) / 1e9, 2) == 5.09
+    assert round(training_step_flops(build_model("unet", (1, 32, 32)), (1, 32, 32)) / 1e9, 2) == 6.84
+
+
+def test_level_skips_feed_only_each_levels_first_up_block():
+    model = UNet(1, 16, channels=(8, 16), emb_dim=16, groups=8, skips="level")
+    assert model.skip_out == [False, True, False, False, True]             # block, block, down, block, block
+    assert model.skip_in == [True, False, False, True, False]              # block, block, up, block, block
+    first_up = [layer[0].conv1.in_channels for layer in model.up if isinstance(layer, nn.ModuleList)]
+    assert first_up == [16 + 16, 16, 16 + 8, 8]
+    default = UNet(1, 16, channels=(8, 16), emb_dim=16, groups=8)
+    assert default.skip_out == [True, True, False, True, True] and default.skip_in == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("layout", [dict(skips="level"), dict(downsample="avgpool"), dict(upsample="nearest"),
+                                    dict(emb_hidden=24), dict(skips="level", downsample="avgpool",
+                                                              upsample="nearest", blocks_per_level=3)])
+def test_unet_layouts_train_every_parameter(layout):
+    torch.manual_seed(0)
+    model = unzero(UNet(1, 16, channels=(8, 16, 16), emb_dim=16, groups=8, num_classes=3, **layout))
+    x = torch.randn(3, 1, 16, 16)
+    out = model(x, torch.randn(3) * 5, torch.tensor([0, 1, 3]))
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+def test_pooling_and_nearest_layouts_have_no_resampling_weights():
+    plain = UNet(1, 16, channels=(8, 16), emb_dim=16, groups=8)
+    light = UNet(1, 16, channels=(8, 16), emb_dim=16, groups=8, downsample="avgpool", upsample="nearest")
+    down, up = 8 * 8 * 9 + 8, 16 * 16 * 9 + 16            # 3x3 convs: down after level 0 (8), up after level 1 (16)
+    assert count_parameters(plain) - count_parameters(light) == down + up
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    from adaptive_sched.models.unet import Downsample, Upsample
+    torch.testing.assert_close(Downsample(1, "avgpool")(x), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    torch.testing.assert_close(Upsample(1, "nearest")(x)[0, 0, :2, :2], torch.zeros(2, 2))
+    assert Upsample(1, "nearest")(x).shape == (1, 1, 8, 8)
+
+
+def test_emb_hidden_sets_the_embedding_mlp_width_only():
+    model = UNet(1, 8, channels=(8,), emb_dim=16, groups=8, emb_hidden=40)
+    assert [m.out_features for m in model.embed.mlp if isinstance(m, nn.Linear)] == [40, 16]
+    assert [m.out_features for m in UNet(1, 8, channels=(8,), emb_dim=16, groups=8).embed.mlp
+            if isinstance(m, nn.Linear)] == [16, 16]
+
+
+@pytest.mark.parametrize("option, value, match", [("skips", "every", "skips must be one of 'block', 'level'"),
+                                                  ("downsample", "max", "downsample must be one of"),
+                                                  ("upsample", "bilinear", "upsample must be one of"),
+                                                  ("emb_hidden", 0, "emb_hidden must be an integer >= 1"),
+                                                  ("emb_hidden", 8.5, "emb_hidden must be an integer")])
+def test_unet_layout_options_are_checked(option, value, match):
+    with pytest.raises(UsageError, match=match):
+        build_model("unet", (1, 8, 8), channels=(8,), groups=8, **{option: value})
+
+
+def test_the_default_layout_keeps_its_weight_names():
+    """Old checkpoints load by these names: the layout options must not rename the default net's modules."""
+    keys = set(UNet(1, 8, channels=(8, 16), emb_dim=16, groups=8).state_dict())
+    assert {"down.2.conv.weight", "up.2.conv.weight", "embed.mlp.0.weight", "embed.mlp.2.weight"} <= keys
+    light = set(UNet(1, 8, channels=(8, 16), emb_dim=16, groups=8, downsample="avgpool",
+                     upsample="nearest").state_dict())
+    assert keys - light == {"down.2.conv.weight", "down.2.conv.bias", "up.2.conv.weight", "up.2.conv.bias"}

@@ -57,28 +57,34 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
 
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv."""
+DOWNSAMPLE = ("conv", "avgpool")   # stride-2 3x3 conv | 2x2 average
+UPSAMPLE = ("conv", "nearest")      # nearest-neighbour, then a 3x3 conv | nearest-neighbour alone
+SKIPS = ("block", "level")          # every down ResBlock feeds its mirror image | one skip per level
 
-    def __init__(self, channels: int):
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 conv (mode "conv") or a 2x2 average (mode "avgpool", no weights)."""
+
+    def __init__(self, channels: int, mode: str = "conv"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if mode == "conv" else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) → (N, C, H/2, W/2)."""
-        return self.conv(x)
+        return F.avg_pool2d(x, 2) if self.conv is None else self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour upsampling, then a 3x3 conv."""
+    """Double H and W by nearest-neighbour upsampling, then a 3x3 conv (mode "conv") or nothing ("nearest")."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, mode: str = "conv"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if mode == "conv" else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) → (N, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
 
 
 class EmbedSequential(nn.ModuleList):
@@ -94,12 +100,14 @@ class EmbedSequential(nn.ModuleList):
 class UNet(nn.Module):
     """U-Net denoiser model(x (N, C, H, W), λ (N,), y=None) → (N, C, H, W); output conv starts at zero.
 
-    Down path: per level `blocks_per_level` ResBlocks, a stride-2 conv between levels; middle: `mid_blocks`
-    ResBlocks; up path mirrors the down path: per level `blocks_per_level` ResBlocks, each fed the
-    output of its mirror-image down ResBlock (concatenated), then nearest-upsample + conv. (DDPM's
-    extra up block per level, fed the downsample outputs, is left out.) `groups` is lowered to the
-    largest divisor of every channel count. H and W must be divisible by 2**(len(channels) - 1).
-    At the defaults for 1×32×32: 4,623,361 parameters.
+    Down path: per level `blocks_per_level` ResBlocks, a `downsample` between levels; middle: `mid_blocks`
+    ResBlocks; up path mirrors the down path: per level `blocks_per_level` ResBlocks, then an `upsample`.
+    `skips` = "block": each up ResBlock is fed the output of its mirror-image down ResBlock (concatenated);
+    "level": only a level's first up ResBlock is, with the output of that level's last down ResBlock. (DDPM's
+    extra up block per level, fed the downsample outputs, is left out.) `emb_hidden` is the width of the λ
+    embedding's MLP (default emb_dim). `groups` is lowered to the largest divisor of every channel count. H and W
+    must be divisible by 2**(len(channels) - 1). At the defaults for 1×32×32: 4,623,361 parameters, 6.84 GFLOP
+    per image per training step. REFERENCE_LAYOUT has the performance issue's reference size (4.16M, 5.09 GFLOP).
     """
 
     def __init__(
@@ -114,6 +122,10 @@ class UNet(nn.Module):
         attention_levels: tuple[int, ...] = (),
         num_classes: int = 0,
         mid_blocks: int = 1,
+        skips: str = "block",
+        downsample: str = "conv",
+        upsample: str = "conv",
+        emb_hidden: int | None = None,
     ):
         super().__init__()
         channels = tuple(channels)
@@ -121,10 +133,16 @@ class UNet(nn.Module):
             raise UsageError("UNet needs at least one level in `channels`")
         sizes = [("channels", c, 1) for c in channels] + [("blocks_per_level", blocks_per_level, 1),
                                                           ("groups", groups, 1), ("mid_blocks", mid_blocks, 0)]
+        if emb_hidden is not None:
+            sizes.append(("emb_hidden", emb_hidden, 1))
         for name, value, low in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 kind = "integers" if name == "channels" else "an integer"
                 raise UsageError(f"UNet {name} must be {kind} >= {low}, got {value!r}")
+        for name, value, choices in (("skips", skips, SKIPS), ("downsample", downsample, DOWNSAMPLE),
+                                     ("upsample", upsample, UPSAMPLE)):
+            if value not in choices:
+                raise UsageError(f"UNet {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):      # (NaN fails the comparison)
             raise UsageError(f"UNet dropout must be in [0, 1), got {dropout!r}")
         bad = [i for i in attention_levels if not 0 <= i < len(channels)]
@@ -139,28 +157,37 @@ class UNet(nn.Module):
             attn = [SelfAttention(c_out, g)] if level in attention_levels else []
             return EmbedSequential([ResBlock(c_in, c_out, emb_dim, g, dropout), *attn])
 
-        self.embed = LogSNREmbedding(emb_dim, num_classes)
+        self.embed = LogSNREmbedding(emb_dim, num_classes, hidden=emb_hidden)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
-        skip_channels = []  # channels of each down ResBlock's output, consumed in reverse by the up path
+        self.skip_out: list[bool] = []   # per down layer: its output is kept for the up path
+        skip_channels = []  # channels of each kept output, consumed in reverse by the up path
         c = channels[0]
         for level, c_out in enumerate(channels):
-            for _ in range(blocks_per_level):
+            for i in range(blocks_per_level):
                 self.down.append(block(c, c_out, level))
                 c = c_out
-                skip_channels.append(c)
+                kept = skips == "block" or i == blocks_per_level - 1
+                self.skip_out.append(kept)
+                if kept:
+                    skip_channels.append(c)
             if level < len(channels) - 1:
-                self.down.append(Downsample(c))
+                self.down.append(Downsample(c, downsample))
+                self.skip_out.append(False)
 
         self.mid = EmbedSequential([ResBlock(c, c, emb_dim, g, dropout) for _ in range(mid_blocks)])
 
         self.up = nn.ModuleList()
+        self.skip_in: list[bool] = []    # per up layer: a kept output is concatenated to its input
         for level in reversed(range(len(channels))):
-            for _ in range(blocks_per_level):
-                self.up.append(block(c + skip_channels.pop(), channels[level], level))
+            for i in range(blocks_per_level):
+                fed = skips == "block" or i == 0
+                self.up.append(block(c + (skip_channels.pop() if fed else 0), channels[level], level))
+                self.skip_in.append(fed)
                 c = channels[level]
             if level > 0:
-                self.up.append(Upsample(c))
+                self.up.append(Upsample(c, upsample))
+                self.skip_in.append(False)
 
         self.out_norm = nn.GroupNorm(g, c)
         self.out = nn.Conv2d(c, in_channels, 3, padding=1)
@@ -182,14 +209,24 @@ class UNet(nn.Module):
         self.check_size(x.shape[2], x.shape[3])
         emb = self.embed(logsnr.expand(x.shape[:1]), y)  # (N, emb_dim)
         h = self.conv_in(x)  # (N, channels[0], H, W)
-        skips = []
-        for layer in self.down:
+        kept = []
+        for layer, keep in zip(self.down, self.skip_out):
             h = layer(h, emb)
-            if not isinstance(layer, Downsample):
-                skips.append(h)
+            if keep:
+                kept.append(h)
         h = self.mid(h, emb)
-        for layer in self.up:
-            if not isinstance(layer, Upsample):
-                h = torch.cat([h, skips.pop()], dim=1)  # (N, c + c_skip, H', W')
+        for layer, fed in zip(self.up, self.skip_in):
+            if fed:
+                h = torch.cat([h, kept.pop()], dim=1)  # (N, c + c_skip, H', W')
             h = layer(h, emb)
         return self.out(F.silu(self.out_norm(h)))
+
+
+# The performance issue's reference net (issue 6, ../shared/GPU.md: channels 64/128/128, two ResBlocks per level,
+# GroupNorm, no attention; 4.16M parameters and 5.09 GFLOP per image per training step at 1x32x32). Its exact
+# layout was not published: this is our reconstruction, the layout of that description whose size matches both
+# numbers (one skip per level, 2x2 average pooling, nearest upsampling without a conv, two middle blocks, a
+# 512-wide λ MLP): 4,164,609 parameters, 5.086 GFLOP. It lets the bench measure the issue's throughput target
+# on the arithmetic the target was set for.
+REFERENCE_LAYOUT = {"channels": (64, 128, 128), "blocks_per_level": 2, "mid_blocks": 2, "skips": "level",
+                    "downsample": "avgpool", "upsample": "nearest", "emb_hidden": 512}
