@@ -21,11 +21,14 @@ METHODS = ("ays", "quantile", "karras", "cosine")     # grid_for_run's; torch lo
 
 def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: float = 7.0, device: str = "auto",
                  seed: int = 0, ays_samples: int = 64, ays_sweeps: int = 3, ays_candidates: int = 12,
-                 ays_coarse: int = 10, ays_data: int = 1000, ays_memo: dict | None = None) -> tuple[torch.Tensor, dict]:
+                 ays_coarse: int = 10, ays_data: int = 1000, ays_split: str = "train",
+                 ays_memo: dict | None = None) -> tuple[torch.Tensor, dict]:
     """(grid, provenance) for a run: `method` in METHODS, in the run's sampling window; steps=None: the run's.
 
     `ays_memo`: a dict kept by the caller for this run (see grids.ays_grid), so AYS at 10 then 20 steps refines
-    the 10-step stage once."""
+    the 10-step stage once. AYS draws its KLUB rows from the first `ays_data` rows of split `ays_split`: "train"
+    (default), or "test", the split FID and SWD score against (grid-eval folders scored before 2026-11-28 did so).
+    """
     from adaptive_sched import checkpoint, config as cfg, grids
     if method not in METHODS:
         raise UsageError(f"unknown grid method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -57,13 +60,12 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
     dev = resolve_device(device)
     config, model, _ = load_snapshot(run_dir, dev)
     check_ays_settings({"ays_samples": ays_samples, "ays_sweeps": ays_sweeps, "ays_candidates": ays_candidates,
-                        "ays_coarse": ays_coarse, "ays_data": ays_data})
-    held_out = load_data(config.data, "test")
-    x0 = held_out.x[:ays_data].to(dev)                                                  # (n, ...)
+                        "ays_coarse": ays_coarse, "ays_data": ays_data, "ays_split": ays_split})
+    x0 = load_data(config.data, ays_split).x[:ays_data].to(dev)                         # (n, ...)
     grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
                                 coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
                                 samples=ays_samples, seed=seed, memo=ays_memo)
-    return grid, {**meta, "ays": {**info, "data": config.data.name, "split": "test", "data_rows": len(x0),
+    return grid, {**meta, "ays": {**info, "data": config.data.name, "split": ays_split, "data_rows": len(x0),
                                   "clip_x0": config.eval.clip_x0}}
 
 
@@ -86,7 +88,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 AYS_OPTIONS = {"ays_samples": (64, "data rows per KLUB estimate"), "ays_sweeps": (3, "refinement sweeps per stage"),
                "ays_candidates": (12, "candidate positions per point and sweep"),
                "ays_coarse": (10, "steps of the first (coarse) stage"),
-               "ays_data": (1000, "held-out examples to draw the rows from")}
+               "ays_data": (1000, "examples of --ays-split to draw the rows from"),
+               "ays_split": ("train", "the split the rows come from: train, or test (the split FID and SWD score "
+                                      "against)")}
+AYS_SPLITS = ("train", "test")
+LEGACY_AYS_SPLIT = "test"     # what AYS rows scored before --ays-split (2026-11-28) drew from
 AYS_DEFAULTS = {key: default for key, (default, _) in AYS_OPTIONS.items()}
 
 
@@ -98,12 +104,17 @@ def ays_flag(key: str) -> str:
 def add_ays_options(p: argparse.ArgumentParser) -> None:
     """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
     for key, (default, text) in AYS_OPTIONS.items():
-        p.add_argument(ays_flag(key), type=int, help=f"ays: {text} (default {default})")
+        kind = {"choices": AYS_SPLITS} if key == "ays_split" else {"type": int}
+        p.add_argument(ays_flag(key), **kind, help=f"ays: {text} (default {default})")
 
 
 def check_ays_settings(settings: dict) -> None:
-    """UsageError unless every ays_* setting is an integer >= 1 (sweeps >= 0)."""
+    """UsageError unless every ays_* setting is an integer >= 1 (sweeps >= 0), the split train or test."""
     for key, value in settings.items():
+        if key == "ays_split":
+            if value not in AYS_SPLITS:
+                raise UsageError(f"--ays-split must be one of {', '.join(AYS_SPLITS)}, got {value!r}")
+            continue
         low = 0 if key == "ays_sweeps" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UsageError(f"{ays_flag(key)} must be an integer >= {low}, got {value!r}")

@@ -120,7 +120,10 @@ if want 2; then
     done
     $trained && [ "$(left)" -gt 60 ] || continue
     echo "== grid-eval ${runs[*]}  $(date -u +%T)"
-    as grid-eval "${runs[@]}" --steps 5,10,20 --methods cosine,karras,quantile,ays --out "$grids" --quiet $GRID_ARGS || status=1
+    # --ays-split test: the folders' first AYS rows (cosine, seeds 0-1, 2026-11-26) drew from the test split, the
+    # default before 2026-11-28, and their weights are gone; every row of both folders keeps to it
+    as grid-eval "${runs[@]}" --steps 5,10,20 --methods cosine,karras,quantile,ays --out "$grids" --quiet \
+      --ays-split test $GRID_ARGS || status=1
   done
 fi
 done2=false; as compare experiments/fashion_mnist.toml --out results/fashion-mnist --status | grep -q "(all)" && done2=true

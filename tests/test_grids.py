@@ -329,9 +329,10 @@ def test_grid_eval_passes_ays_settings_and_keeps_a_folder_to_one_setting(tmp_pat
     out = tmp_path / "ge"
     assert main(["grid-eval", str(run), "--steps", "3", "--methods", "ays", "--out", str(out), "--quiet", *fast]) == 0
     assert json.loads((out / "grid_eval.json").read_text())["ays"] == {
-        "ays_samples": 8, "ays_sweeps": 1, "ays_candidates": 2, "ays_coarse": 10, "ays_data": 40}
+        "ays_samples": 8, "ays_sweeps": 1, "ays_candidates": 2, "ays_coarse": 10, "ays_data": 40, "ays_split": "train"}
     meta = json.loads(next((out / "grids").glob("*_ays_3.csv.json")).read_text())["ays"]
-    assert (meta["samples"], meta["sweeps"], meta["candidates"], meta["data_rows"]) == (8, 1, 2, 40)
+    assert (meta["samples"], meta["sweeps"], meta["candidates"], meta["data_rows"], meta["split"]) == (8, 1, 2, 40,
+                                                                                                      "train")
     capsys.readouterr()
     assert main(["grid-eval", str(run), "--steps", "3,4", "--methods", "ays", "--out", str(out), "--quiet"]) == 2
     assert "--ays-samples 8 (now 64)" in capsys.readouterr().err
@@ -487,3 +488,48 @@ def test_runs_of_one_data_set_found_in_different_folders_are_the_same_data(tmp_p
     check_same_data([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(UsageError, match=r"different data \(pad 2 / 0\)"):
         check_same_data([tmp_path / "a", tmp_path / "c"])
+
+
+def test_ays_draws_its_rows_from_the_training_split_and_old_folders_keep_the_test_split(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """AYS fitted its grid on the first held-out rows, the rows FID and SWD then score against: it now draws from
+    the training split (--ays-split test keeps the old behaviour); a folder whose AYS settings were recorded
+    without a split was scored on the test split, and a call that would mix the two is refused."""
+    from adaptive_sched import config as cfg, run_build
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 4, "batch_size": 16, "device": "cpu", "log_every": 4},
+                            "eval": {"every": 4, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    real, splits = run_build.load_data, []
+
+    def recording(data_config, split, *args, **kwargs):
+        splits.append(split)
+        return real(data_config, split, *args, **kwargs)
+    monkeypatch.setattr(run_build, "load_data", recording)
+    fast = ["--ays-samples", "8", "--ays-sweeps", "1", "--ays-candidates", "2", "--ays-data", "40"]
+    grid = tmp_path / "g.csv"
+    assert main(["sampling-grid", str(run), "--steps", "3", "--out", str(grid), *fast]) == 0
+    assert splits == ["train"]
+    assert json.loads(grid.with_name("g.csv.json").read_text())["ays"]["split"] == "train"
+    splits.clear()
+    assert main(["sampling-grid", str(run), "--steps", "3", "--out", str(grid), "--ays-split", "test", *fast]) == 0
+    assert splits == ["test"] and json.loads(grid.with_name("g.csv.json").read_text())["ays"]["split"] == "test"
+    capsys.readouterr()
+    assert main(["sampling-grid", str(run), "--steps", "3", "--method", "cosine", "--out", str(grid),
+                 "--ays-split", "test"]) == 2
+    assert "--ays-split applies only to ays grids" in capsys.readouterr().err
+
+    out = tmp_path / "ge"                              # a folder as grid-eval left it before the split was recorded
+    out.mkdir()
+    old = {"ays_samples": 8, "ays_sweeps": 1, "ays_candidates": 2, "ays_coarse": 10, "ays_data": 40}
+    (out / "grid_eval.json").write_text(json.dumps({"ays": old}))
+    args = ["grid-eval", str(run), "--steps", "3", "--methods", "ays", "--out", str(out), "--quiet", *fast]
+    assert main(args) == 2
+    assert "--ays-split test (now train)" in capsys.readouterr().err
+    assert main([*args, "--ays-split", "test"]) == 0
+    sidecar = json.loads(next((out / "grids").glob("*_ays_3.csv.json")).read_text())
+    assert sidecar["ays"]["split"] == "test"
