@@ -55,18 +55,30 @@ def grid_for_run(run_dir: str | Path, steps: int | None, method: str, *, rho: fl
             meta["training_density"] = "marginal over the schedule's conditions"
         return grids.quantile_grid(schedule, steps, lo, hi), meta
     from adaptive_sched.generate import x0_denoiser
+    from adaptive_sched.models import num_classes_of
     from adaptive_sched.sample_run import load_snapshot
     from adaptive_sched.run_build import load_data, resolve_device
     dev = resolve_device(device)
     config, model, _ = load_snapshot(run_dir, dev)
     check_ays_settings({"ays_samples": ays_samples, "ays_sweeps": ays_sweeps, "ays_candidates": ays_candidates,
                         "ays_coarse": ays_coarse, "ays_data": ays_data, "ays_split": ays_split})
-    x0 = load_data(config.data, ays_split).x[:ays_data].to(dev)                         # (n, ...)
-    grid, info = grids.ays_grid(x0_denoiser(model, config.train.target, clip=config.eval.clip_x0), x0, steps, lo, hi,
-                                coarse_steps=ays_coarse, sweeps=ays_sweeps, candidates=ays_candidates,
-                                samples=ays_samples, seed=seed, memo=ays_memo)
+    data = load_data(config.data, ays_split)
+    x0 = data.x[:ays_data].to(dev)                                                      # (n, ...)
+    target, clip = config.train.target, config.eval.clip_x0
+    conditional = {}
+    if num_classes_of(model):       # a class-conditional run: each row's own label, at the guidance it samples with
+        guidance = config.eval.guidance[0]
+        denoise = lambda x, lam, y: x0_denoiser(model, target, y, guidance, clip)(x, lam)   # noqa: E731
+        conditional = {"labels": data.y[:ays_data]}
+    else:
+        denoise = x0_denoiser(model, target, clip=clip)
+    grid, info = grids.ays_grid(denoise, x0, steps, lo, hi, coarse_steps=ays_coarse, sweeps=ays_sweeps,
+                                candidates=ays_candidates, samples=ays_samples, seed=seed, memo=ays_memo,
+                                **conditional)
+    if conditional:
+        info.update(labels=f"each row's own ({ays_split} split)", guidance=guidance)
     return grid, {**meta, "ays": {**info, "data": config.data.name, "split": ays_split, "data_rows": len(x0),
-                                  "clip_x0": config.eval.clip_x0}}
+                                  "clip_x0": clip}}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x (N, ...), λ (N,)) -> x̂0 (N, ...)
+# (x (N, ...), λ (N,), y (N,) class labels) -> x̂0 (N, ...): a class-conditional denoiser (ays_grid with labels)
+LabelledDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _pin(grid: torch.Tensor, lo: float, hi: float, what: str) -> torch.Tensor:
@@ -177,9 +179,10 @@ def ays_stages(steps: int, coarse_steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: float, *, coarse_steps: int = 10,
-             sweeps: int = 3, candidates: int = 12, samples: int = 64, seed: int = 0,
-             init: torch.Tensor | None = None, memo: dict | None = None) -> tuple[torch.Tensor, dict]:
+def ays_grid(denoise: Denoiser | LabelledDenoiser, x0: torch.Tensor, steps: int, lo: float, hi: float, *,
+             coarse_steps: int = 10, sweeps: int = 3, candidates: int = 12, samples: int = 64, seed: int = 0,
+             init: torch.Tensor | None = None, memo: dict | None = None,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Align Your Steps: minimise Σ_i KLUB(λ_i, λ_{i+1}) (see `klub`) by coarse-to-fine coordinate descent.
 
     Start from `init` or the cosine grid at min(steps, coarse_steps) steps; refine (`sweeps` sweeps of
@@ -190,6 +193,9 @@ def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: flo
     `memo` (a dict the caller keeps for one denoiser and one x0): the state after every stage is stored, and a
     later call whose stages begin with stored ones (10 → 20 after 10, with the default coarse_steps) resumes
     from there; the grid and info are bit for bit those of a call without it.
+
+    `labels` (len(x0),): the class of each row of x0, for a class-conditional `denoise(x, λ, y)`: every denoiser
+    row is given the label of the x0 row it was noised from (the KLUB's expectation over the data's (x0, y)).
     """
     _check(steps, lo, hi)
     for name, value in (("coarse_steps", coarse_steps), ("candidates", candidates), ("samples", samples)):
@@ -197,13 +203,22 @@ def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: flo
             raise UsageError(f"ays {name} must be an integer >= 1, got {value!r}")
     if not isinstance(sweeps, int) or sweeps < 0:
         raise UsageError(f"ays sweeps must be an integer >= 0, got {sweeps!r}")
+    if labels is not None and len(labels) != len(x0):
+        raise UsageError(f"ays labels: {len(labels)} labels for {len(x0)} rows")
     gen = torch.Generator().manual_seed(seed)
 
-    def rows() -> torch.Tensor:
-        """`samples` rows of x0, without replacement when there are enough."""
+    def rows() -> tuple[torch.Tensor, Denoiser]:
+        """`samples` rows of x0, without replacement when there are enough, and the denoiser for them."""
         idx = torch.randperm(len(x0), generator=gen)[:samples] if len(x0) >= samples else \
             torch.randint(len(x0), (samples,), generator=gen)
-        return x0[idx.to(x0.device)]
+        idx = idx.to(x0.device)
+        if labels is None:
+            return x0[idx], denoise
+        y = labels.to(x0.device)[idx]                                                     # (samples,)
+
+        def labelled(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            return denoise(x, lam, y.repeat(len(x) // len(y)))          # klub's rows: tiles of the x0 rows, in order
+        return x0[idx], labelled
 
     plan = ays_stages(steps, coarse_steps)
     key = (lo, hi, coarse_steps, sweeps, candidates, samples, seed)
@@ -218,14 +233,15 @@ def ays_grid(denoise: Denoiser, x0: torch.Tensor, steps: int, lo: float, hi: flo
         grid = cosine_grid(n, lo, hi) if init is None else loglinear_interp(torch.as_tensor(init, dtype=F64), n)
         grid = _pin(grid, lo, hi, "initial")
         held = rows()                               # the KLUB reports use the same rows and draws (seed + 1)
-        start = klub_total(denoise, held, grid, torch.Generator().manual_seed(seed + 1))
+        start = klub_total(held[1], held[0], grid, torch.Generator().manual_seed(seed + 1))
     for k in range(done, len(plan)):
         if k:
             grid = loglinear_interp(grid, plan[k])
-        grid = _pin(_refine(denoise, rows(), grid, sweeps, candidates, gen), lo, hi, "ays")
+        x, denoise_rows = rows()
+        grid = _pin(_refine(denoise_rows, x, grid, sweeps, candidates, gen), lo, hi, "ays")
         memo[(key, tuple(plan[:k + 1]))] = (grid, gen.get_state(), held, start)
-    final = klub_total(denoise, held, grid, torch.Generator().manual_seed(seed + 1))
-    cosine = klub_total(denoise, held, cosine_grid(steps, lo, hi), torch.Generator().manual_seed(seed + 1))
+    final = klub_total(held[1], held[0], grid, torch.Generator().manual_seed(seed + 1))
+    cosine = klub_total(held[1], held[0], cosine_grid(steps, lo, hi), torch.Generator().manual_seed(seed + 1))
     info = {"coarse_steps": coarse_steps, "stages": plan, "sweeps": sweeps, "candidates": candidates,
             "samples": samples, "seed": seed, "sampler_step": "first order (DDIM), denoiser frozen per interval",
             "klub_initial_coarse": start, "klub_final": final, "klub_cosine": cosine}

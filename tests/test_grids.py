@@ -533,3 +533,53 @@ def test_ays_draws_its_rows_from_the_training_split_and_old_folders_keep_the_tes
     assert main([*args, "--ays-split", "test"]) == 0
     sidecar = json.loads(next((out / "grids").glob("*_ays_3.csv.json")).read_text())
     assert sidecar["ays"]["split"] == "test"
+
+
+def test_ays_gives_each_denoiser_row_the_label_of_the_x0_row_it_was_noised_from():
+    """With labels, every call of a class-conditional denoiser gets one label per row, and that label is the one of
+    the data row the row was noised from: x0 = 10·label, so at λ > 10 (noise scale < 0.007) round(x / 10) is it."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (50,), generator=gen)
+    x0 = 10.0 * labels[:, None].double().repeat(1, 2)                             # (50, 2)
+    checked = []
+
+    def denoise(x, lam, y):
+        assert y.shape == (len(x),) and y.dtype == labels.dtype
+        low_noise = lam > 10
+        assert torch.equal(torch.round(x[low_noise, 0] / 10).long(), y[low_noise])
+        checked.append(int(low_noise.sum()))
+        return x * torch.sigmoid(lam)[:, None]
+    grid, _ = grids.ays_grid(denoise, x0, 6, -10, 15, sweeps=1, candidates=3, samples=16, labels=labels)
+    assert sum(checked) > 100 and grid.shape == (7,)
+    with pytest.raises(UsageError, match="3 labels for 50 rows"):
+        grids.ays_grid(denoise, x0, 6, -10, 15, labels=labels[:3])
+
+
+def test_a_conditional_runs_ays_grid_uses_the_rows_labels_at_its_sampling_guidance(tmp_path, monkeypatch):
+    """It was fitted on the unconditional (null-class) denoiser while the run samples conditionally."""
+    import numpy as np
+    from adaptive_sched import config as cfg, generate
+    from adaptive_sched.grid_cli import grid_for_run
+    from adaptive_sched.train import train
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = ((y[:, None, None] + 1) * 60 + rng.integers(0, 20, (120, 8, 8))).astype(np.uint8)[:, None]
+    np.savez(tmp_path / "three.npz", x=x, y=y)
+    config = cfg.from_dict({"data": {"name": f"npz:{tmp_path / 'three.npz'}"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": 4, "batch_size": 16, "device": "cpu", "log_every": 4,
+                                      "conditional": True, "p_uncond": 0.2},
+                            "eval": {"every": 4, "n": 12, "sample_n": 0, "features": "none", "guidance": [1.5]}})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    seen = []
+    real = generate.x0_denoiser
+
+    def recording(model, target, y=None, guidance=1.0, clip=False):
+        seen.append((None if y is None else y.clone(), guidance))
+        return real(model, target, y, guidance, clip)
+    monkeypatch.setattr(generate, "x0_denoiser", recording)
+    grid, meta = grid_for_run(run, 4, "ays", ays_samples=8, ays_sweeps=1, ays_candidates=2, ays_data=40)
+    assert seen and all(y is not None and g == 1.5 for y, g in seen)
+    assert set(torch.cat([y for y, _ in seen]).tolist()) == {0, 1, 2}
+    assert meta["ays"]["guidance"] == 1.5 and meta["ays"]["labels"] == "each row's own (train split)"
