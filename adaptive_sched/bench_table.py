@@ -1,7 +1,8 @@
 """A table of `adaptive-sched bench` JSON lines: `python -m adaptive_sched.bench_table FILE.jsonl... [--markdown]`.
 
-One row per measurement (training, sampling, concurrency) with the data's shape, img/s, step time, MFU, peak memory and the
-notes a row carries (learned-schedule overhead, compile speed-up or error, workers).
+One row per measurement (training, sampling, concurrency) with the data's shape, the model's training FLOPs per image
+(GFLOP: tells apart benches of different nets on the same data), img/s, step time, MFU, peak memory and the notes a row
+carries (learned-schedule overhead, compile speed-up or error, workers).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-COLUMNS = ["measure", "mode", "schedule", "batch", "shape", "img/s", "step ms", "MFU", "peak MiB", "notes"]
+COLUMNS = ["measure", "mode", "schedule", "batch", "shape", "GFLOP", "img/s", "step ms", "MFU", "peak MiB", "notes"]
 NOTES = ("overhead_pct", "speedup", "workers", "img_s_each", "compiled_loss", "compile_error")
 
 
@@ -33,7 +34,8 @@ def rows_of(paths: list[str | Path]) -> list[list[str]]:
             notes = " ".join(f"{k}={r[k]}" for k in NOTES if r.get(k) is not None)
             shape = "x".join(str(n) for n in r.get("shape", []))
             rows.append([str(r.get("measure", "")), str(r.get("mode", "")), str(r.get("schedule", "")),
-                         str(r.get("batch_size", "")), shape, _number(img_s, 0), _number(r.get("step_ms"), 2),
+                         str(r.get("batch_size", "")), shape,
+                         _number(r["flops_per_image"] / 1e9 if r.get("flops_per_image") else None, 2), _number(img_s, 0), _number(r.get("step_ms"), 2),
                          _number(r.get("mfu"), 4), _number(r.get("peak_mem_mb"), 0), notes])
     return rows
 

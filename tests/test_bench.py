@@ -95,8 +95,9 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     from adaptive_sched.bench_table import main as table_main
     assert table_main([str(out), "--markdown"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| measure | mode | schedule | batch | shape | img/s") and len(table) == 2 + 3   # the non-bench line is left out
-    assert table[3].startswith(f"| train | eager | learned | 64 | {DIM} | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
+    assert table[0].startswith("| measure | mode | schedule | batch | shape | GFLOP | img/s") and len(table) == 2 + 3   # the non-bench line is left out
+    gflop = f"{learned['flops_per_image'] / 1e9:.2f}"                                          # 0.00: a tiny MLP
+    assert table[3].startswith(f"| train | eager | learned | 64 | {DIM} | {gflop} | ") and f"overhead_pct={learned['overhead_pct']}" in table[3]
     assert f"| {sample['sample_img_s']:.0f} |" in table[4]
     assert table_main([str(tmp_path / "missing.jsonl")]) == 2
 
@@ -219,3 +220,13 @@ def test_a_channels_last_mode_is_refused_for_vectors_before_any_row(tmp_path, ca
                    "--steps", "1", "--warmup", "0", "--repeats", "1", "--no-sample", "--out", str(out)])
     assert status == 2 and not out.exists()
     assert "channels_last applies to images" in capsys.readouterr().err
+
+
+def test_bench_table_gives_each_rows_gflop_so_two_nets_are_told_apart(tmp_path):
+    from adaptive_sched.bench_table import rows_of
+    lines = [{"measure": "train", "mode": "eager", "schedule": "cosine", "batch_size": 512, "shape": [1, 32, 32],
+              "flops_per_image": flops, "img_s": 1000.0} for flops in (6840745984, 5086117888)]
+    lines.append({"measure": "sample", "mode": "eager", "schedule": "cosine", "batch_size": 512, "sample_img_s": 9.0})
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    assert [row[5] for row in rows_of([path])] == ["6.84", "5.09", ""]
