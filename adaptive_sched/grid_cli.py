@@ -114,7 +114,8 @@ def ays_flag(key: str) -> str:
 
 
 def add_ays_options(p: argparse.ArgumentParser) -> None:
-    """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data (grid_for_run's ays_* settings)."""
+    """--ays-samples, --ays-sweeps, --ays-candidates, --ays-coarse, --ays-data, --ays-split (grid_for_run's ays_*
+    settings)."""
     for key, (default, text) in AYS_OPTIONS.items():
         kind = {"choices": AYS_SPLITS} if key == "ays_split" else {"type": int}
         p.add_argument(ays_flag(key), **kind, help=f"ays: {text} (default {default})")

@@ -178,9 +178,10 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: 
                    runs: dict[Path, bool]) -> dict[str, int]:
     """Keep DIR's rows to one setting, recorded in DIR/grid_eval.json, and refuse a call that would mix them:
     AYS settings other than those recorded (when AYS rows are asked for; a folder whose AYS rows predate the file
-    was scored with the defaults, and AYS settings recorded without a split drew from the test split); another --n (rows predating the key used the default); a run that has trained
-    on since its rows were scored (the step of its ema.pt, recorded by record_scored). `runs`: run → whether this
-    call scores rows for it. Returns {run: step} of the runs with weights."""
+    was scored with the defaults, and AYS settings recorded without a split drew from the test split); another
+    --n (rows predating the key used the default); a run that has trained on since its rows were scored (the step
+    of its ema.pt, recorded by record_scored). `runs`: run → whether this call scores rows for it. Returns
+    {run: step} of the runs with weights."""
     from adaptive_sched.checkpoint import load_ema_snapshot
     from adaptive_sched.grid_cli import AYS_DEFAULTS, LEGACY_AYS_SPLIT, ays_flag
     path = out / "grid_eval.json"

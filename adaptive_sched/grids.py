@@ -217,6 +217,8 @@ def ays_grid(denoise: Denoiser | LabelledDenoiser, x0: torch.Tensor, steps: int,
         y = labels.to(x0.device)[idx]                                                     # (samples,)
 
         def labelled(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            if len(x) % len(y):
+                raise UsageError(f"ays labels: {len(x)} denoiser rows are no whole number of tiles of {len(y)} rows")
             return denoise(x, lam, y.repeat(len(x) // len(y)))          # klub's rows: tiles of the x0 rows, in order
         return x0[idx], labelled
 

@@ -315,3 +315,27 @@ def test_the_default_layout_keeps_its_weight_names():
     light = set(UNet(1, 8, channels=(8, 16), emb_dim=16, groups=8, downsample="avgpool",
                      upsample="nearest").state_dict())
     assert keys - light == {"down.2.conv.weight", "down.2.conv.bias", "up.2.conv.weight", "up.2.conv.bias"}
+
+
+def test_the_default_layout_computes_what_the_unet_computed_before_the_layout_options():
+    """The forward pass as written before skips/downsample/upsample existed (every down ResBlock's output kept,
+    one popped before every up ResBlock), run on the same modules: old runs' weights mean what they meant."""
+    from adaptive_sched.models.unet import Downsample, Upsample
+    torch.manual_seed(0)
+    model = unzero(UNet(2, 16, channels=(8, 16, 16), emb_dim=16, groups=8, attention_levels=(1,), num_classes=3,
+                        mid_blocks=2))
+    x, lam, y = torch.randn(3, 2, 16, 16), torch.randn(3) * 4, torch.tensor([0, 2, 3])
+    emb = model.embed(lam, y)
+    h, kept = model.conv_in(x), []
+    for layer in model.down:
+        h = layer(h, emb)
+        if not isinstance(layer, Downsample):
+            kept.append(h)
+    h = model.mid(h, emb)
+    for layer in model.up:
+        if not isinstance(layer, Upsample):
+            h = torch.cat([h, kept.pop()], dim=1)
+        h = layer(h, emb)
+    reference = model.out(torch.nn.functional.silu(model.out_norm(h)))
+    assert not kept
+    assert torch.equal(model(x, lam, y), reference)
