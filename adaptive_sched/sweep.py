@@ -9,8 +9,8 @@ eval metric at the last step (lower is better), reported at every eval for pruni
 study has a second objective, steps to target: the first eval step with metric <= V (steps + eval every when not
 reached within the budget); it is not pruned, and best.json holds its Pareto front (adaptive_sched.sweep_pareto).
 Running the same command again continues the study until it holds --trials trials (complete, pruned or failed);
-a failed trial (NaN, out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C marks the running
-trials FAIL.
+a failed trial (NaN, out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C (or SIGTERM/SIGHUP)
+marks the running trials FAIL, and they do not count towards --trials (the same command runs others instead).
 Storage URLs: sqlite:///PATH (default DIR/study.db), journal:PATH, postgresql://USER[:PW]@HOST:PORT/DB.
 The search spaces and the [sweep] TOML section are described in adaptive_sched.sweep_space.
 """
@@ -33,7 +33,7 @@ from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.sweep_pareto import not_reached
 from adaptive_sched.sweep_storage import (absolute_storage, check_out_dir, check_settings, claim_out_dir, counted,
                                           default_storage, fail_dead_trials, mask, open_storage, quiet_optuna,
-                                          recorded_storage, settings_of)
+                                          recorded_storage, settings_of, stopped_from_outside)
 from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
 
 __all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_storage", "default_storage"]
@@ -84,9 +84,12 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
     objectives = 1 if target is None else 2
     found = optuna.create_study(study_name=job.study, storage=store, directions=["minimize"] * objectives,
                                 load_if_exists=True)
-    settings = settings_of(base, job.space, metric, target)
+    settings = settings_of(base, job.space, metric, target, pruner if isinstance(pruner, str) else None)
     if "sweep" in found.user_attrs:
         check_settings(found.user_attrs["sweep"], settings, job.study)
+    elif found.trials:                              # someone else's study of that name (e.g. on a shared database)
+        raise UsageError(f"study {job.study!r} in {mask(job.storage)} holds {len(found.trials)} trial(s) that "
+                         f"`adaptive-sched sweep` did not make; use another --study")
     if len(found.directions) != objectives:         # a study made outside `sweep` (no stored settings)
         raise UsageError(f"study {job.study!r} has {len(found.directions)} objective(s), this sweep {objectives}; "
                          f"use another --study")
@@ -111,7 +114,9 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
           flush=True)
     if have < trials:
         if workers == 1:
-            work(dataclasses.replace(job, quota=trials - have))
+            from adaptive_sched.jobs import stop_signals_raise
+            with stop_signals_raise():              # SIGTERM/SIGHUP mark the running trial FAIL, as Ctrl-C does
+                work(dataclasses.replace(job, quota=trials - have))
         else:
             run_workers(dataclasses.replace(job, workers=workers), trials - have)
     if report:
@@ -137,7 +142,11 @@ def report_only(out: str | Path, storage: str | None = None, study: str | None =
         raise UsageError(f"no study {study!r} in {mask(storage)}{cfg.suggest(study, names)}; studies there: "
                          f"{', '.join(names) or 'none'}")
     from adaptive_sched.sweep_report import write_report
-    write_report(optuna.load_study(study_name=study, storage=store), out)
+    found = optuna.load_study(study_name=study, storage=store)
+    if "sweep" not in found.user_attrs:
+        raise UsageError(f"study {study!r} in {mask(storage)} was not made by `adaptive-sched sweep`: nothing to "
+                         f"render")
+    write_report(found, out)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -157,6 +166,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                           ("--tune-weighting", args.tune_weighting or None),
                                           ("--workers", None if args.workers == 1 else args.workers),
                                           ("--data", args.data), ("--steps", args.steps)) if value is not None]
+        given += [flag for flag, dest, default in args.run_option_defaults if getattr(args, dest) != default
+                  and flag not in given]
         if given:
             raise UsageError(f"sweep --report re-renders a study from its storage; {', '.join(given)} would not be "
                              f"used (run the sweep without --report to train)")
@@ -166,9 +177,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg.from_dict(run_raw)                                  # a malformed file fails here, with the config's message
     if not (args.schedule or run_raw.get("schedule", {}).get("name")):
         raise UsageError(f"sweep needs --schedule NAME (one of: {', '.join(spaces.sweepable())})")
-    trials = args.trials or section.get("trials")
-    if not trials:
+    trials = args.trials if args.trials is not None else section.get("trials")
+    if trials is None:
         raise UsageError("sweep needs --trials N (or [sweep] trials in --config)")
+    if args.study is not None and not args.study.strip():
+        raise UsageError("--study is empty: give a name, or leave it out for the schedule's name")
     tune = list(section.get("tune", [])) + ["lr"] * args.tune_lr + ["weighting"] * args.tune_weighting
     for name, given in (("lr", args.lr), ("weighting", args.weighting)):
         if name in tune and given is not None:
@@ -184,10 +197,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           tune=list(dict.fromkeys(tune)), space=section.get("space"),
                           target=section.get("target") if args.target_value is None else args.target_value,
                           time_budget=args.time_budget)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:            # Ctrl-C, or SIGTERM/SIGHUP (sweep_trials.Stopped: 128 + signal)
         print("interrupted: the running trials are marked FAIL; run the same command to continue the study, or "
               "`sweep --report` to render it", file=sys.stderr)
-        return 130
+        return getattr(err, "code", None) or 130
     missing = trials - len(counted(study))
     finished = [t for t in study.get_trials(deepcopy=False,
                                             states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
@@ -202,12 +215,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if missing > 0:
         print(f"warning: {missing} trials short of {trials}; run the same command again", file=sys.stderr)
     return 1 if missing > 0 else 0
-
-
-def stopped_from_outside(trial) -> bool:
-    """A trial failed by Ctrl-C or a killed worker, not by its own settings (it says nothing about them)."""
-    error = str(trial.user_attrs.get("error", ""))
-    return error == "interrupted" or error.startswith("stale:")
 
 
 def base_config(args: argparse.Namespace, run_raw: dict) -> cfg.RunConfig:
@@ -227,6 +234,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="tune a fixed schedule's parameters with Optuna (resumable, parallel)",
                               description=__doc__.split("\n\n")[0])
     add_run_options(p)
+    p.set_defaults(run_option_defaults=[(a.option_strings[0], a.dest, a.default) for a in p._actions
+                                        if a.option_strings and a.dest != "help"])    # what --report refuses
     for flag, text in (("--config", "TOML file: a run config (the base of every trial) plus an optional [sweep] "
                                     "section: trials, metric, pruner, target, tune, space (see "
                                     "adaptive_sched.sweep_space)"),

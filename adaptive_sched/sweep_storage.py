@@ -20,12 +20,20 @@ from adaptive_sched.sweep_space import space_to_dict
 HEARTBEAT_S = 60           # RDB storages: a RUNNING trial silent for 3 heartbeats is failed by the next worker
 # settings that do not make trials incomparable: where and how fast they run, and how often they log
 IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
-                   ("train", "channels_last"), ("train", "compile_mode")}
+                   ("train", "channels_last"), ("train", "compile_mode"), ("data", "data_dir")}
 
 
 def mask(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+    """The URL with its password replaced by *** (SQLAlchemy's reading of it: a password may hold '/' or '@')."""
+    if "://" in url:
+        try:
+            from sqlalchemy.engine import make_url
+            parsed = make_url(url)
+        except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: the pattern below
+            parsed = None
+        if parsed is not None:
+            return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def one_line(err: BaseException) -> str:
@@ -49,8 +57,11 @@ def open_storage(url: str):
             return JournalStorage(JournalFileBackend(str(path)))
         if scheme == "sqlite":
             engine = {"connect_args": {"timeout": 120}}          # concurrent workers wait for the write lock
-            path = url.split(":///", 1)[1] if ":///" in url else ""     # sqlite[+driver]:///PATH
-            if path and path != ":memory:":
+            path = sqlite_path(url)
+            if path in ("", ":memory:"):
+                raise UsageError(f"an in-memory SQLite storage ({shown}) is neither kept nor shared with the "
+                                 f"workers; use sqlite:///PATH")
+            if path:
                 import sqlite3
                 con = sqlite3.connect(path, timeout=120)
                 con.execute("PRAGMA journal_mode=WAL")            # readers do not block the writer
@@ -71,7 +82,14 @@ def open_storage(url: str):
         message = one_line(err)
         server = scheme in ("postgresql", "postgres", "mysql") and "server running" not in message
         hint = "; is the server running and the URL right?" if server else ""
+        if isinstance(err, ModuleNotFoundError):
+            hint = f"; install the database driver ({err.name})"
         raise UsageError(f"cannot open Optuna storage {shown}: {message}{hint}") from None
+
+
+def sqlite_path(url: str) -> str:
+    """The file of sqlite[+driver]:///PATH[?query] ('' for sqlite:// and the like, which hold it in memory)."""
+    return url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
 
 
 def postgres_driver(url: str) -> str:
@@ -96,14 +114,16 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage")
 
 
-def settings_of(base: cfg.RunConfig, space: dict, metric: str, target: float | None = None) -> dict:
+def settings_of(base: cfg.RunConfig, space: dict, metric: str, target: float | None = None,
+                pruner: str | None = None) -> dict:
     """What makes trials comparable: stored in the study when created, checked when continued (target None: a
-    single-objective study, as a study stored before targets existed reads)."""
+    single-objective study, as a study stored before targets existed reads; pruner None: not recorded)."""
     sections = base.to_dict()
     for section, key in IGNORED_CHANGES:
         sections[section].pop(key, None)
+    pruned = {} if pruner is None else {"pruner": pruner}
     return json.loads(json.dumps({"schedule": base.schedule.name, "metric": metric, "target": target,
-                                  "space": space_to_dict(space), "base": sections}))
+                                  "space": space_to_dict(space), "base": sections, **pruned}))
 
 
 def check_settings(saved: dict, current: dict, study: str) -> None:
@@ -114,6 +134,8 @@ def check_settings(saved: dict, current: dict, study: str) -> None:
         raise UsageError(f"study {study!r} was created {target_text(old)}, now {target_text(new)}; use the same "
                          f"settings, or another --study")
     pairs = [(k, saved.get(k), current[k]) for k in ("schedule", "metric", "space")]
+    if "pruner" in saved and "pruner" in current:      # (studies stored before 2026-11-28 did not record it)
+        pairs.append(("the pruner", saved["pruner"], current["pruner"]))
     base = cfg.with_defaults(saved.get("base", {}))
     for section in sorted(set(base) | set(current["base"])):
         old, new = base.get(section, {}), current["base"].get(section, {})
@@ -131,10 +153,19 @@ def target_text(target: float | None) -> str:
 
 
 def counted(study) -> list:
-    """The trials that count towards --trials: finished (complete, pruned, failed) or running."""
+    """The trials that count towards --trials: finished (complete, pruned, failed by their own settings) or
+    running; a trial failed by Ctrl-C, a signal or a dead worker says nothing about its settings and is redone."""
     from optuna.trial import TrialState
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
-                                                    TrialState.RUNNING))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                TrialState.FAIL, TrialState.RUNNING))
+            if not stopped_from_outside(t)]
+
+
+def stopped_from_outside(trial) -> bool:
+    """A trial failed by Ctrl-C, a signal or a killed worker, not by its own settings (it says nothing about them)."""
+    from optuna.trial import TrialState
+    error = str(trial.user_attrs.get("error", ""))
+    return trial.state == TrialState.FAIL and (error == "interrupted" or error.startswith("stale:"))
 
 
 def fail_dead_trials(study, storage) -> int:
@@ -184,9 +215,10 @@ def absolute_storage(url: str) -> str:
     sqlite:///PATH), so that sweep.json names the same file from any folder; other URLs as given."""
     if url.startswith("journal:"):
         return "journal:" + os.path.realpath(os.path.expanduser(url[len("journal:"):]))
-    head, sep, path = url.partition(":///")
+    head, sep, rest = url.partition(":///")
+    path, query = rest.split("?", 1)[0], rest[len(rest.split("?", 1)[0]):]
     if sep and head.split("+")[0] == "sqlite" and path and path != ":memory:":
-        return f"{head}:///{os.path.realpath(os.path.expanduser(path))}"
+        return f"{head}:///{os.path.realpath(os.path.expanduser(path))}{query}"
     return url
 
 

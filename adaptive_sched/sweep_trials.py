@@ -118,6 +118,9 @@ def objective(trial, job: Job) -> float | tuple[float, int]:
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
         raise
+    except SystemExit as err:               # SIGTERM/SIGHUP (jobs.stop_signals_raise): Optuna marks FAIL only on these
+        trial.set_user_attr("error", "interrupted")
+        raise Stopped(err.code) from None
     except Exception as err:
         trial.set_user_attr("error", one_line(err))
         if isinstance(err, MetricMissing):
@@ -175,11 +178,23 @@ def work(job: Job) -> None:
                        callbacks=[after_trial], gc_after_trial=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """A trial stopped by SIGTERM or SIGHUP: Optuna marks a trial FAIL on KeyboardInterrupt, not on SystemExit;
+    `code` is the exit status the signal asks for (128 + signal)."""
+
+    def __init__(self, code) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def worker_main() -> None:
-    """A worker process (`python -c ...`, its Job as JSON on stdin): exit 130 on Ctrl-C, 2 on a usage error."""
+    """A worker process (`python -c ...`, its Job as JSON on stdin): exit 130 on Ctrl-C, SIGTERM or SIGHUP (its
+    running trial marked FAIL), 2 on a usage error."""
+    from adaptive_sched.jobs import stop_signals_raise
     try:
         raw = json.loads(sys.stdin.read())
-        work(Job(**{**raw, "base": cfg.from_dict(raw["base"]), "space": spaces.space_from_dict(raw["space"])}))
+        with stop_signals_raise():
+            work(Job(**{**raw, "base": cfg.from_dict(raw["base"]), "space": spaces.space_from_dict(raw["space"])}))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except UsageError as err:
@@ -214,8 +229,11 @@ def run_workers(job: Job, remaining: int) -> None:
     try:
         with stop_signals_raise():              # SIGTERM/SIGHUP stop the workers too, as Ctrl-C does
             codes = [proc.wait() for proc in procs]
-    except (KeyboardInterrupt, SystemExit):
-        stop_workers(procs)
+    except KeyboardInterrupt:                   # Ctrl-C: the terminal interrupted the workers too
+        stop_workers(procs, signalled=True)
+        raise
+    except SystemExit:                          # a signal to this process only: interrupt them now
+        stop_workers(procs, signalled=False)
         raise
     if any(c in (130, -2) for c in codes):
         raise KeyboardInterrupt
@@ -227,20 +245,26 @@ def run_workers(job: Job, remaining: int) -> None:
                   f"missing trials", file=sys.stderr)
 
 
-def stop_workers(procs: list) -> None:
-    """After Ctrl-C: give the workers time to mark their trials FAIL, then interrupt, then terminate them."""
+def stop_workers(procs: list, signalled: bool = True, grace: float = 15.0) -> None:
+    """Stop the workers, all at once: give them `grace` seconds to mark their trials FAIL (when `signalled`: Ctrl-C
+    reached them as well), then interrupt them, then terminate, then kill; each stage waits at most `grace` in all."""
     import signal
     import subprocess
-    for proc in procs:
-        for action in (None, lambda p: p.send_signal(signal.SIGINT), lambda p: p.terminate()):
-            if proc.poll() is not None:
-                break
-            if action is not None:
-                action(proc)
+    stages = [None] if signalled else []
+    stages += [lambda p: p.send_signal(signal.SIGINT), lambda p: p.terminate()]
+    for action in stages:
+        alive = [proc for proc in procs if proc.poll() is None]
+        if not alive:
+            return
+        for proc in alive if action is not None else ():
+            action(proc)
+        deadline = time.monotonic() + grace
+        for proc in alive:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+    for proc in procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -220,8 +220,11 @@ def test_ctrl_c_marks_the_running_trial_failed_and_exits_130(tmp_path, monkeypat
     study = optuna.load_study(study_name="laplace", storage=sweep.open_storage(sweep.default_storage(tmp_path)))
     assert states(study) == ["COMPLETE", "FAIL"] and study.trials[1].user_attrs["error"] == "interrupted"
     monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    capsys.readouterr()
     assert sweep.main(args) == 0                                       # the same command continues
-    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "1 of 3 trials there; running 2" in capsys.readouterr().out  # the interrupted trial is redone, not counted
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"]   # (trial 3 of the stand-in diverges)
+    assert len(sweep.counted(study)) == 3
 
 
 def test_a_metric_the_runs_never_log_stops_the_sweep(tmp_path, monkeypatch, capsys):
@@ -239,14 +242,22 @@ def test_stale_running_trial_of_a_dead_worker_is_failed(tmp_path, monkeypatch):
     stale = study.ask()                                 # as if its worker had been killed mid-trial
     stale.set_user_attr("host", socket.gethostname())
     stale.set_user_attr("pid", 2 ** 22 + 1)             # above pid_max: no such process
-    study = sweep.run_sweep(tiny(), tmp_path, trials=3, pruner="hyperband")
-    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    with pytest.raises(UsageError, match="created with the pruner = 'median', now 'hyperband'"):
+        sweep.run_sweep(tiny(), tmp_path, trials=3, pruner="hyperband")      # a study keeps its pruner
+    study = sweep.run_sweep(tiny(), tmp_path, trials=3)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"]   # the stale one does not count (3 diverges)
     assert "died" in study.trials[1].user_attrs["error"]
 
 
 @pytest.mark.parametrize("args,message", [
     (["--storage", "postgresql://nobody@127.0.0.1:1/nodb"], "cannot open Optuna storage postgresql://nobody@"),
     (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "me:***@"),
+    (["--storage", "postgresql://me:se/cret@127.0.0.1:1/db"], "me:***@"),     # a password with a slash
+    (["--storage", "postgresql://:secret@127.0.0.1:1/db"], "//:***@"),         # and without a user name
+    (["--storage", "sqlite://"], "in-memory SQLite storage"),                  # each worker would get its own
+    (["--storage", "sqlite:///:memory:"], "in-memory SQLite storage"),
+    (["--trials", "0"], "--trials and --workers must be >= 1, got 0"),
+    (["--study", " "], "--study is empty"),
     (["--storage", "redis://localhost"], "unknown storage URL"),
     (["--storage", "journal:/no/such/folder/j.log"], "no folder"),
     (["--metric", "eval_fdi"], "did you mean 'eval_fid'"),
@@ -462,3 +473,108 @@ def test_a_study_stored_while_compile_was_compared_ignores_it_now():
     old = json.loads(json.dumps(current))
     old["base"]["train"]["compile"] = False                 # stored by the version that still compared it
     check_settings(old, current, "s")
+
+
+def test_a_sqlite_url_with_a_query_opens_its_file_in_wal_mode(tmp_path, monkeypatch):
+    import sqlite3
+    from adaptive_sched.sweep_storage import absolute_storage, open_storage
+    optuna.create_study(study_name="q", storage=open_storage(f"sqlite:///{tmp_path / 'q.db'}?timeout=5"))
+    assert sorted(p.name for p in tmp_path.iterdir() if "?" in p.name) == []        # no file named q.db?timeout=5
+    assert sqlite3.connect(tmp_path / "q.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage("sqlite:///q.db?timeout=5") == f"sqlite:///{tmp_path / 'q.db'}?timeout=5"
+
+
+def test_a_study_that_sweep_did_not_make_is_refused_not_adopted(tmp_path, monkeypatch, capsys):
+    """On a shared database a study named like the schedule may be someone else's: its trials would count towards
+    --trials, and the report failed on them with a traceback."""
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    foreign = optuna.create_study(study_name="laplace", storage=sweep.open_storage(storage))
+    foreign.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    with pytest.raises(UsageError, match="holds 2 trial\\(s\\) that `adaptive-sched sweep` did not make"):
+        sweep.run_sweep(tiny(), tmp_path / "out", trials=3, storage=storage)
+    assert len(foreign.trials) == 2
+    assert cli.main(["sweep", "--report", str(tmp_path / "out"), "--storage", storage, "--study", "laplace"]) == 2
+    assert "was not made by `adaptive-sched sweep`" in capsys.readouterr().err
+    empty = optuna.create_study(study_name="mine", storage=sweep.open_storage(storage))   # no trials: adopted
+    assert len(sweep.run_sweep(tiny(), tmp_path / "mine", trials=1, storage=storage, study="mine").trials) == 1
+    assert "sweep" in empty.user_attrs or "sweep" in optuna.load_study(
+        study_name="mine", storage=sweep.open_storage(storage)).user_attrs
+
+
+def test_report_refuses_every_run_option_it_would_not_use(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("adaptive_sched.train.train", fake_train())
+    sweep.run_sweep(tiny(), tmp_path, trials=1)
+    for option in (["--lr", "0.5"], ["--seed", "9"], ["--schedule-param", "b=1"], ["--eval-every", "5"]):
+        assert cli.main(["sweep", "--report", str(tmp_path), *option]) == 2, option
+        assert f"{option[0]} would not be used" in capsys.readouterr().err
+    assert cli.main(["sweep", "--report", str(tmp_path)]) == 0
+
+
+def test_a_studys_data_folder_may_move_between_machines():
+    """data_dir says where the files are, not which data: a study continued on a machine that keeps Fashion-MNIST
+    elsewhere is the same study."""
+    from adaptive_sched.sweep_storage import check_settings, settings_of
+    space = spaces.build_space("laplace", [])
+    here, there = (cfg.from_dict({**TINY, "data": {"name": "fashion-mnist", "data_dir": d},
+                                  "schedule": {"name": "laplace"}}) for d in ("/data/a", "/mnt/b"))
+    check_settings(settings_of(here, space, "eval_fid", pruner="median"),
+                   settings_of(there, space, "eval_fid", pruner="median"), "laplace")
+    with pytest.raises(UsageError, match="pruner"):
+        check_settings(settings_of(here, space, "eval_fid", pruner="median"),
+                       settings_of(here, space, "eval_fid", pruner="none"), "laplace")
+    check_settings(settings_of(here, space, "eval_fid"), settings_of(here, space, "eval_fid", pruner="none"),
+                   "laplace")                           # a study stored before the pruner was recorded
+
+
+SIGTERM_SWEEP = """
+import sys, time
+from pathlib import Path
+from adaptive_sched import sweep
+
+def slow(config, out_dir, resume=False, progress=True, on_eval=None):
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "started").write_text("")
+    time.sleep(60)
+
+import adaptive_sched.train
+adaptive_sched.train.train = slow
+sys.exit(sweep.main(["--schedule", "laplace", "--trials", "2", "--out", sys.argv[1], "--data", "gmm"]))
+"""
+
+
+def test_sigterm_to_a_one_worker_sweep_marks_its_trial_failed_and_frees_it(tmp_path):
+    """The trial stayed RUNNING (Optuna fails a trial on KeyboardInterrupt, not on SystemExit) and counted."""
+    import signal
+    import sys
+    import time
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SWEEP, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if (tmp_path / "trials" / "0" / "started").exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted: the running trials are marked FAIL" in err
+    study = optuna.load_study(study_name="laplace", storage=sweep.open_storage(sweep.default_storage(tmp_path)))
+    assert states(study) == ["FAIL"] and study.trials[0].user_attrs["error"] == "interrupted"
+    assert sweep.counted(study) == []
+
+
+def test_stopping_workers_interrupts_them_all_at_once():
+    """After SIGTERM to the sweep, each worker got 15 s of waiting and 15 s after SIGINT in turn: four workers took
+    over a minute, past a scheduler's grace period."""
+    import sys
+    import time
+    from adaptive_sched.sweep_trials import stop_workers
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        proc.stdout.readline()                               # its handler is set
+    start = time.monotonic()
+    stop_workers(procs, signalled=False, grace=1.0)          # SIGINT (ignored), then SIGTERM ends them
+    assert time.monotonic() - start < 3.0 and all(proc.poll() is not None for proc in procs)
