@@ -82,8 +82,8 @@ def open_storage(url: str):
         message = one_line(err)
         server = scheme in ("postgresql", "postgres", "mysql") and "server running" not in message
         hint = "; is the server running and the URL right?" if server else ""
-        if isinstance(err, ModuleNotFoundError):
-            hint = f"; install the database driver ({err.name})"
+        if isinstance(err, ImportError):        # a missing driver (Optuna's message says to install one)
+            hint = "" if "install" in message else "; install the database driver for this URL"
         raise UsageError(f"cannot open Optuna storage {shown}: {message}{hint}") from None
 
 

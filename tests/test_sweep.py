@@ -578,3 +578,11 @@ def test_stopping_workers_interrupts_them_all_at_once():
     start = time.monotonic()
     stop_workers(procs, signalled=False, grace=1.0)          # SIGINT (ignored), then SIGTERM ends them
     assert time.monotonic() - start < 3.0 and all(proc.poll() is not None for proc in procs)
+
+
+def test_a_missing_database_driver_is_not_blamed_on_the_server(tmp_path, capsys):
+    args = ["--schedule", "laplace", "--trials", "1", "--out", str(tmp_path), "--data", "gmm",
+            "--storage", "mysql://u@127.0.0.1:1/db"]               # no MySQL driver is installed here
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "install" in err and "server running" not in err and len(err.splitlines()) == 1
