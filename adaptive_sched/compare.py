@@ -96,6 +96,9 @@ def parse(path: str | Path) -> Plan:
     metric = section.get("metric", "eval_eps_mse")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and "name" in e for e in entries):
         raise UsageError("[compare] schedules must be a non-empty list of tables, each with a name")
+    bad = [e["name"] for e in entries if not isinstance(e["name"], str)]
+    if bad:
+        raise UsageError(f"[compare] a schedule's name must be a string, got {bad[0]!r}")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UsageError("[compare] seeds must be a non-empty list of integers")
@@ -169,8 +172,11 @@ def run_config(base: cfg.RunConfig, entry: dict, seed: int) -> cfg.RunConfig:
 
 
 def status(config_file: str | Path, out: str | Path) -> tuple[int, int]:
-    """(finished runs, planned runs) of a comparison."""
+    """(finished runs, planned runs) of a comparison; runs trained with other settings are refused, as compare
+    refuses them."""
     plan = parse(config_file)
+    if Path(out).is_dir():
+        check_runs_match(plan, Path(out))
     runs = [run_dir_of(Path(out), e, s) for s in plan.seeds for e in plan.entries]
     return sum(is_finished(r, plan.base.train.steps) for r in runs), len(runs)
 
@@ -184,7 +190,6 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
     same command again starts the rest.
     """
     from adaptive_sched.jobs import deadline_after
-    from adaptive_sched.train import train
     from adaptive_sched.run_build import resolve_device
     plan = parse(config_file)
     resolve_device(plan.base.train.device)           # (not in parse: --status reads a config on any machine)
@@ -193,6 +198,33 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     deadline = deadline_after(time_budget)
     out = output_dir(out)
+    with held_lock(out):
+        return run_plan(plan, config_file, out, progress, jobs, deadline)
+
+
+def held_lock(out: Path):
+    """An exclusive lock on DIR/.compare.lock for one compare call: a second call on the same DIR trained the same
+    runs twice into one metrics.csv, whose repeated rows then read as extra seeds."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def lock():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".compare.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"another `compare` is running on {out} (it holds {out / '.compare.lock'}); "
+                                 f"wait for it, or use another --out") from None
+            yield
+    return lock()
+
+
+def run_plan(plan: Plan, config_file: str | Path, out: Path, progress: bool, jobs: int,
+             deadline: float | None) -> Path:
+    """compare()'s work once DIR is locked: the runs left, then the report."""
+    from adaptive_sched.train import train
     check_runs_match(plan, out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.toml", Path(config_file).read_text())
@@ -291,7 +323,10 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
                                         ("eval_profile.csv", PROFILE_COLUMNS, profiles)):
                 columns = header_of(run_dir / name, columns)   # conditional runs add per-guidance columns
                 rows = CsvLog(run_dir / name, columns).rows()
-                frame = pd.DataFrame(rows, columns=columns).replace("", float("nan")).astype(float)
+                try:
+                    frame = pd.DataFrame(rows, columns=columns).replace("", float("nan")).astype(float)
+                except ValueError as err:
+                    raise UsageError(f"{run_dir / name} holds a value that is not a number ({err})") from None
                 frame.insert(0, "seed", seed)
                 frame.insert(0, "params", params)
                 frame.insert(0, "schedule", entry["name"])
@@ -315,7 +350,7 @@ def report(out: Path, plan: Plan) -> Path:
     rows = []
     for name in [c for c in summary.columns if c.startswith("eval_") and summary[c].notna().any()]:
         for (label, step), group in summary.dropna(subset=[name]).groupby(["label", "step"], sort=False):
-            mean, half, n = mean_ci(group[name])
+            mean, half, n = mean_ci(group.groupby("seed")[name].last())       # one value per seed, however logged
             rows.append({"label": label, "step": int(step), "metric": name, "mean": mean, "ci95": half, "seeds": n})
     import pandas as pd
     aggregates = pd.DataFrame(rows)

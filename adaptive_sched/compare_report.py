@@ -79,8 +79,11 @@ def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
 
 
 def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
-                     floor: float | None = None, reached=None, spread=None, paired: dict | None = None) -> None:
-    """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`."""
+                     floor: float | None = None, reached=None, spread=None, paired: dict | None = None,
+                     planned_seeds: int | None = None) -> None:
+    """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`; a
+    schedule with fewer finished seeds than `planned_seeds` says so ("1 of 3"), and a note under the table says
+    its mean is over other seeds than the others'."""
     final_step = int(aggregates["step"].max())
     final = aggregates[aggregates["step"] == final_step]
     names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
@@ -97,9 +100,16 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
     for label in ranked:
         cells = [format_ci(table.loc[label, ("mean", m)], table.loc[label, ("ci95", m)]) for m in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {int(table.loc[label, ('seeds', metric)])} |")
+        n = int(table.loc[label, ("seeds", metric)])
+        seeds = f"{n} of {planned_seeds}" if planned_seeds and n < planned_seeds else str(n)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seeds} |")
     for label in unfinished:
         lines.append(f"| {label} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
+    counts = {int(table.loc[label, ("seeds", metric)]) for label in ranked}
+    if len(counts) > 1 or (planned_seeds and counts and min(counts) < planned_seeds and unfinished):
+        lines += ["", "Not every schedule has finished the same seeds: the means above are over different seed "
+                      "sets, so the order is not a like-for-like ranking; the per-seed table below pairs each "
+                      "schedule with the reference on the seeds both have."]
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
     for name, rows in (paired or {}).items():       # metric name -> compare_stats.paired_with_reference's rows

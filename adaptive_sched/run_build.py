@@ -211,7 +211,13 @@ def build_weighting(config: cfg.RunConfig, learned: bool):
     """The configured weighting; with a learned schedule and the variance objective, `schedule` means
     the effective weighting of [learned] weight_like (default laplace) for this target."""
     w = config.weighting
+    s = config.schedule
+    # `like`'s reference schedule over the run's window (it defaults to ±20: beyond that it weighted w = 0)
+    window = {k: v for k, v in (("logsnr_min", s.logsnr_min), ("logsnr_max", s.logsnr_max))
+              if v != getattr(cfg.ScheduleConfig, k)}
     if learned and w.name == "schedule" and (config.learned.objective in ("variance", "adaptive")
                                              or config.schedule.name == "adaptive_binned"):
-        return weighting.build("like", schedule=config.learned.weight_like, target=config.train.target)
+        return weighting.build("like", schedule=config.learned.weight_like, target=config.train.target, **window)
+    if w.name == "like":
+        return weighting.build("like", **{**window, **w.params})
     return weighting.build(w.name, **w.params)

@@ -297,3 +297,62 @@ def test_a_run_with_nothing_trained_to_keep_starts_again_under_the_new_settings(
     (killed / "config.toml").write_text('note = "mine"\n[train]\nlr = 0.001\n')
     with pytest.raises(UsageError, match=r"config.toml is not a run's config \(every top-level key is a"):
         compare(config, out, progress=False)
+
+
+def test_a_second_compare_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two calls at once trained the same runs into one metrics.csv, whose repeated rows read as a second seed with
+    a zero-width interval."""
+    import fcntl
+    from adaptive_sched.compare import held_lock
+    out = tmp_path / "out"
+    with held_lock(out):
+        with pytest.raises(UsageError, match="another `compare` is running on .*out"):
+            compare(write_config(tmp_path), out, progress=False)
+    with open(out / ".compare.lock", "w") as handle:            # released: another process can take it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_step_logged_twice_counts_once_per_seed(tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    compare(config, out, progress=False)
+    metrics = out / "runs" / "cosine" / "seed0" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines + lines[1:]) + "\n")     # every row again, as two writers left it
+    compare(config, out, progress=False)
+    aggregates = pd.read_csv(out / "aggregates.csv")
+    assert (aggregates["seeds"] == 1).all() and aggregates["ci95"].isna().all()
+
+
+def test_status_refuses_runs_trained_with_other_settings_as_compare_does(tmp_path):
+    from adaptive_sched.compare import status
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    compare(config, out, progress=False)
+    assert status(config, out) == (2, 2)
+    config.write_text(config.read_text().replace("batch_size = 64", "batch_size = 32"))
+    with pytest.raises(UsageError, match="batch_size was 64"):
+        status(config, out)
+    assert status(config, tmp_path / "nothing") == (0, 2)
+
+
+@pytest.mark.parametrize("name", ["3", "true", "[\"cosine\"]"])
+def test_a_schedule_name_that_is_no_string_is_refused_in_one_line(tmp_path, name):
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('{ name = "cosine" }', f"{{ name = {name} }}"))
+    with pytest.raises(UsageError, match="a schedule's name must be a string"):
+        parse(config)
+
+
+def test_a_metrics_file_with_a_word_in_it_is_named(tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    compare(config, out, progress=False)
+    metrics = out / "runs" / "laplace_b=1.0" / "seed0" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[-1].split(",")
+    cells[header.index("loss")] = "oops"
+    metrics.write_text("\n".join(lines[:-1] + [",".join(cells)]) + "\n")
+    with pytest.raises(UsageError, match="metrics.csv holds a value that is not a number"):
+        compare(config, out, progress=False)

@@ -38,6 +38,12 @@ def test_one_seed_has_no_interval_and_unfinished_schedules_keep_their_rows(tmp_p
     write_results_md(tmp_path, aggregates, "eval_fid", cfg.RunConfig(), "target v")
     text = (tmp_path / "results.md").read_text()
     assert "| laplace | 1.5 (n = 1) | 1 |" in text and "| cosine | 2 ± 0.25 | 2 |" in text
+    assert "the means above are over different seed sets" in text         # laplace ranks first on one seed
+    write_results_md(tmp_path, aggregates, "eval_fid", cfg.RunConfig(), "target v", planned_seeds=2)
+    assert "| laplace | 1.5 (n = 1) | 1 of 2 |" in (tmp_path / "results.md").read_text()
+    same = aggregates[aggregates["label"] == "cosine"]
+    write_results_md(tmp_path, same, "eval_fid", cfg.RunConfig(), "target v", planned_seeds=2)
+    assert "different seed sets" not in (tmp_path / "results.md").read_text()
     assert "| learned |  | 0 (unfinished) |" in text                  # no run at step 100 yet, still listed
     assert "| learned | 2.8 ± 0.1 |  |" in text                        # and its step-50 value in the budget table
     paired = paired_with_reference(pd.DataFrame([{"label": "laplace", "seed": 0, "step": 100, "eval_fid": 1.5}]),

@@ -67,3 +67,21 @@ def test_metric_columns_add_curriculum_parameters_and_guided_metrics_per_scale()
     guided = cfg.from_dict({"train": {"conditional": True}, "eval": {"guidance": [1.0, 2.0]}})
     columns = metric_columns(guided)
     assert columns[-6:] == ["eval_swd@w1", "eval_fid@w1", "eval_kid@w1", "eval_swd@w2", "eval_fid@w2", "eval_kid@w2"]
+
+
+def test_like_weights_the_whole_of_a_wider_window():
+    """`like`'s reference schedule took the default window ±20 whatever the run's: beyond it w was 0 (log -inf)."""
+    import torch
+    from adaptive_sched import config as cfg
+    from adaptive_sched.run_build import build_weighting
+    lam = torch.tensor([-24.0, 0.0, 22.0])
+    for raw, learned in (({"schedule": {"name": "cosine", "logsnr_min": -25.0, "logsnr_max": 25.0},
+                           "weighting": {"name": "like", "schedule": "laplace"}}, False),
+                         ({"schedule": {"name": "learned", "logsnr_min": -25.0, "logsnr_max": 25.0}}, True)):
+        w = build_weighting(cfg.from_dict(raw), learned)
+        assert torch.isfinite(w.log_weight(lam)).all(), raw
+    default = build_weighting(cfg.from_dict({"weighting": {"name": "like"}}), False)
+    assert "logsnr_min" not in default.params                  # runs in the default window are unchanged
+    mine = build_weighting(cfg.from_dict({"schedule": {"logsnr_min": -25.0},
+                                          "weighting": {"name": "like", "logsnr_min": -22.0}}), False)
+    assert mine.params["logsnr_min"] == -22.0                  # the user's own window for it wins
