@@ -107,10 +107,10 @@ def cmd_train(args) -> int:
     refuse_ignored_options(args, config, [config.schedule.name])
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
-    from adaptive_sched.run_checks import ineffective_settings, validate
+    from adaptive_sched.run_checks import ineffective_settings, unsampled_window, validate
     validate(config)                              # (a setting that is refused needs no warning first)
     if os.environ.get("RANK", "0") == "0":
-        for line in ineffective_settings(config):
+        for line in ineffective_settings(config) + unsampled_window(config):
             print(f"warning: {line}", file=sys.stderr)
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
     shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd", "eval_fid",

@@ -100,6 +100,30 @@ def ineffective_settings(config: cfg.RunConfig) -> list[str]:
     return lines
 
 
+ABSOLUTE_WEIGHTINGS = ("elbo", "sigmoid", "like")     # c = w/p: the objective ∫w·ℓ dλ, wherever p draws λ
+
+
+def unsampled_window(config: cfg.RunConfig) -> list[str]:
+    """A warning line when an absolute weighting meets a fixed schedule that never draws the ends of the window:
+    t comes from the midpoints of 2^24 bins (schedules.base.uniform_t), so λ stays within λ(1 − 2^-25)..λ(2^-25),
+    and ∫w·ℓ dλ loses what w puts beyond (elbo under Laplace(0.5) on unit-Gaussian data: 55%)."""
+    import torch
+    from adaptive_sched import schedules
+    from adaptive_sched.run_build import build_schedule
+    if config.weighting.name not in ABSOLUTE_WEIGHTINGS or schedules.is_learned(schedules.lookup(
+            config.schedule.name)) or config.schedule.name in ("adaptive_binned", "table"):
+        return []
+    schedule, edge = build_schedule(config.schedule), 2.0 ** -25
+    lo, hi = schedule.logsnr(torch.tensor([1 - edge, edge], dtype=torch.float64)).tolist()
+    low, high = float(schedule.logsnr_min), float(schedule.logsnr_max)   # (linear, polynomial: their own support)
+    if lo - low < 1 and high - hi < 1:
+        return []
+    return [f"weighting {config.weighting.name!r} with schedule {config.schedule.name!r}: λ is only ever drawn in "
+            f"[{lo:.3g}, {hi:.3g}] of the window [{low:.4g}, {high:.4g}], so the objective ∫w·ℓ dλ "
+            f"loses what w weights beyond; pair an absolute weighting with a heavy-tailed schedule (cosine, cauchy, "
+            f"learned)"]
+
+
 def check_batch_size(config: cfg.RunConfig, n_train: int) -> None:
     """batch_size in 1..n_train (the training set size)."""
     if not 0 < config.train.batch_size <= n_train:

@@ -232,3 +232,23 @@ def test_train_warns_about_config_file_settings_it_does_not_use(tmp_path):
     assert warnings == ["warning: [learned] objective = 'cvdm' has no effect with schedule 'laplace'",
                         "warning: [learned] smoothness = 0.001 has no effect with schedule 'laplace'",
                         "warning: [train] p_uncond = 0.3 has no effect without [train] conditional = true"]
+
+
+def test_train_warns_when_an_absolute_weighting_meets_a_schedule_that_never_draws_the_windows_ends():
+    """t is drawn from 2^24 bins: Laplace(0.5) never draws |λ| > 8.32 (its tail mass beyond is < 2^-25), so elbo's
+    w = 1 out there is lost to the objective; cosine and Cauchy reach the window's ends."""
+    import math
+    from scipy import stats
+    from adaptive_sched import config as cfg
+    from adaptive_sched.run_checks import unsampled_window
+
+    def warned(schedule, weighting, **params):
+        return unsampled_window(cfg.from_dict({"schedule": {"name": schedule, **params},
+                                               "weighting": {"name": weighting}}))
+    line = warned("laplace", "elbo")
+    edge = -stats.laplace(scale=0.5).ppf(2.0 ** -25 / (1 - 2 * stats.laplace(scale=0.5).cdf(-20)))
+    assert len(line) == 1 and f"[{-edge:.3g}, {edge:.3g}] of the window [-20, 20]" in line[0]
+    assert math.isclose(edge, 8.32, abs_tol=0.01)
+    assert warned("normal", "sigmoid") and warned("edm", "like")
+    assert not warned("cosine", "elbo") and not warned("cauchy", "elbo") and not warned("laplace", "v")
+    assert not warned("learned", "elbo") and not warned("linear", "elbo")     # (linear: its own support's ends)
