@@ -374,7 +374,7 @@ def report(out: Path, plan: Plan) -> Path:
         compare_plots.class_densities([(t, s) for t, s in trained if s is not None], out / "densities_by_class.png")
     compare_report.write_results_md(out, aggregates, metric, base, target_text(plan), data_floor(base), reached,
                                     spread, {m: paired_with_reference(summary, m, plan.reference)
-                                             for m in per_seed_metrics(summary, metric)})
+                                             for m in per_seed_metrics(summary, metric)}, len(seeds))
     return out
 
 

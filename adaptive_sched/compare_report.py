@@ -106,10 +106,10 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
     for label in unfinished:
         lines.append(f"| {label} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
     counts = {int(table.loc[label, ("seeds", metric)]) for label in ranked}
-    if len(counts) > 1 or (planned_seeds and counts and min(counts) < planned_seeds and unfinished):
-        lines += ["", "Not every schedule has finished the same seeds: the means above are over different seed "
-                      "sets, so the order is not a like-for-like ranking; the per-seed table below pairs each "
-                      "schedule with the reference on the seeds both have."]
+    if len(counts) > 1:
+        lines += ["", "Not every schedule has finished as many seeds: the means above are over different seed sets, "
+                      "so their order is not a like-for-like ranking (the differences from the reference per seed, "
+                      "where listed below, pair schedules on the seeds both have)."]
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
     for name, rows in (paired or {}).items():       # metric name -> compare_stats.paired_with_reference's rows

@@ -356,3 +356,13 @@ def test_a_metrics_file_with_a_word_in_it_is_named(tmp_path):
     metrics.write_text("\n".join(lines[:-1] + [",".join(cells)]) + "\n")
     with pytest.raises(UsageError, match="metrics.csv holds a value that is not a number"):
         compare(config, out, progress=False)
+
+
+def test_results_md_says_how_many_of_the_planned_seeds_a_schedule_has(tmp_path):
+    out = tmp_path / "out"
+    config = write_config(tmp_path)
+    compare(config, out, progress=False)
+    config.write_text(config.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    compare(config, out, progress=False, time_budget=0)        # seed 1 planned, not started: the report alone
+    text = (out / "results.md").read_text()
+    assert "| 1 of 2 |" in text and "different seed sets" not in text      # both have seed 0 only: comparable
