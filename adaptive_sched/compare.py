@@ -19,6 +19,7 @@ plots (metric against step, p(λ), per-λ loss, sample grids).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -202,23 +203,19 @@ def compare(config_file: str | Path, out: str | Path, progress: bool = True, job
         return run_plan(plan, config_file, out, progress, jobs, deadline)
 
 
+@contextlib.contextmanager
 def held_lock(out: Path):
     """An exclusive lock on DIR/.compare.lock for one compare call: a second call on the same DIR trained the same
     runs twice into one metrics.csv, whose repeated rows then read as extra seeds."""
-    import contextlib
     import fcntl
-
-    @contextlib.contextmanager
-    def lock():
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".compare.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(f"another `compare` is running on {out} (it holds {out / '.compare.lock'}); "
-                                 f"wait for it, or use another --out") from None
-            yield
-    return lock()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".compare.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another `compare` is running on {out} (it holds {out / '.compare.lock'}); wait for "
+                             f"it, or use another --out") from None
+        yield
 
 
 def run_plan(plan: Plan, config_file: str | Path, out: Path, progress: bool, jobs: int,
@@ -337,10 +334,6 @@ def collect(out: Path, entries: list[dict], seeds: list[int]):
     return pd.concat(frames, ignore_index=True), pd.concat(profiles, ignore_index=True)
 
 
-
-
-
-
 def report(out: Path, plan: Plan) -> Path:
     """Write summary.csv, aggregates.csv, steps_to_target.csv, results.md and the plots from the runs on disk."""
     from adaptive_sched import compare_plots, compare_report
@@ -400,12 +393,6 @@ def class_spread(out: Path, entries: list[dict], seeds: list[int]):
                 rows += [{"label": run_label(entry), "seed": seed, "condition": c, "median_logsnr": float(m)}
                          for c, m in enumerate(class_medians(schedule))]
     return pd.DataFrame(rows, columns=["label", "seed", "condition", "median_logsnr"])
-
-
-
-
-
-
 
 
 def data_floor(base: cfg.RunConfig) -> float | None:

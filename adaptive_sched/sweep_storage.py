@@ -216,9 +216,9 @@ def absolute_storage(url: str) -> str:
     if url.startswith("journal:"):
         return "journal:" + os.path.realpath(os.path.expanduser(url[len("journal:"):]))
     head, sep, rest = url.partition(":///")
-    path, query = rest.split("?", 1)[0], rest[len(rest.split("?", 1)[0]):]
+    path, mark, query = rest.partition("?")
     if sep and head.split("+")[0] == "sqlite" and path and path != ":memory:":
-        return f"{head}:///{os.path.realpath(os.path.expanduser(path))}{query}"
+        return f"{head}:///{os.path.realpath(os.path.expanduser(path))}{mark}{query}"
     return url
 
 

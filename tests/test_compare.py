@@ -44,6 +44,13 @@ def write_config(tmp_path, data="gmm", model="mlp", model_params="hidden = 32\nd
     return path
 
 
+def compared(tmp_path):
+    """(config, out) of the tiny two-schedule comparison, run to the end into tmp_path/out."""
+    out, config = tmp_path / "out", write_config(tmp_path)
+    compare(config, out, progress=False)
+    return config, out
+
+
 def summary_rows(curves: dict, steps=(10, 20, 30, 40)) -> pd.DataFrame:
     """A tidy summary from {label: {seed: [metric at each step]}} (a shorter list: a run stopped early)."""
     return pd.DataFrame([{"label": label, "seed": seed, "step": step, "eval_fid": v}
@@ -313,9 +320,7 @@ def test_a_second_compare_on_the_same_folder_is_refused_while_the_first_runs(tmp
 
 
 def test_a_step_logged_twice_counts_once_per_seed(tmp_path):
-    out = tmp_path / "out"
-    config = write_config(tmp_path)
-    compare(config, out, progress=False)
+    config, out = compared(tmp_path)
     metrics = out / "runs" / "cosine" / "seed0" / "metrics.csv"
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join(lines + lines[1:]) + "\n")     # every row again, as two writers left it
@@ -326,9 +331,7 @@ def test_a_step_logged_twice_counts_once_per_seed(tmp_path):
 
 def test_status_refuses_runs_trained_with_other_settings_as_compare_does(tmp_path):
     from adaptive_sched.compare import status
-    out = tmp_path / "out"
-    config = write_config(tmp_path)
-    compare(config, out, progress=False)
+    config, out = compared(tmp_path)
     assert status(config, out) == (2, 2)
     config.write_text(config.read_text().replace("batch_size = 64", "batch_size = 32"))
     with pytest.raises(UsageError, match="batch_size was 64"):
@@ -345,9 +348,7 @@ def test_a_schedule_name_that_is_no_string_is_refused_in_one_line(tmp_path, name
 
 
 def test_a_metrics_file_with_a_word_in_it_is_named(tmp_path):
-    out = tmp_path / "out"
-    config = write_config(tmp_path)
-    compare(config, out, progress=False)
+    config, out = compared(tmp_path)
     metrics = out / "runs" / "laplace_b=1.0" / "seed0" / "metrics.csv"
     lines = metrics.read_text().splitlines()
     header = lines[0].split(",")
@@ -359,9 +360,7 @@ def test_a_metrics_file_with_a_word_in_it_is_named(tmp_path):
 
 
 def test_results_md_says_how_many_of_the_planned_seeds_a_schedule_has(tmp_path):
-    out = tmp_path / "out"
-    config = write_config(tmp_path)
-    compare(config, out, progress=False)
+    config, out = compared(tmp_path)
     config.write_text(config.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
     compare(config, out, progress=False, time_budget=0)        # seed 1 planned, not started: the report alone
     text = (out / "results.md").read_text()

@@ -311,20 +311,25 @@ def test_grid_eval_keeps_the_rows_it_scored_when_interrupted(tmp_path, monkeypat
     assert pd.read_csv(tmp_path / "cut" / "grid_eval.csv").equals(pd.read_csv(tmp_path / "whole" / "grid_eval.csv"))
 
 
+def trained_digits_run(tmp_path, steps: int):
+    """A tiny digits U-Net trained `steps` steps into tmp_path/run (sampling 24 images in 3 steps, no features)."""
+    from adaptive_sched import config as cfg
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "digits"},
+                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
+                            "train": {"steps": steps, "batch_size": 16, "device": "cpu", "log_every": steps},
+                            "eval": {"every": steps, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
+    train(config, tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
 def test_grid_eval_passes_ays_settings_and_keeps_a_folder_to_one_setting(tmp_path, capsys):
     """--ays-* reach the AYS grids (their sidecars say so) and are recorded in grid_eval.json; other settings
     into the same folder are refused before any work, as are non-default ones into a folder scored before the
     file existed (its AYS rows used the defaults)."""
     import pandas as pd
-    from adaptive_sched import config as cfg
     from adaptive_sched.cli import main
-    from adaptive_sched.train import train
-    config = cfg.from_dict({"data": {"name": "digits"},
-                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
-                            "train": {"steps": 10, "batch_size": 16, "device": "cpu", "log_every": 10},
-                            "eval": {"every": 10, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
-    run = tmp_path / "run"
-    train(config, run, progress=False)
+    run = trained_digits_run(tmp_path, 10)
     fast = ["--ays-samples", "8", "--ays-sweeps", "1", "--ays-candidates", "2", "--ays-data", "40"]
     out = tmp_path / "ge"
     assert main(["grid-eval", str(run), "--steps", "3", "--methods", "ays", "--out", str(out), "--quiet", *fast]) == 0
@@ -495,15 +500,9 @@ def test_ays_draws_its_rows_from_the_training_split_and_old_folders_keep_the_tes
     """AYS fitted its grid on the first held-out rows, the rows FID and SWD then score against: it now draws from
     the training split (--ays-split test keeps the old behaviour); a folder whose AYS settings were recorded
     without a split was scored on the test split, and a call that would mix the two is refused."""
-    from adaptive_sched import config as cfg, run_build
+    from adaptive_sched import run_build
     from adaptive_sched.cli import main
-    from adaptive_sched.train import train
-    config = cfg.from_dict({"data": {"name": "digits"},
-                            "model": {"name": "unet", "channels": [8], "emb_dim": 16, "mid_blocks": 0},
-                            "train": {"steps": 4, "batch_size": 16, "device": "cpu", "log_every": 4},
-                            "eval": {"every": 4, "n": 40, "sample_n": 24, "sample_steps": 3, "features": "none"}})
-    run = tmp_path / "run"
-    train(config, run, progress=False)
+    run = trained_digits_run(tmp_path, 4)
     real, splits = run_build.load_data, []
 
     def recording(data_config, split, *args, **kwargs):
