@@ -10,7 +10,9 @@ study has a second objective, steps to target: the first eval step with metric <
 reached within the budget); it is not pruned, and best.json holds its Pareto front (adaptive_sched.sweep_pareto).
 Running the same command again continues the study until it holds --trials trials (complete, pruned or failed);
 a failed trial (NaN, out of memory, crash) is recorded as FAIL and the study goes on; Ctrl-C (or SIGTERM/SIGHUP)
-marks the running trials FAIL, and they do not count towards --trials (the same command runs others instead).
+marks the running trials FAIL, and they do not count towards --trials (the same command runs others instead); so
+does a worker process that dies (killed, or a crash outside a trial): the others are stopped, and the command exits 1
+naming it.
 Storage URLs: sqlite:///PATH (default DIR/study.db), journal:PATH, postgresql://USER[:PW]@HOST:PORT/DB.
 The search spaces and the [sweep] TOML section are described in adaptive_sched.sweep_space.
 """
@@ -34,7 +36,7 @@ from adaptive_sched.sweep_pareto import not_reached
 from adaptive_sched.sweep_storage import (absolute_storage, check_out_dir, check_settings, claim_out_dir, counted,
                                           default_storage, fail_dead_trials, mask, open_storage, quiet_optuna,
                                           recorded_storage, settings_of, stopped_from_outside)
-from adaptive_sched.sweep_trials import PRUNERS, Job, make_pruner, run_workers, work
+from adaptive_sched.sweep_trials import PRUNERS, Job, WorkerCrashed, make_pruner, run_workers, work
 
 __all__ = ["run_sweep", "report_only", "cmd_sweep", "add_parser", "main", "open_storage", "default_storage"]
 
@@ -112,16 +114,23 @@ def run_sweep(base: cfg.RunConfig, out: str | Path, trials: int, storage: str | 
           + (f" ({dead} stale marked FAIL)" if dead else "")
           + (f"; running {trials - have} on {min(workers, trials - have)} worker(s)" if have < trials else ""),
           flush=True)
+    crash = None
     if have < trials:
         if workers == 1:
             from adaptive_sched.jobs import stop_signals_raise
             with stop_signals_raise():              # SIGTERM/SIGHUP mark the running trial FAIL, as Ctrl-C does
                 work(dataclasses.replace(job, quota=trials - have))
         else:
-            run_workers(dataclasses.replace(job, workers=workers), trials - have)
+            try:
+                run_workers(dataclasses.replace(job, workers=workers), trials - have)
+            except WorkerCrashed as err:            # its running trial: FAIL, redone by the same command
+                fail_dead_trials(found, store)
+                crash = err
     if report:
         from adaptive_sched.sweep_report import write_report
         write_report(found, out)
+    if crash is not None:
+        raise crash
     return found
 
 
@@ -150,7 +159,8 @@ def report_only(out: str | Path, storage: str | None = None, study: str | None =
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """The `sweep` subcommand; returns 0, 1 when trials are missing, 2 when every trial failed, 130 on Ctrl-C."""
+    """The `sweep` subcommand; returns 0, 1 when trials are missing or a worker crashed, 2 when every trial failed,
+    130 on Ctrl-C."""
     from optuna.trial import TrialState
     out = args.report or args.out
     if not out:
@@ -201,6 +211,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("interrupted: the running trials are marked FAIL; run the same command to continue the study, or "
               "`sweep --report` to render it", file=sys.stderr)
         return getattr(err, "code", None) or 130
+    except WorkerCrashed as err:                # not bad input (2): the study is consistent, only cut short
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     missing = trials - len(counted(study))
     finished = [t for t in study.get_trials(deepcopy=False,
                                             states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))

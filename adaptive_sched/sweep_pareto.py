@@ -53,12 +53,14 @@ def front_record(study, settings: dict) -> dict | None:
     """best.json of a multi-objective sweep: every Pareto-optimal trial (both values and the forms `train` and
     `compare` accept), lowest metric first; None before the first complete trial."""
     from adaptive_sched.sweep_report import trial_forms
+    from adaptive_sched.sweep_space import edge_warnings, space_from_dict
     front = by_metric(study.best_trials)
     if not front:
         return None
-    penalty = penalty_of(settings["base"])
+    penalty, space = penalty_of(settings["base"]), space_from_dict(settings["space"])
     trials = [{"trial": t.number, OBJECTIVES[0]: t.values[0], OBJECTIVES[1]: int(t.values[1]),
-               "reached_target": t.values[1] < penalty, **trial_forms(t)} for t in front]
+               "reached_target": t.values[1] < penalty, "warnings": edge_warnings(t.params, space),
+               **trial_forms(t)} for t in front]
     return {"study": study.study_name, "metric": settings["metric"], "target": settings["target"],
             "objectives": [f"{settings['metric']} at step {settings['base']['train']['steps']}",
                            f"first eval step with {settings['metric']} <= {settings['target']:g}"],
@@ -75,7 +77,8 @@ def best_toml(study, record: dict) -> str:
     return (f"# trial {top['trial']} of sweep study {study.study_name!r}: of the {len(record['front'])} Pareto "
             f"trials in best.json, the one with the lowest {record['metric']}\n"
             f"# {record['metric']} = {top[OBJECTIVES[0]]:.6g}; steps to {record['metric']} <= {record['target']:g}: "
-            f"{reached}\n# train it again: adaptive-sched train --config best.toml --out DIR\n"
+            f"{reached}\n" + "".join(f"# warning: {w}\n" for w in top["warnings"])
+            + "# train it again: adaptive-sched train --config best.toml --out DIR\n"
             + cfg.dumps_toml(trial.user_attrs["config"]))
 
 

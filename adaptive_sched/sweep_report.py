@@ -10,14 +10,14 @@ metric objective.
 from __future__ import annotations
 
 import json
-import math
+import sys
 from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_pareto as pareto
 from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
 from adaptive_sched.atomic import atomic_write_text
-from adaptive_sched.sweep_space import EXTRAS, Dim, space_from_dict
+from adaptive_sched.sweep_space import EXTRAS, Dim, edge_warnings, space_from_dict
 
 
 def trial_line(trial, metric: str) -> str:
@@ -65,8 +65,10 @@ def evals_of(trial) -> dict[int, float]:
 
 
 def trials_frame(study):
-    """One row per trial: number, state, value, duration_s, params, last_step, intermediate (JSON), error, run_dir;
-    with two objectives, value (the metric) is followed by value_metric and value_steps_to_target."""
+    """One row per trial: number, state, value (complete trials only: Optuna gives a pruned trial its last report),
+    last_intermediate (the metric at its last eval), pruned_at_step, duration_s, params, last_step, intermediate
+    (JSON), error, run_dir; with two objectives, value (the metric) is followed by value_metric and
+    value_steps_to_target."""
     import pandas as pd
     rows, multi = [], pareto.is_multi(study)
     for t in study.get_trials(deepcopy=False):
@@ -76,8 +78,11 @@ def trials_frame(study):
             metric, reached = t.values if t.values is not None else (None, None)
             values = {"value": metric, pareto.OBJECTIVES[0]: metric, pareto.OBJECTIVES[1]: reached}
         else:
-            values = {"value": t.value}
+            values = {"value": t.value if t.state.name == "COMPLETE" else None}
+        pruned = t.state.name == "PRUNED" and bool(steps)
         rows.append({"number": t.number, "state": t.state.name, **values,
+                     "last_intermediate": evals[steps[-1]] if steps else None,
+                     "pruned_at_step": steps[-1] if pruned else None,
                      "duration_s": round(t.duration.total_seconds(), 3) if t.duration is not None else None,
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "last_step": steps[-1] if steps else None,
@@ -87,7 +92,10 @@ def trials_frame(study):
                      "datetime_start": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
                      "datetime_complete": t.datetime_complete.isoformat(timespec="seconds")
                      if t.datetime_complete else ""})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["pruned_at_step"] = frame["pruned_at_step"].astype("Int64")      # 200, not 200.0 beside blanks
+    return frame
 
 
 def best_record(study, settings: dict) -> dict | None:
@@ -96,8 +104,9 @@ def best_record(study, settings: dict) -> dict | None:
         best = study.best_trial
     except ValueError:
         return None
+    warnings = edge_warnings(best.params, space_from_dict(settings["space"]))
     return {"study": study.study_name, "metric": settings["metric"], "trial": best.number, "value": best.value,
-            **trial_forms(best), "full_config": "best.toml"}
+            "warnings": warnings, **trial_forms(best), "full_config": "best.toml"}
 
 
 def trial_forms(trial) -> dict:
@@ -152,7 +161,8 @@ def write_report(study, out: str | Path, quiet: bool = False) -> list[str]:
             atomic_write_text(out / "best.toml", pareto.best_toml(study, best))
         else:
             header = (f"# best trial {best['trial']} of sweep study {study.study_name!r}: {metric} = "
-                      f"{best['value']:.6g}\n# train it again: adaptive-sched train --config best.toml --out DIR\n")
+                      f"{best['value']:.6g}\n" + "".join(f"# warning: {w}\n" for w in best["warnings"])
+                      + "# train it again: adaptive-sched train --config best.toml --out DIR\n")
             atomic_write_text(out / "best.toml", header + cfg.dumps_toml(study.best_trial.user_attrs["config"]))
     plots = [plot_history(frame, metric, out / "optimization_history.png"),
              plot_importances(study, space, out / "param_importances.png", multi),
@@ -172,7 +182,18 @@ def write_report(study, out: str | Path, quiet: bool = False) -> list[str]:
         print(f"wrote {out / 'trials.csv'}" + ("" if best is None else ", best.json, best.toml") + " and plots")
         for note in notes:
             print(f"note: skipped {note}")
+        for warning in best_warnings(best):
+            print(f"warning: {warning}", file=sys.stderr)
     return notes
+
+
+def best_warnings(record: dict | None) -> list[str]:
+    """The edge-of-range warnings of best.json: its best trial's, or 'trial N: ...' for each Pareto trial's."""
+    if record is None:
+        return []
+    if "front" in record:
+        return [f"trial {entry['trial']}: {w}" for entry in record["front"] for w in entry.get("warnings", [])]
+    return list(record.get("warnings", []))
 
 
 def _positive(values) -> bool:
@@ -188,8 +209,7 @@ def plot_history(frame, metric: str, path: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     done = frame[frame["state"] == "COMPLETE"].sort_values("number")
     pruned = frame[frame["state"] == "PRUNED"]
-    last = [json.loads(s)[str(int(k))] if k == k else math.nan for s, k in zip(pruned["intermediate"],
-                                                                               pruned["last_step"])]
+    last = list(pruned["last_intermediate"].astype(float))
     if len(done):
         ax.plot(done["number"], done["value"], "o", label="complete")
         ax.step(done["number"], done["value"].cummin(), where="post", color="C3", label="best so far")

@@ -17,6 +17,7 @@ from adaptive_sched import config as cfg
 from adaptive_sched.errors import UsageError
 from adaptive_sched.sweep_space import space_to_dict
 
+SURPLUS = "surplus:"        # the error of a trial started past --trials by a concurrent worker (not counted)
 HEARTBEAT_S = 60           # RDB storages: a RUNNING trial silent for 3 heartbeats is failed by the next worker
 # settings that do not make trials incomparable: where and how fast they run, and how often they log
 IGNORED_CHANGES = {("train", "device"), ("train", "log_every"), ("train", "checkpoint_every"), ("train", "compile"),
@@ -162,10 +163,11 @@ def counted(study) -> list:
 
 
 def stopped_from_outside(trial) -> bool:
-    """A trial failed by Ctrl-C, a signal or a killed worker, not by its own settings (it says nothing about them)."""
+    """A trial failed by Ctrl-C, a signal, a killed worker or as a surplus past --trials (sweep_trials.beyond_quota),
+    not by its own settings (it says nothing about them)."""
     from optuna.trial import TrialState
     error = str(trial.user_attrs.get("error", ""))
-    return trial.state == TrialState.FAIL and (error == "interrupted" or error.startswith("stale:"))
+    return trial.state == TrialState.FAIL and (error == "interrupted" or error.startswith(("stale:", SURPLUS)))
 
 
 def fail_dead_trials(study, storage) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_space as spaces
 from adaptive_sched.errors import UsageError
-from adaptive_sched.sweep_storage import counted, one_line, open_storage, quiet_optuna
+from adaptive_sched.sweep_storage import SURPLUS, counted, one_line, open_storage, quiet_optuna
 
 PRUNERS = ("median", "hyperband", "none")
 
@@ -86,6 +86,10 @@ def objective(trial, job: Job) -> float | tuple[float, int]:
 
     from adaptive_sched import checkpoint, train as trainer
     from adaptive_sched.sweep_pareto import steps_to_target
+    if beyond_quota(trial, job.trials):         # another machine's worker started the last one at the same moment
+        error = f"{SURPLUS} the study already held --trials {job.trials} when this trial started"
+        trial.set_user_attr("error", error)
+        raise Surplus(error)
     params = spaces.suggest(trial, job.space)
     config = spaces.trial_config(job.base, params)
     run_dir = Path(job.out) / "trials" / str(trial.number)
@@ -132,6 +136,20 @@ def objective(trial, job: Job) -> float | tuple[float, int]:
     finally:                # a trial is never resumed: keep its logs, config and EMA snapshot, drop the full states
         for name in (checkpoint.STATE_NAME, checkpoint.PREVIOUS_NAME):
             (run_dir / name).unlink(missing_ok=True)
+
+
+class Surplus(Exception):
+    """A trial beyond --trials (see beyond_quota): failed before it draws parameters, and not counted."""
+
+
+def beyond_quota(trial, total: int) -> bool:
+    """True when `total` counted trials have lower numbers than this new one. Each worker decides to start a trial
+    (in `work`, and after each trial) from a count that workers on other machines may change before the trial is
+    created, so K workers deciding at once could make the study K - 1 trials longer than --trials; this re-check
+    after creation fails every trial numbered past the first `total`, so the study ends at exactly --trials.
+    (Trial numbers follow creation order on SQLite and the journal; on PostgreSQL two creations within one
+    transaction's time may still both pass, a bound of K - 1 again, but only for that narrower window.)"""
+    return sum(t.number < trial.number for t in counted(trial.study)) >= total
 
 
 def host_salt() -> int:
@@ -202,8 +220,25 @@ def worker_main() -> None:
         raise SystemExit(2) from None
 
 
+WORKER_ENTRY = "from adaptive_sched.sweep_trials import worker_main; worker_main()"    # each worker's `python -c`
+QUIET_EXITS = (0, 2, 130, -2)       # done, a usage error (printed), interrupted: any other status is a crash
+
+
+class WorkerCrashed(RuntimeError):
+    """A worker process ended with a status not in QUIET_EXITS (killed, or an exception outside a trial); the other
+    workers were stopped. `worker` is its number, `code` its exit status (negative: the signal that killed it)."""
+
+    def __init__(self, worker: int, code: int) -> None:
+        import signal
+        how = f" (killed by {signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() else ""
+        super().__init__(f"sweep worker {worker} exited with status {code}{how}; the sweep stopped, its running "
+                         f"trials marked FAIL: run the same command to continue the study")
+        self.worker, self.code = worker, code
+
+
 def run_workers(job: Job, remaining: int) -> None:
-    """K worker processes share the remaining trials (exact quotas, so the study ends at --trials)."""
+    """K worker processes share the remaining trials (exact quotas, so the study ends at --trials); when one crashes
+    the others are stopped (their running trials marked FAIL) and WorkerCrashed is raised."""
     import subprocess
 
     from adaptive_sched.jobs import child_env, stop_signals_raise, threads_per_job
@@ -215,20 +250,24 @@ def run_workers(job: Job, remaining: int) -> None:
     threads = threads_per_job(k) if cpu else 0
     quotas = [remaining // k + (i < remaining % k) for i in range(k)]
     env = child_env()
-    procs = []
+    numbers, procs = [], []
     for i, quota in enumerate(quotas):
         if quota == 0:
             continue
         spec = {**dataclasses.asdict(dataclasses.replace(job, quota=quota, worker=i, threads=threads)),
                 "base": job.base.to_dict(), "space": spaces.space_to_dict(job.space)}
-        entry = "from adaptive_sched.sweep_trials import worker_main; worker_main()"
-        proc = subprocess.Popen([sys.executable, "-c", entry], stdin=subprocess.PIPE, env=env, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", WORKER_ENTRY], stdin=subprocess.PIPE, env=env, text=True)
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
+        numbers.append(i)
         procs.append(proc)
     try:
         with stop_signals_raise():              # SIGTERM/SIGHUP stop the workers too, as Ctrl-C does
-            codes = [proc.wait() for proc in procs]
+            crashed = wait_workers(procs)
+            if crashed is not None:             # the others: interrupted now, their running trials marked FAIL
+                stop_workers(procs, signalled=False)
+                raise WorkerCrashed(numbers[crashed], procs[crashed].returncode)
+            codes = [proc.returncode for proc in procs]
     except KeyboardInterrupt:                   # Ctrl-C: the terminal interrupted the workers too
         stop_workers(procs, signalled=True)
         raise
@@ -239,10 +278,18 @@ def run_workers(job: Job, remaining: int) -> None:
         raise KeyboardInterrupt
     if 2 in codes:
         raise UsageError("a sweep worker stopped on the error above")
-    for i, code in enumerate(codes):
-        if code != 0:
-            print(f"warning: sweep worker {i} exited with status {code}; run the same command again for the "
-                  f"missing trials", file=sys.stderr)
+
+
+def wait_workers(procs: list, poll: float = 0.2) -> int | None:
+    """Wait until every worker has exited, or one has crashed (a status not in QUIET_EXITS): return its index then."""
+    while True:
+        codes = [proc.poll() for proc in procs]
+        for index, code in enumerate(codes):
+            if code is not None and code not in QUIET_EXITS:
+                return index
+        if all(code is not None for code in codes):
+            return None
+        time.sleep(poll)
 
 
 def stop_workers(procs: list, signalled: bool = True, grace: float = 15.0) -> None:
