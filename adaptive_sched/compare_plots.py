@@ -8,21 +8,29 @@ import torch
 from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
 
 
+SIGNED_METRICS = ("eval_kid",)         # estimators that can fall below 0 (unbiased MMD²): never on a log axis
+
+
+def log_axis(metric: str, values) -> bool:
+    """A log y-axis for `metric` when every value is > 0 and the metric cannot be ≤ 0 (KID's unbiased estimate can)."""
+    return metric.split("@")[0] not in SIGNED_METRICS and len(values) > 0 and all(v > 0 for v in values)
+
+
 def metric_curves(aggregates, metric: str, path: Path) -> None:
-    """Mean metric against step per schedule, shaded ± the 95% CI over seeds."""
+    """Mean metric against step per schedule, shaded ± the 95% CI over seeds; a log y-axis only where log_axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, group in aggregates.groupby("label", sort=False):
         group = group.sort_values("step")
         ax.plot(group["step"], group["mean"], label=label, marker="o", ms=3)
         ax.fill_between(group["step"], group["mean"] - group["ci95"], group["mean"] + group["ci95"], alpha=0.2)
-    finish_line_plot(fig, ax, path, "training step", metric, logy=True)
+    finish_line_plot(fig, ax, path, "training step", metric, logy=log_axis(metric, list(aggregates["mean"])))
 
 
 def densities(entries: list[dict], base, path: Path, out: Path | None = None, seed: int = 0) -> None:
     """p(λ) of every compared schedule on the run's window; a learned one as trained (seed `seed`'s run)."""
     from adaptive_sched.class_schedules import marginal_density, num_classes
-    from adaptive_sched.compare import run_config, run_dir_of, run_label
+    from adaptive_sched.compare_config import run_config, run_dir_of, run_label
     from adaptive_sched.run_artifacts import final_schedule
     from adaptive_sched.run_eval import density_grid
     from adaptive_sched.schedules import SCHEDULES, is_learned
@@ -90,7 +98,7 @@ def loss_profiles(profiles, path: Path) -> None:
 
 def sample_grids(entries: list[dict], out: Path, seed: int, n: int, path: Path) -> None:
     """One panel of n samples per schedule (seed `seed`'s EMA weights, the runs' own sampler and grid)."""
-    from adaptive_sched.compare import run_dir_of, run_label
+    from adaptive_sched.compare_config import run_dir_of, run_label
     from adaptive_sched.conditioning import balanced_labels
     from adaptive_sched.generate import generate, sampling_grid
     from adaptive_sched.plots import image_grid, show_image

@@ -5,8 +5,14 @@ from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched.atomic import atomic_write_text
+from adaptive_sched.compare_config import final_step as final_step_of
 from adaptive_sched.compare_stats import format_ci, mean_ci
 from adaptive_sched.conditioning import GUIDED_METRICS
+
+
+def md_cell(text) -> str:
+    """`text` safe in a markdown table cell: '|' escaped as '\\|' (a label may hold one)."""
+    return str(text).replace("|", "\\|")
 
 
 def spread_lines(spread) -> list[str]:
@@ -17,10 +23,10 @@ def spread_lines(spread) -> list[str]:
              "median (mean over conditions) | medians, seed mean (c = 0, 1, …) |", "|---|---|---|---|---|"]
     for label, group in spread.groupby("label", sort=False):
         ranges = group.groupby("seed")["median_logsnr"].agg(lambda m: m.max() - m.min())
-        mean, half, _ = mean_ci(ranges)
+        mean, half, n = mean_ci(ranges)
         noise = group.groupby("condition")["median_logsnr"].std(ddof=1).mean()
         medians = group.groupby("condition")["median_logsnr"].mean()
-        lines.append(f"| {label} | {len(medians)} | {format_ci(mean, half, 3)} | "
+        lines.append(f"| {md_cell(label)} | {len(medians)} | {format_ci(mean, half, n=n, digits=3)} | "
                      f"{noise:.3g} | {', '.join(f'{m:.2f}' for m in medians)} |")
     return lines
 
@@ -30,11 +36,11 @@ def budget_table(curve, metric: str, order) -> list[str]:
     steps = sorted(int(v) for v in curve["step"].unique())
     if len(steps) < 2:
         return []
-    cells = {(r["label"], int(r["step"])): format_ci(r["mean"], r["ci95"]) for _, r in curve.iterrows()}
+    cells = {(r["label"], int(r["step"])): format_ci(r["mean"], r["ci95"], n=r["seeds"]) for _, r in curve.iterrows()}
     lines = ["", f"## {metric} at each eval step (training budget)", "",
              "| schedule | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for label in order:
-        lines.append(f"| {label} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join(cells.get((label, s), "") for s in steps) + " |")
     return lines
 
 
@@ -47,50 +53,70 @@ def guidance_table(final, metric: str, order) -> list[str]:
     scales = sorted({m.split("@w")[1] for m in final["metric"] if m.startswith(base + "@w")}, key=float)
     if len(scales) < 2:
         return []
-    cells = {(r["label"], r["metric"]): format_ci(r["mean"], r["ci95"]) for _, r in final.iterrows()}
+    cells = {(r["label"], r["metric"]): format_ci(r["mean"], r["ci95"], n=r["seeds"]) for _, r in final.iterrows()}
     lines = ["", f"## {base} by classifier-free guidance scale w (final step)", "",
              "| schedule | " + " | ".join(f"w = {w}" for w in scales) + " |", "|---" * (len(scales) + 1) + "|"]
     for label in order:
-        lines.append(f"| {label} | " + " | ".join(cells.get((label, f"{base}@w{w}"), "") for w in scales) + " |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join(cells.get((label, f"{base}@w{w}"), "") for w in scales)
+                     + " |")
     return lines
 
 
 def per_seed_lines(paired, metric: str, final_step: int, order) -> list[str]:
     """Markdown lines: `metric` per seed at the final step and its paired difference from the reference (the rows of
-    compare_stats.paired_with_reference); a difference's interval that excludes 0 is what "below in every seed" needs."""
+    compare_stats.paired_with_reference; a diverged seed says so); a difference's interval that excludes 0 is what
+    "below in every seed" needs."""
     if paired is None or not len(paired):
         return []
     seeds = [c for c in paired.columns if re.fullmatch(r"seed\d+", c)]          # seed0, seed1, ... (not seeds_below)
     reference = paired["reference"].iloc[0]
     rows = paired.set_index("label")
+    ref = md_cell(reference)
     lines = ["", f"## {metric} per seed at step {final_step}, paired with {reference}", ""]
     if reference not in rows.index:
         lines += [f"({reference} has no run at step {final_step} yet: no paired differences.)", ""]
-    lines += ["| schedule | " + " | ".join(seeds) + f" | − {reference} (mean ± 95% CI over paired seeds) | "
-              f"seeds below {reference} |", "|---" * (len(seeds) + 3) + "|"]
+    lines += ["| schedule | " + " | ".join(seeds) + f" | − {ref} (mean ± 95% CI over paired seeds) | "
+              f"seeds below {ref} |", "|---" * (len(seeds) + 3) + "|"]
     for label in [o for o in order if o in rows.index]:
         r = rows.loc[label]
-        cells = ["" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
+        diverged = {f"seed{s}" for s in r.get("diverged", [])}
+        cells = ["diverged" if s in diverged else "" if r[s] != r[s] else f"{r[s]:.4g}" for s in seeds]
         diff = "–" if label == reference or r["paired_seeds"] == 0 else \
-            format_ci(r["diff_mean"], r["diff_ci95"], 3, signed=True)
+            format_ci(r["diff_mean"], r["diff_ci95"], n=r["paired_seeds"], digits=3, signed=True)
         below = "–" if label == reference else f"{r['seeds_below']} of {r['paired_seeds']}"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} | {below} |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join(cells) + f" | {diff} | {below} |")
     return lines
+
+
+def seeds_cell(n: int, planned: int | None, diverged: int) -> str:
+    """The main table's seeds cell: 'n', 'n of planned' when fewer, then ', k diverged' when some diverged."""
+    text = f"{n} of {planned}" if planned and n < planned else str(n)
+    return text + (f", {diverged} diverged" if diverged else "")
 
 
 def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, target: str,
                      floor: float | None = None, reached=None, spread=None, paired: dict | None = None,
-                     planned_seeds: int | None = None) -> None:
-    """A markdown table of every eval metric at the final step (mean ± 95% CI over seeds), sorted by `metric`; a
-    schedule with fewer finished seeds than `planned_seeds` says so ("1 of 3"), and a note under the table says
-    its mean is over other seeds than the others'."""
-    final_step = int(aggregates["step"].max())
+                     planned_seeds: int | None = None, diverged=None) -> None:
+    """A markdown table of every eval metric at the final step (compare_config.final_step: [train] steps; mean ± 95%
+    CI over seeds), sorted by `metric`; a schedule with fewer finished seeds than `planned_seeds` says so ("1 of 3"),
+    and a note under the table says its mean is over other seeds than the others'. `diverged` (the runs of
+    compare_stats.diverged_runs: finished, `metric` not finite) are counted in their rows and listed under the table;
+    a schedule whose every finished run diverged reads "diverged", one with no run at the final step "unfinished"."""
+    final_step = final_step_of(base)
     final = aggregates[aggregates["step"] == final_step]
     names = [metric] + [m for m in final["metric"].unique() if m != metric and "@w" not in m]
     table = final.pivot(index="label", columns="metric", values=["mean", "ci95", "seeds"])
-    ranked = list(table[("mean", metric)].dropna().sort_values().index)   # a run without `metric` there: unfinished
-    unfinished = [label for label in aggregates["label"].unique() if label not in ranked]   # no run at the end yet
-    order = ranked + unfinished
+    ranked = list(table[("mean", metric)].dropna().sort_values().index) if ("mean", metric) in table else []
+    broke = {} if diverged is None else diverged.groupby("label", sort=False)["seed"].apply(list).to_dict()
+    failed = [label for label in broke if label not in ranked]              # finished, and every run diverged
+    unfinished = [label for label in aggregates["label"].unique() if label not in ranked + failed]   # no final run
+    order = ranked + failed + unfinished
+
+    def cells(label: str) -> list[str]:
+        row = table.loc[label] if label in table.index else None
+        return ["" if row is None or ("mean", m) not in row else format_ci(row["mean", m], row["ci95", m],
+                                                                          n=row["seeds", m]) for m in names]
+
     lines = [f"# Eval metrics at step {final_step} (mean ± 95% CI over seeds; lower is better; sorted by {metric})",
              "", f"data={base.data.name}, model={base.model.name} {base.model.params or ''}, "
              f"steps={base.train.steps}, batch={base.train.batch_size}, lr={base.train.lr}, "
@@ -99,35 +125,44 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
              + (", x̂0 clipped to [-1, 1]" if base.eval.clip_x0 else ""), "",
              "| schedule | " + " | ".join(names) + " | seeds |", "|---" * (len(names) + 2) + "|"]
     for label in ranked:
-        cells = [format_ci(table.loc[label, ("mean", m)], table.loc[label, ("ci95", m)]) for m in names]
         n = int(table.loc[label, ("seeds", metric)])
-        seeds = f"{n} of {planned_seeds}" if planned_seeds and n < planned_seeds else str(n)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seeds} |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join(cells(label)) +
+                     f" | {seeds_cell(n, planned_seeds, len(broke.get(label, [])))} |")
+    for label in failed:
+        lines.append(f"| {md_cell(label)} | " + " | ".join(["diverged"] + cells(label)[1:]) +
+                     f" | {seeds_cell(0, planned_seeds, len(broke[label]))} |")
     for label in unfinished:
-        lines.append(f"| {label} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
+        lines.append(f"| {md_cell(label)} | " + " | ".join("" for _ in names) + " | 0 (unfinished) |")
     counts = {int(table.loc[label, ("seeds", metric)]) for label in ranked}
     if len(counts) > 1:
         lines += ["", "Not every schedule has finished as many seeds: the means above are over different seed sets, "
                       "so their order is not a like-for-like ranking (the differences from the reference per seed, "
                       "where listed below, pair schedules on the seeds both have)."]
+    if broke:
+        runs = [f"{label} seed {seed}" for label, seeds in broke.items() for seed in seeds]
+        lines += ["", f"{len(runs)} run(s) diverged: finished, with {metric} at step {final_step} not finite (NaN or "
+                      f"inf): {', '.join(runs)}. They are left out of the means and not retrained."]
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
     for name, rows in (paired or {}).items():       # metric name -> compare_stats.paired_with_reference's rows
         lines += per_seed_lines(rows, name, final_step, order)
     if reached is not None and len(reached):
         reference = reached["reference"].iloc[0]
+        ref = md_cell(reference)
         lines += ["", f"## Steps to reach {reference}'s final {metric}", "",
-                  f"Each schedule against {reference}'s mean at step {final_step} over the seeds both have finished.",
-                  "", f"| schedule | seeds | {reference}'s final (same seeds) | step | fraction of the reference's steps |",
-                  "|---|---|---|---|---|"]
+                  f"Each schedule against {reference}'s mean at step {final_step} over the seeds both have finished; "
+                  f"the fraction divides its step by the first step at which {reference} itself reaches that mean.",
+                  "", f"| schedule | seeds | {ref}'s final (same seeds) | step | fraction of {ref}'s first step "
+                      f"there |", "|---|---|---|---|---|"]
         for _, r in reached.iterrows():
+            label = md_cell(r["label"])
             if r["seeds"] == 0:
-                lines.append(f"| {r['label']} | 0 | – | no finished seed shared with {reference} | – |")
+                lines.append(f"| {label} | 0 | – | no finished seed shared with {ref} | – |")
             elif r["step"] == r["step"]:
-                lines.append(f"| {r['label']} | {r['seeds']} | {r['target']:.4g} | {int(r['step'])} | "
+                lines.append(f"| {label} | {r['seeds']} | {r['target']:.4g} | {int(r['step'])} | "
                              f"{r['fraction_of_reference']:.2f} |")
             else:
-                lines.append(f"| {r['label']} | {r['seeds']} | {r['target']:.4g} | not reached | – |")
+                lines.append(f"| {label} | {r['seeds']} | {r['target']:.4g} | not reached | – |")
     if spread is not None and len(spread):
         lines += spread_lines(spread)
     if floor is not None:

@@ -1,6 +1,7 @@
 """Run several CLI jobs at once as separate processes (one GPU or the CPU), without oversubscribing threads.
 
-Each job is an argv for `python -m adaptive_sched ...`; its stdout/stderr go to a log file. With K jobs on
+Each job is an argv for `python -m adaptive_sched ...`; its stdout/stderr go to a log file, appended to under a
+header line per attempt (a retried job keeps the failed attempt's traceback above). With K jobs on
 C cores every process gets max(1, C // K) intra-op threads (OMP/MKL env), since torch's default of all
 cores per process makes concurrent CPU runs several times slower each. Ctrl-C terminates the children;
 their runs are resumable, so nothing is lost.
@@ -73,8 +74,7 @@ def run_jobs(jobs: list[Job], parallel: int, progress: bool = True, poll_s: floa
                 while pending and len(running) < parallel:
                     job = pending.pop(0)
                     started.append(job)
-                    job.log.parent.mkdir(parents=True, exist_ok=True)
-                    handle = job.log.open("w")
+                    handle = open_log(job)
                     proc = subprocess.Popen([sys.executable, "-m", "adaptive_sched", *job.args], stdout=handle,
                                             stderr=subprocess.STDOUT, env=env)
                     running.append((job, proc, handle))
@@ -118,6 +118,25 @@ def stop_signals_raise():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+ATTEMPT_HEADER = "=== attempt "        # how open_log's header lines start (and how attempts are counted)
+
+
+def open_log(job: Job):
+    """job.log opened for appending, after a header line '=== attempt N, <UTC time>: adaptive_sched <args> ===' (N:
+    one more than the headers already there), so that a retried job does not overwrite the failed attempt's log."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before = job.log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        before = []
+    attempt = 1 + sum(line.startswith(ATTEMPT_HEADER) for line in before)
+    handle = job.log.open("a")
+    handle.write(f"{ATTEMPT_HEADER}{attempt}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
+                 f"{' '.join(['adaptive_sched', *job.args])} ===\n")
+    handle.flush()                              # before the child writes through its own descriptor
+    return handle
 
 
 def last_line(path: Path) -> str:

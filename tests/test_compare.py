@@ -215,7 +215,7 @@ def test_paired_differences_match_scipys_paired_t_interval():
     rows = [{"label": label, "seed": seed, "step": step, "eval_fid": v + (10 if step == 100 else 0)}
             for label, vs in fid.items() for seed, v in enumerate(vs) for step in (100, 200)]
     rows.append({"label": "cau", "seed": 3, "step": 200, "eval_fid": 1.0})     # no cosine seed 3 to pair with
-    paired = paired_with_reference(pd.DataFrame(rows), "eval_fid", "cos").set_index("label")
+    paired = paired_with_reference(pd.DataFrame(rows), "eval_fid", "cos", 200).set_index("label")
     for label in ("lap", "cau"):
         test = stats.ttest_rel(fid[label], fid["cos"])
         low, high = test.confidence_interval(0.95)
@@ -365,3 +365,80 @@ def test_results_md_says_how_many_of_the_planned_seeds_a_schedule_has(tmp_path):
     compare(config, out, progress=False, time_budget=0)        # seed 1 planned, not started: the report alone
     text = (out / "results.md").read_text()
     assert "| 1 of 2 |" in text and "different seed sets" not in text      # both have seed 0 only: comparable
+
+
+def test_a_run_that_finished_with_a_non_finite_metric_is_reported_diverged_not_unfinished(tmp_path, capsys):
+    """A diverged run's final eval metric is NaN (SWD of NaN samples; FID/KID now too): results.md listed the run as
+    "0 (unfinished)", as if it had still to train. It is finished (skipped, not retrained) and reads "diverged"."""
+    config, out = compared(tmp_path)
+    metrics = out / "runs" / "laplace_b=1.0" / "seed0" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    header, cells = lines[0].split(","), lines[-1].split(",")
+    assert cells[header.index("step")] == "40"
+    cells[header.index("eval_eps_mse")] = "nan"
+    metrics.write_text("\n".join(lines[:-1] + [",".join(cells)]) + "\n")
+    capsys.readouterr()
+    compare(config, out, progress=False)
+    assert "laplace(b=1.0) seed 0: finished, skipped" in capsys.readouterr().out
+    text = (out / "results.md").read_text()
+    excess = pd.read_csv(out / "aggregates.csv").query("label == 'laplace(b=1.0)' and step == 40 and "
+                                                       "metric == 'eval_excess_mse'")["mean"].iloc[0]
+    assert f"| laplace(b=1.0) | diverged | {excess:.4g} (n = 1) | 0 of 1, 1 diverged |" in text
+    assert ("1 run(s) diverged: finished, with eval_eps_mse at step 40 not finite (NaN or inf): laplace(b=1.0) "
+            "seed 0. They are left out of the means and not retrained.") in text
+    assert "| laplace(b=1.0) | diverged | – | 0 of 0 |" in text                       # the per-seed table
+    assert "unfinished" not in text
+    from adaptive_sched.compare import status
+    assert status(config, out) == (2, 2)
+
+
+def test_lowering_steps_below_what_runs_recorded_is_refused_in_one_line(tmp_path):
+    """The final step had three definitions: [train] steps (finished runs, steps to target), the last logged step
+    (results.md's table) and the last step overall (the per-seed table): with steps lowered from 40 to 20 the finished
+    runs were skipped and results.md's tables spoke of step 40 while steps_to_target.csv measured at step 20."""
+    from adaptive_sched.compare import status
+    config, out = compared(tmp_path)
+    written = {name: (out / name).read_bytes() for name in ("results.md", "steps_to_target.csv", "compare.toml")}
+    config.write_text(config.read_text().replace("steps = 40", "steps = 20"))
+    for call in (lambda: compare(config, out, progress=False), lambda: status(config, out)):
+        with pytest.raises(UsageError, match=r"cosine seed 0 in .* \(\[train\] steps is now 20, but the run has "
+                                             r"recorded step 40; keep steps >= 40\)") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert {name: (out / name).read_bytes() for name in written} == written
+
+
+def test_a_changed_eval_interval_is_refused_while_runs_have_still_to_train(tmp_path, capsys):
+    """[eval] every changed on resume was taken silently: a new seed evaluated at 10, 20, 30, 40 beside seed 0's 20, 40
+    (the budget table's means at 10 and 30 over other seeds). With every run finished it changes nothing: accepted."""
+    config, out = compared(tmp_path)
+    original = config.read_text()
+    config.write_text(original.replace("every = 20", "every = 10"))
+    compare(config, out, progress=False)                                          # all finished: the report only
+    assert "finished, skipped" in capsys.readouterr().out
+    assert sorted(pd.read_csv(out / "aggregates.csv")["step"].unique()) == [20, 40]
+    config.write_text(original.replace("every = 20", "every = 10").replace("seeds = [0]", "seeds = [0, 1]"))
+    with pytest.raises(UsageError, match=r"cosine seed 0 in .* \(\[eval\] every was 20 in the saved run, now 10, "
+                                         r"and some runs have still to train"):
+        compare(config, out, progress=False)
+    assert not (out / "runs" / "cosine" / "seed1").exists()
+
+
+@pytest.mark.parametrize("metric, means, scale", [("eval_kid", [0.02, 0.01], "linear"),     # KID can be < 0
+                                                  ("eval_fid", [3.0, -0.5], "linear"),
+                                                  ("eval_fid@w1.5", [3.0, 1.5], "log"),
+                                                  ("eval_kid@w1.5", [-0.001, 0.01], "linear")])
+def test_metric_vs_step_uses_a_log_axis_only_for_positive_metrics(tmp_path, monkeypatch, metric, means, scale):
+    """A log axis hid the unbiased KID estimate's negative values (and its CI band below 0)."""
+    from adaptive_sched import compare_plots
+    seen, draw = {}, compare_plots.finish_line_plot
+
+    def spy(fig, ax, path, *args, **kwargs):
+        draw(fig, ax, path, *args, **kwargs)
+        seen["scale"], seen["lowest"] = ax.get_yscale(), ax.get_ylim()[0]
+    monkeypatch.setattr(compare_plots, "finish_line_plot", spy)
+    aggregates = pd.DataFrame([{"label": "cosine", "step": s, "metric": metric, "mean": m, "ci95": 0.01, "seeds": 2}
+                               for s, m in zip((20, 40), means)])
+    compare_plots.metric_curves(aggregates, metric, tmp_path / "curve.png")
+    assert seen["scale"] == scale and (tmp_path / "curve.png").exists()
+    assert scale == "log" or seen["lowest"] < min(means)                          # the lowest value is on the plot

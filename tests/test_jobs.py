@@ -59,4 +59,26 @@ def test_fewer_runs_than_jobs_share_the_cores_among_the_runs(tmp_path, monkeypat
         failed, unstarted = jobs.run_jobs([jobs.Job(f"j{i}", [], log) for i, log in enumerate(logs)], parallel,
                                           progress=False, poll_s=0.01)
         assert not failed and not unstarted
-        assert {log.read_text().strip() for log in logs} == {threads}
+        assert {jobs.last_line(log) for log in logs} == {threads}
+
+
+def test_a_retried_job_appends_to_its_log_under_a_header_per_attempt(tmp_path, monkeypatch):
+    """The log was opened with mode "w": a retried run overwrote the failed attempt's traceback."""
+    import calendar
+    import re
+    from pathlib import Path
+    from adaptive_sched import jobs
+    child = tmp_path / "child.sh"                 # called as child.sh -m adaptive_sched ARG: fails unless ARG is ok
+    child.write_text('#!/bin/sh\necho "output of $3"\n[ "$3" = ok ]\n')
+    child.chmod(0o755)
+    monkeypatch.setattr(jobs.sys, "executable", str(child))
+    log = Path(tmp_path / "runs" / "train.log")
+    failed, _ = jobs.run_jobs([jobs.Job("j", ["crash"], log)], 1, progress=False, poll_s=0.01)
+    assert [status for _, status in failed] == [1]
+    failed, _ = jobs.run_jobs([jobs.Job("j", ["ok"], log)], 1, progress=False, poll_s=0.01)
+    assert not failed
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and lines[1] == "output of crash" and lines[3] == "output of ok"
+    for line, attempt, arg in ((lines[0], 1, "crash"), (lines[2], 2, "ok")):
+        stamp = re.fullmatch(rf"=== attempt {attempt}, (\S+Z): adaptive_sched {arg} ===", line).group(1)
+        assert abs(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.time()) < 600

@@ -1,6 +1,8 @@
 """Tests for adaptive_sched.metrics: FID against closed forms, KID against a naive double-loop MMD²."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -98,7 +100,7 @@ def test_feature_stats_are_mean_and_unbiased_covariance():
 @pytest.mark.parametrize("a, b, match", [
     (np.zeros((5, 3)), np.zeros((5, 4)), "widths differ"),
     (np.zeros((1, 3)), np.zeros((5, 3)), "at least 2"),
-    (np.full((5, 3), np.nan), np.zeros((5, 3)), "NaN"),
+    (np.zeros((5, 3)), np.full((5, 3), np.nan), "reference features contain NaN"),
     (np.zeros(5), np.zeros((5, 1)), "2-D"),
 ])
 def test_bad_features_raise_one_line_usage_errors(a, b, match):
@@ -106,6 +108,24 @@ def test_bad_features_raise_one_line_usage_errors(a, b, match):
         with pytest.raises(UsageError, match=match) as info:
             fn(a, b)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_samples_of_a_diverged_model_score_nan_as_sliced_wasserstein_does(bad):
+    """FID/KID raised on non-finite sample features, so a diverged run failed at every eval and compare retrained it
+    on every call; now they score NaN (the run finishes, compare reports it diverged), as SWD's NaN/inf does."""
+    import torch
+    from adaptive_sched.evaluate import sliced_wasserstein
+    rng = np.random.default_rng(0)
+    samples, reference = rng.normal(size=(20, 3)), rng.normal(size=(30, 3))
+    samples[4, 1] = bad
+    assert math.isnan(frechet_distance(samples, reference))
+    assert all(math.isnan(v) for v in kernel_inception_distance(samples, reference, subsets=3, subset_size=10))
+    assert all(math.isnan(v) for v in feature_stats(samples)[0]) and np.isnan(feature_stats(samples)[1]).all()
+    assert math.isnan(frechet_distance_from_stats(*feature_stats(samples), *feature_stats(reference)))
+    assert not math.isfinite(sliced_wasserstein(torch.tensor(samples), torch.tensor(reference)))
+    with pytest.raises(UsageError, match="reference stats contain NaN or inf"):     # a broken reference stays loud
+        frechet_distance_from_stats(*feature_stats(reference), *feature_stats(samples))
 
 
 def test_bad_stats_raise_usage_error():
