@@ -13,8 +13,9 @@ The TOML file is a run config (see adaptive_sched.config) plus a [compare] secti
 An entry's keys are its schedule's parameters, plus `label`, `target`, `curriculum` and, for learned
 schedules, any [learned] key (objective, lr, weight_like, ...).
 Runs go to DIR/runs/<label>/seed<k>/ and are resumable: finished runs are skipped, interrupted
-ones continue from their last checkpoint; a run that finished with a non-finite metric is diverged: shown as such
-in results.md, left out of the means, and not retrained. Outputs: DIR/summary.csv (tidy: one row per run × logged
+ones continue from their last checkpoint; a run that finished with a non-finite metric, or whose training stopped on
+non-finite losses (its diverged.json), is diverged: shown as such in results.md, left out of the means, and not
+retrained (delete diverged.json to retry one). Outputs: DIR/summary.csv (tidy: one row per run × logged
 step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/steps_to_target.csv, DIR/results.md, and PNG
 plots (metric against step, p(λ), per-λ loss, sample grids).
 """
@@ -33,18 +34,18 @@ from adaptive_sched.compare_stats import (diverged_runs, mean_ci, paired_with_re
                                           steps_to_target)
 from adaptive_sched.errors import UsageError
 from adaptive_sched.out_paths import output_dir
-from adaptive_sched.run_artifacts import final_schedule, is_finished
+from adaptive_sched.run_artifacts import DIVERGED, diverged_step, final_schedule, is_finished
 from adaptive_sched.runlog import METRIC_COLUMNS, PROFILE_COLUMNS, CsvLog, header_of
 
 
 def status(config_file: str | Path, out: str | Path) -> tuple[int, int]:
-    """(finished runs, planned runs) of a comparison; runs trained with other settings are refused, as compare
-    refuses them."""
+    """(finished runs, planned runs) of a comparison, a run whose training diverged counting as finished (compare
+    does not train it again); runs trained with other settings are refused, as compare refuses them."""
     plan = parse(config_file)
     if Path(out).is_dir():
         check_runs_match(plan, Path(out))
     runs = [run_dir_of(Path(out), e, s) for s in plan.seeds for e in plan.entries]
-    return sum(is_finished(r, final_step(plan.base)) for r in runs), len(runs)
+    return sum(is_finished(r, final_step(plan.base)) or diverged_step(r) is not None for r in runs), len(runs)
 
 
 def compare(config_file: str | Path, out: str | Path, progress: bool = True, jobs: int | None = None,
@@ -96,6 +97,9 @@ def run_plan(plan: Plan, config_file: str | Path, out: Path, progress: bool, job
             run_dir = run_dir_of(out, entry, seed)
             if is_finished(run_dir, final_step(plan.base)):
                 print(f"{run_label(entry)} seed {seed}: finished, skipped")
+            elif diverged_step(run_dir) is not None:
+                print(f"{run_label(entry)} seed {seed}: diverged at step {diverged_step(run_dir)}, skipped (delete "
+                      f"{run_dir / DIVERGED} to train it again)")
             else:
                 todo.append((entry, seed, run_dir))
     left, failed = [], []
@@ -108,8 +112,10 @@ def run_plan(plan: Plan, config_file: str | Path, out: Path, progress: bool, job
             try:
                 train(run_config(plan.base, entry, seed), run_dir, resume=True, progress=progress)
             except UsageError as err:               # as with jobs > 1: report it, go on with the other runs
-                print(f"{run_label(entry)} seed {seed}: failed ({err})", file=sys.stderr)
-                failed.append(f"{run_label(entry)} seed {seed}: {err}")
+                how = "diverged" if diverged_step(run_dir) is not None else "failed"
+                print(f"{run_label(entry)} seed {seed}: {how} ({err})", file=sys.stderr)
+                if how == "failed":
+                    failed.append(f"{run_label(entry)} seed {seed}: {err}")
         if failed:
             raise runs_failed(len(failed), len(todo), failed[0])
     elif todo:
@@ -193,6 +199,8 @@ def run_in_processes(plan: Plan, todo: list[tuple[dict, int, Path]], jobs: int, 
                                                              str(run_dir), "--resume", "--quiet"],
                         run_dir / "train.log"))
     failed, unstarted = run_jobs(work, jobs, progress, deadline=deadline)
+    run_dirs = {id(job): run_dir for job, (_, _, run_dir) in zip(work, todo)}
+    failed = [(job, code) for job, code in failed if diverged_step(run_dirs[id(job)]) is None]   # a result, not a fault
     if failed:
         raise runs_failed(len(failed), len(work), f"{failed[0][0].name}, see {failed[0][0].log}")
     return [item for item, job in zip(todo, work) if job in unstarted]
@@ -233,6 +241,8 @@ def report(out: Path, plan: Plan) -> Path:
     entries, seeds, metric, base, last = plan.entries, plan.seeds, plan.metric, plan.base, final_step(plan.base)
     summary, profiles = collect(out, entries, seeds)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    summary = with_stopped_runs(summary, [(run_label(e), s) for s in seeds for e in entries
+                                          if diverged_step(run_dir_of(out, e, s)) is not None], last)
     rows = []
     for name in [c for c in summary.columns if c.startswith("eval_") and summary[c].notna().any()]:
         finite = summary[np.isfinite(summary[name])]                          # a diverged run's NaN/inf: no value
@@ -264,6 +274,16 @@ def report(out: Path, plan: Plan) -> Path:
                                     spread, {m: paired_with_reference(summary, m, plan.reference, last)
                                              for m in per_seed_metrics(summary, metric)}, len(seeds), diverged)
     return out
+
+
+def with_stopped_runs(summary, stopped: list[tuple[str, int]], final: int):
+    """The summary plus a row of NaN metrics at step `final` for each (label, seed) whose training diverged: its
+    final metrics are undefined, so the statistics count it as diverged, as a run whose samples scored NaN."""
+    import pandas as pd
+    if not stopped:
+        return summary
+    rows = pd.DataFrame([{"label": label, "seed": seed, "step": final} for label, seed in stopped])
+    return pd.concat([summary, rows], ignore_index=True)
 
 
 def target_text(plan: Plan) -> str:

@@ -5,7 +5,8 @@ must still count them as finished, plot their learned schedule and show their sa
 - finished.json      the step the run finished at (written last, atomically): the run is done;
 - schedule_final.csv the trained schedule exported as a table (learned or otherwise moving schedules; a
                      conditional one adds per-class tables and FILE.classes.csv), with its .json sidecar;
-- sample_grid.npz    the sample panel compare's samples.png shows, cached when first drawn.
+- sample_grid.npz    the sample panel compare's samples.png shows, cached when first drawn;
+- diverged.json      instead of finished.json, when training stopped on a streak of non-finite losses.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from adaptive_sched.runlog import METRIC_COLUMNS, CsvLog
 FINISHED = "finished.json"
 FINAL_TABLE = "schedule_final.csv"
 SAMPLE_PANEL = "sample_grid.npz"
+DIVERGED = "diverged.json"
 
 
 def mark_finished(run_dir: str | Path, step: int, export_schedule: bool) -> None:
@@ -31,6 +33,23 @@ def mark_finished(run_dir: str | Path, step: int, export_schedule: bool) -> None
         export(run_dir, run_dir / FINAL_TABLE)
     atomic_write_json(run_dir / FINISHED, {"step": int(step),
                                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def mark_diverged(run_dir: str | Path, step: int, streak: int) -> None:
+    """diverged.json: {step, streak, diverged_at}: training stopped at `step` on `streak` non-finite losses in a row
+    (compare reports such a run diverged instead of retraining it; deleting the file lets it try again)."""
+    atomic_write_json(Path(run_dir) / DIVERGED, {"step": int(step), "streak": int(streak),
+                                                 "diverged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def diverged_step(run_dir: str | Path) -> int | None:
+    """The step at which a run's training diverged (its diverged.json), or None."""
+    try:
+        return int(json.loads((Path(run_dir) / DIVERGED).read_text())["step"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return 0                                    # a damaged marker still says the run diverged
 
 
 def is_finished(run_dir: str | Path, steps: int) -> bool:

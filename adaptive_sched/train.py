@@ -99,6 +99,7 @@ def open_run_dir(run: Run, out_dir: Path, resume: bool) -> tuple[int, dict | Non
             os.replace(latest, out_dir / checkpoint.DAMAGED_NAME)
     if not run.world.is_main:
         return start, state
+    (out_dir / run_artifacts.DIVERGED).unlink(missing_ok=True)     # this attempt is a retry: it decides anew
     if start == 0:                                 # what a killed earlier attempt left describes no run of this one
         for name in (run_artifacts.FINAL_TABLE, run_artifacts.FINAL_TABLE + ".json", run_artifacts.SAMPLE_PANEL):
             (out_dir / name).unlink(missing_ok=True)
@@ -240,6 +241,8 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
             skipped, streak = skipped / run.world.size, streak / run.world.size
             if streak >= t.max_nonfinite:
                 save(run, out_dir, done, running)
+                if main:
+                    run_artifacts.mark_diverged(out_dir, done, int(streak))
                 raise UsageError(f"training diverged: {int(streak)} non-finite losses in a row by step {done} "
                                  f"(each step was skipped; the weights in {out_dir} are the last good ones); "
                                  f"lower --lr or check the data")

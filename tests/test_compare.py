@@ -1,4 +1,5 @@
 """compare: steps-to-target, budgets, concurrent processes agree with sequential runs, sample grids."""
+import json
 import math
 
 import pandas as pd
@@ -442,3 +443,55 @@ def test_metric_vs_step_uses_a_log_axis_only_for_positive_metrics(tmp_path, monk
     compare_plots.metric_curves(aggregates, metric, tmp_path / "curve.png")
     assert seen["scale"] == scale and (tmp_path / "curve.png").exists()
     assert scale == "log" or seen["lowest"] < min(means)                          # the lowest value is on the plot
+
+
+def poison_schedule(monkeypatch, schedule: str):
+    """Make every training loss of runs with the given schedule class name NaN (their training diverges)."""
+    from adaptive_sched.losses import DiffusionLoss
+    original = DiffusionLoss.terms
+
+    def terms(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if type(self.schedule).__name__.lower().startswith(schedule):
+            out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(DiffusionLoss, "terms", terms)
+
+
+def test_a_run_whose_training_diverged_is_reported_diverged_and_not_retrained(tmp_path, monkeypatch, capsys):
+    """Training stopped on non-finite losses failed the whole comparison (no report) on every call, retraining the
+    run each time; it is a result: results.md says diverged, and the next call skips it."""
+    config, out = tmp_path / "cmp.toml", tmp_path / "out"
+    write_config(tmp_path, extra="").write_text(config.read_text().replace("[train]\n", "[train]\nmax_nonfinite = 3\n"))
+    poison_schedule(monkeypatch, "laplace")
+    compare(config, out, progress=False)                        # no UsageError: one run diverged, one finished
+    run = out / "runs" / "laplace_b=1.0" / "seed0"
+    assert json.loads((run / "diverged.json").read_text())["step"] == 20
+    text = (out / "results.md").read_text()
+    assert "| laplace(b=1.0) | diverged |" in text and "0 of 1, 1 diverged" in text
+    assert "| cosine | " in text and "unfinished" not in text
+    before = (run / "metrics.csv").read_text()
+    capsys.readouterr()
+    compare(config, out, progress=False)
+    assert "laplace(b=1.0) seed 0: diverged at step 20, skipped" in capsys.readouterr().out
+    assert (run / "metrics.csv").read_text() == before
+    from adaptive_sched.compare import status
+    assert status(config, out) == (2, 2)
+
+
+def test_with_jobs_a_diverged_run_is_not_a_failed_one(tmp_path, monkeypatch):
+    """The same with runs in processes: a job that exits non-zero having written diverged.json is no failure."""
+    import adaptive_sched.jobs as jobs
+    from adaptive_sched.run_artifacts import mark_diverged
+    config = write_config(tmp_path)
+
+    def fake_run_jobs(work, parallel, progress, deadline=None):
+        for job in work:
+            if "laplace" in job.name:
+                mark_diverged(job.log.parent, 20, 3)
+        return [(job, 2) for job in work if "laplace" in job.name], [job for job in work if "laplace" not in job.name]
+    monkeypatch.setattr(jobs, "run_jobs", fake_run_jobs)
+    compare(config, tmp_path / "out", progress=False, jobs=2)   # raised "1 of 2 runs failed" before
+    with pytest.raises(UsageError, match="1 of 2 runs failed"):
+        monkeypatch.setattr(jobs, "run_jobs", lambda work, *a, **k: ([(work[0], 2)], []))
+        compare(config, tmp_path / "out2", progress=False, jobs=2)

@@ -1,4 +1,5 @@
 """The trainer on gmm: it approaches the exact denoiser, resumes exactly, and guards its run directory."""
+import json
 import math
 import pickle
 
@@ -212,6 +213,19 @@ def test_a_streak_of_non_finite_losses_stops_the_run_keeping_the_last_good_state
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 25                        # saved at the first log step after the streak reached 5
     assert all(torch.isfinite(w).all() for w in state["model"].values())
+    marker = json.loads((tmp_path / "run" / "diverged.json").read_text())
+    assert (marker["step"], marker["streak"]) == (25, 15) and not (tmp_path / "run" / "finished.json").exists()
+
+
+def test_a_resumed_run_clears_the_diverged_marker_and_finishes(tmp_path, monkeypatch):
+    """diverged.json (compare's reason to skip a run) is the verdict of one attempt; a retry decides anew."""
+    with monkeypatch.context() as patched:
+        poison_steps(patched, set(range(10, 1000)))
+        with pytest.raises(UsageError, match="non-finite losses in a row"):
+            train(gmm_config(steps=50, max_nonfinite=5), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "diverged.json").exists()
+    train(gmm_config(steps=50, max_nonfinite=5), tmp_path / "run", resume=True, progress=False)
+    assert not (tmp_path / "run" / "diverged.json").exists() and (tmp_path / "run" / "finished.json").exists()
 
 
 def test_on_eval_sees_every_eval_and_can_stop_the_run(tmp_path):
