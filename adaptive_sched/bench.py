@@ -31,7 +31,8 @@ from adaptive_sched.cli import add_run_options, refuse_ignored_options, resolve_
 from adaptive_sched.bench_concurrency import bench_concurrent, wait_barrier
 from adaptive_sched.compiling import device_ok, error_line, sync
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_dir, output_file
+from adaptive_sched.bench_table import is_json_lines
+from adaptive_sched.out_paths import replaceable
 
 if TYPE_CHECKING:              # torch and the trainer are imported on first use: `adaptive-sched --help` stays fast
     import torch
@@ -285,8 +286,36 @@ def parse_list(text: str, kind: type = str) -> list:
         raise UsageError(f"expected a comma-separated list, got {text!r}") from None
 
 
+def refuse_ignored_bench_options(args: argparse.Namespace, base: cfg.RunConfig) -> None:
+    """UsageError naming the options given on the command line that this bench would not use. (--sample-steps and
+    --sample-n with --no-sample are let by: experiments/gpu_steps.sh appends BENCH_ARGS to every bench call.)"""
+    concurrent = ("--modes", "--compile", "--channels-last", "--compare-schedules", "--sample", "--sample-steps",
+                  "--sample-n", "--profile", "--profile-steps")
+    groups = [(concurrent if args.concurrent else (), "with --concurrent (its workers time eager training only)"),
+              (("--profile-steps",) if not args.profile else (), "without --profile"),
+              (("--compile", "--channels-last") if args.modes else (), "with --modes (name those modes there)"),
+              (("--checkpoint-every", "--eval-every", "--log-every"), "in bench (it saves, evaluates and logs "
+                                                                      "nothing)")]
+    for flags, why in groups:
+        given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect {why}")
+    set_by = [flag for flag in ("--schedule", "--schedule-param", "--curriculum") if getattr(args, flag[2:].replace(
+        "-", "_"))]
+    if set_by and args.compare_schedules and base.schedule.name not in parse_list(args.compare_schedules):
+        what = f"--schedule {args.schedule} is" if args.schedule else f"{', '.join(set_by)} set schedule " \
+            f"{base.schedule.name!r}, which is"
+        raise UsageError(f"{what} not among --compare-schedules {args.compare_schedules}, which are what bench "
+                         f"measures: add it there or drop {', '.join(set_by)}")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad bench settings in one line; resolve the modes (eager always, and first)."""
+    """Refuse bad bench settings in one line; resolve the modes (eager always, and first) and the defaults of the
+    sampling and profiling options (None until then: refuse_ignored_bench_options tells given from default)."""
+    args.sample = args.sample is not False
+    args.sample_steps = 50 if args.sample_steps is None else args.sample_steps
+    args.sample_n = 0 if args.sample_n is None else args.sample_n
+    args.profile_steps = 5 if args.profile_steps is None else args.profile_steps
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.sample_steps < 1 or args.sample_n < 0 \
             or args.profile_steps < 1:
         raise UsageError("--steps, --repeats, --sample-steps and --profile-steps must be >= 1; --warmup and "
@@ -297,18 +326,10 @@ def check_args(args: argparse.Namespace) -> None:
     if unknown:
         raise UsageError(f"unknown mode {unknown[0]!r}; choose from: {', '.join(MODES)}")
     args.modes = ["eager"] + [m for m in dict.fromkeys(modes) if m != "eager"]
-    if args.profile:
-        try:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--profile {args.profile}: cannot make that folder ({err.strerror})") from None
     if args.peak_n is not None and args.peak_n < 0:
         raise UsageError(f"--peak-n must be >= 0 (0: skip the FLOP/s peak), got {args.peak_n}")
     if args.concurrent and min(parse_list(args.concurrent, int)) < 1:
         raise UsageError("--concurrent takes worker counts >= 1, e.g. 1,2,4,8")
-    if args.schedule and args.compare_schedules and args.schedule not in parse_list(args.compare_schedules):
-        raise UsageError(f"--schedule {args.schedule} is not among --compare-schedules {args.compare_schedules}, "
-                         f"which are what bench measures: add it there or drop --schedule")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -317,6 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = resolve_config(args)
     device = resolve_device(base.train.device)
     base.train.device = str(device)
+    refuse_ignored_bench_options(args, base)
     check_args(args)
     refuse_ignored_options(args, base, schedule_names(args, base))
     if any(MODES[mode][1] for mode in args.modes):         # refuse a channels_last mode for vectors before any row
@@ -326,9 +348,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             load_data(base.data, "train").shape)
     out = Path(args.out) if args.out else None
     if out is not None:                           # before any measurement: a bad --out would lose them all
-        output_dir(out.parent, "--out's folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        output_file(out)
+        replaceable(out, is_json_lines, "a file of bench JSON lines (bench appends to one)")
+    if args.profile:                              # made once every option is checked: a refused bench makes nothing
+        try:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--profile {args.profile}: cannot make that folder ({err.strerror})") from None
 
     def emit(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -358,15 +383,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma-separated (eager is always measured first): {', '.join(MODES)}")
     p.add_argument("--compare-schedules", metavar="A,B,..", help="measure each schedule, e.g. cosine,learned; "
                                                                  "overhead_pct is against the first")
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True, help="measure DDIM sampling")
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--sample-n", type=int, default=0, help="images per sampling call (default: the batch size)")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, help="measure DDIM sampling (default: yes)")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps of the sampling measurement (default 50)")
+    p.add_argument("--sample-n", type=int, help="images per sampling call (default: the batch size)")
     p.add_argument("--concurrent", metavar="K,..", help="aggregate eager img/s of K processes at once, e.g. 1,2,4,8")
     p.add_argument("--peak-n", type=int, help="matmul size of the FLOP/s peak (default 8192 CUDA, 2048 CPU; 0: skip)")
     p.add_argument("--profile", metavar="DIR", help="also profile each training measurement (torch.profiler): "
                                                     "op tables in DIR, per-step ops, kernels and GPU-busy time")
-    p.add_argument("--profile-steps", type=int, default=5, help="steps profiled per measurement (default 5)")
-    p.add_argument("--out", help="also append the JSON lines to this FILE.jsonl")
+    p.add_argument("--profile-steps", type=int, help="steps profiled per measurement (default 5)")
+    p.add_argument("--out", help="also append the JSON lines to this FILE.jsonl (new, or of JSON lines; its folder "
+                                 "must exist)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--barrier", help=argparse.SUPPRESS)
     p.add_argument("--barrier-n", type=int, default=1, help=argparse.SUPPRESS)

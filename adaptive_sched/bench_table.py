@@ -20,6 +20,17 @@ def _number(value, digits: int) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def is_json_lines(path: str | Path) -> bool:
+    """Whether `path` is empty or begins with a JSON object on a line of its own (bench's --out, appended to)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20).split(b"\n")        # (a line longer than 1 MiB is no bench line)
+        first = next((line for line in head if line.strip()), b"")
+        return not first or isinstance(json.loads(first), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def rows_of(paths: list[str | Path]) -> list[list[str]]:
     """The table's cells, one list per JSON line of every file."""
     rows = []

@@ -4,7 +4,6 @@ Bad input exits 2 with one line."""
 from __future__ import annotations
 
 import argparse
-import json
 import inspect
 import os
 import sys
@@ -107,10 +106,10 @@ def cmd_train(args) -> int:
     refuse_ignored_options(args, config, [config.schedule.name])
     if not args.out:
         raise UsageError("train needs --out DIR (the run directory)")
-    from adaptive_sched.run_checks import ineffective_settings, unsampled_window, validate
+    from adaptive_sched.run_checks import ineffective_settings, validate
     validate(config)                              # (a setting that is refused needs no warning first)
-    if os.environ.get("RANK", "0") == "0":
-        for line in ineffective_settings(config) + unsampled_window(config):
+    if os.environ.get("RANK", "0") == "0":        # (run_build.build warns of an unsampled window, for every command)
+        for line in ineffective_settings(config):
             print(f"warning: {line}", file=sys.stderr)
     final = train(config, args.out, resume=args.resume, progress=not args.quiet)
     shown = {k: final[k] for k in ("step", "loss", "eval_eps_mse", "eval_excess_mse", "eval_swd", "eval_fid",
@@ -153,9 +152,9 @@ def cmd_compare(args) -> int:
 
 def cmd_export(args) -> int:
     from adaptive_sched.export import export
+    from adaptive_sched.out_paths import read_json_dict, sidecar_path
     path = export(args.run_dir, args.out, points=args.points, fmt=args.format, discrete_steps=args.alphas_cumprod)
-    sidecar = path.with_suffix(path.suffix + ".json")
-    files = json.loads(sidecar.read_text()).get("files") if path.suffix == ".csv" and sidecar.exists() else None
+    files = (read_json_dict(sidecar_path(path)) or {}).get("files") if path.suffix == ".csv" else None
     extra = f" (the marginal), {', '.join(files['classes'])} and {files['class_table']}" if files else ""
     print(f"wrote {path}{extra}")
     return 0
@@ -182,7 +181,7 @@ def make_parser() -> Parser:
     p = sub.add_parser("sample", help="sample from a trained run (EMA weights)")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="FILE.npz or FILE.png")
+    p.add_argument("--out", required=True, help="FILE.npz or FILE.png (an existing one only if `sample` wrote it)")
     p.add_argument("--sampler", help="ddim, euler, heun, dpmpp-2m (default: the run's [eval] sampler)")
     p.add_argument("--sample-steps", type=int, help="number of sampler steps (default: the run's)")
     p.add_argument("--grid", help="schedule whose λ(t) spaces the sampling grid (default: the run's, cosine), "
@@ -200,7 +199,8 @@ def make_parser() -> Parser:
 
     p = sub.add_parser("export", help="write a run's (learned) schedule as a table: t, logsnr, density, alpha, sigma")
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json provenance) or FILE.json")
+    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json provenance) or FILE.json (an existing "
+                                                "one only if it is an earlier export, whose other files go)")
     p.add_argument("--points", type=int, default=1001, help="number of t points, endpoints included")
     p.add_argument("--format", choices=["csv", "json"], help="default: from the file suffix")
     p.add_argument("--alphas-cumprod", type=int, metavar="K", help="also write diffusers-style alphas_cumprod "

@@ -10,9 +10,13 @@ FILE.csv (a plain table), each class as FILE.class<k>.csv (plain tables), and al
 multi-class table FILE.classes.csv (reloads with `table` as a C-class schedule); the JSON sidecar lists the
 files and the class weights w. The JSON format carries the marginal's columns plus a `classes` list of
 per-class columns.
+
+An existing FILE is replaced only when it is an earlier export (anything else is refused), and the files of that
+export this one does not rewrite (its sidecar, its class tables) are removed, so none is left disagreeing with it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from adaptive_sched.atomic import atomic_write_json
 from adaptive_sched.class_schedules import class_medians, class_weights, marginal_columns, median_spread, num_classes
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_file, portable_path
+from adaptive_sched.out_paths import portable_path, read_json_dict, replaceable, sidecar_path
 from adaptive_sched.schedules.table import Table, check_table_source, write_class_table, write_table
 
 
@@ -106,7 +110,8 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
     fmt = fmt or ("json" if out.suffix == ".json" else "csv")
     if fmt not in ("csv", "json"):
         raise UsageError(f"unknown format {fmt!r}; use csv or json")
-    output_file(out)
+    replaceable(out, is_export, "an earlier export")
+    owned = earlier_companions(out)
     config, schedule, snap = load_run_schedule(run_dir)
     classes = num_classes(schedule)
     meta = {"schedule": config.schedule.name, "params": trained_params(config, int(snap["step"])),
@@ -131,6 +136,12 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
                                                     discrete_steps).tolist()
             meta["alphas_cumprod_per_class"] = [alphas_cumprod(schedule, discrete_steps, k).tolist()
                                                 for k in range(classes)]
+    companions = [] if fmt == "json" else [sidecar_path(out)] + (
+        [class_path(out, k) for k in range(classes)] + [class_path(out)] if classes else [])
+    for path in companions:
+        if path.exists() and path not in owned:
+            raise UsageError(f"{path} already exists and is not part of an earlier export to {out}: remove it or "
+                             f"choose another --out")
     if fmt == "csv":
         write_table(out, columns["t"], columns["logsnr"], density=columns["density"])
         if classes:
@@ -141,13 +152,35 @@ def export(run_dir: str | Path, out: str | Path, points: int = 1001, fmt: str | 
                                                                         columns["density"])})
             meta["files"] = {"marginal": out.name, "classes": [class_path(out, k).name for k in range(classes)],
                              "class_table": class_path(out).name}
-        atomic_write_json(out.with_suffix(out.suffix + ".json"), meta)
+        atomic_write_json(sidecar_path(out), meta)
     else:
         data = {**meta, **_with_alpha_sigma(columns)}
         if classes:
             data["classes"] = [_with_alpha_sigma(col) for col in per_class]
         atomic_write_json(out, data)
+    for path in owned - set(companions):           # an earlier export's files this one does not replace
+        path.unlink(missing_ok=True)
     return out
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` holds an earlier export: a table whose sidecar names its source run, or an export's JSON (the
+    columns with the provenance; a sidecar alone is not one)."""
+    data = read_json_dict(path) or {}
+    return "source_run" in (read_json_dict(sidecar_path(path)) or {}) or {"source_run", "logsnr"} <= set(data)
+
+
+def earlier_companions(out: Path) -> set[Path]:
+    """The files an earlier CSV export to `out` wrote beside it: its sidecar and the class tables the sidecar lists
+    (a conditional run's FILE.class<k>.csv and FILE.classes.csv)."""
+    meta = read_json_dict(sidecar_path(out))
+    if meta is None or "source_run" not in meta:
+        return set()
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    listed = files.get("classes") if isinstance(files.get("classes"), list) else []
+    ours = re.compile(re.escape(out.stem) + r"\.class(es|\d+)" + re.escape(out.suffix))   # (class_path's names only)
+    return {sidecar_path(out)} | {out.with_name(name) for name in [*listed, files.get("class_table")]
+                                  if isinstance(name, str) and ours.fullmatch(name)}
 
 
 def _with_alpha_sigma(columns: dict[str, np.ndarray]) -> dict[str, list]:

@@ -85,7 +85,7 @@ def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Ten
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(seed)
     model.eval()
-    out = []
+    out = torch.empty((n, *shape), dtype=torch.float32)     # (n, ...): filled batch by batch, never copied whole
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         x_init = torch.randn((count, *shape), generator=generator, device=device)
@@ -97,9 +97,9 @@ def generate(model, target: str, shape: tuple[int, ...], n: int, grid: torch.Ten
                 denoise = x0_denoiser(model, target, y[rows], guidance, clip_x0)
                 x[rows] = samplers.sample(sampler, denoise, x_init[rows],
                                           grid[k].to(device=device, dtype=torch.float32), progress=progress)
-            out.append(x.cpu())
-            continue
-        denoise = x0_denoiser(model, target, y, guidance, clip_x0)
-        out.append(samplers.sample(sampler, denoise, x_init, grid.to(device=device, dtype=torch.float32),
-                                   progress=progress).cpu())
-    return torch.cat(out)
+        else:
+            denoise = x0_denoiser(model, target, y, guidance, clip_x0)
+            x = samplers.sample(sampler, denoise, x_init, grid.to(device=device, dtype=torch.float32),
+                                progress=progress)
+        out[start:start + count] = x.cpu()
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_file, portable_path
+from adaptive_sched.out_paths import portable_path, replaceable
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, help="sampler steps N; the grid has N + 1 points (default: the run's)")
     p.add_argument("--method", choices=list(METHODS), default="ays")
-    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json)")
+    p.add_argument("--out", required=True, help="FILE.csv (plus FILE.csv.json); an existing one only if it is a grid")
     p.add_argument("--rho", type=float, help="karras: ρ of the noise-level spacing (default 7)")
     p.add_argument("--seed", type=int, help="ays: seed of the Monte Carlo draws (default 0)")
     p.add_argument("--device", default="auto")
@@ -105,6 +105,8 @@ AYS_OPTIONS = {"ays_samples": (64, "data rows per KLUB estimate"), "ays_sweeps":
                                       "against)")}
 AYS_SPLITS = ("train", "test")
 LEGACY_AYS_SPLIT = "test"     # what AYS rows scored before --ays-split (2026-11-28) drew from
+AYS_LABELS = "own"            # a class-conditional run's AYS: each KLUB row's own label at [eval] guidance[0]
+LEGACY_AYS_LABELS = "null"    # what such AYS fitted on before 2026-11-28 (recorded without a split): the null class
 AYS_DEFAULTS = {key: default for key, (default, _) in AYS_OPTIONS.items()}
 
 
@@ -157,7 +159,7 @@ def cmd_sampling_grid(args) -> int:
     ays = ays_settings(args)
     refuse_unused({"--rho": args.rho}, args.method, "karras")
     refuse_unused({"--seed": args.seed, **{ays_flag(k): v for k, v in ays.items()}}, args.method, "ays")
-    output_file(out)
+    replaceable(out, grids.is_grid_file, "a grid written by `adaptive-sched sampling-grid`")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in 0..2^63-1, got {args.seed}")
     given = {key: value for key, value in (("rho", args.rho), ("seed", args.seed)) if value is not None}

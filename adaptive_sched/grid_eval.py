@@ -115,7 +115,7 @@ def grid_eval(runs: list[str | Path], steps: list[int], methods: list[str], out:
             raise UsageError(f"{run_dir} holds no trained run (no ema.pt)")
     check_grid_names(todos, out)
     steps_now = claim_settings(out, ays, "ays" in methods, any(r["method"] == "ays" for r in scored), n, bool(scored),
-                               {run_dir: bool(todo) for run_dir, todo in todos.items()})
+                               {run_dir: {method for method, _ in todo} for run_dir, todo in todos.items()})
     (out / "grids").mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "grid_eval.csv", COLUMNS)
     for run_dir, todo in todos.items():
@@ -155,7 +155,7 @@ def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> Non
     """UsageError when two runs would keep their grids under one name (the slug is the path's last two parts:
     a/runs/seed0 and b/runs/seed0): two runs of this call, or a grid to score whose file DIR/grids holds for
     another run."""
-    from adaptive_sched.out_paths import portable_path
+    from adaptive_sched.out_paths import portable_path, sidecar_path
     slugs = {}
     for run_dir, todo in todos.items():
         other = slugs.setdefault(run_slug(run_dir), run_dir)
@@ -164,7 +164,7 @@ def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> Non
                              f"score them into separate --out folders")
         for method, n in todo:
             path = grid_file(out, run_dir, method, n)
-            sidecar = path.with_name(path.name + ".json")                          # (grids.write_grid's)
+            sidecar = sidecar_path(path)                                           # (grids.write_grid's)
             try:
                 kept = json.loads(sidecar.read_text()).get("run_dir") if sidecar.exists() else None
             except (ValueError, AttributeError):
@@ -175,15 +175,18 @@ def check_grid_names(todos: dict[Path, list[tuple[str, int]]], out: Path) -> Non
 
 
 def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: int | None, has_rows: bool,
-                   runs: dict[Path, bool]) -> dict[str, int]:
+                   runs: dict[Path, set[str]]) -> dict[str, int]:
     """Keep DIR's rows to one setting, recorded in DIR/grid_eval.json, and refuse a call that would mix them:
     AYS settings other than those recorded (when AYS rows are asked for; a folder whose AYS rows predate the file
-    was scored with the defaults, and AYS settings recorded without a split drew from the test split); another
-    --n (rows predating the key used the default); a run that has trained on since its rows were scored (the step
-    of its ema.pt, recorded by record_scored). `runs`: run → whether this call scores rows for it. Returns
-    {run: step} of the runs with weights."""
+    was scored with the defaults, and AYS settings recorded without a split drew from the test split); AYS rows of
+    a class-conditional run fitted otherwise than the folder's (ays_labels: "own" label per KLUB row, or "null" for
+    the unconditional denoiser, which folders whose AYS settings predate the split, or the file, were fitted with;
+    a folder recorded with a split but no ays_labels counts as "own"); another --n (rows predating the key used the
+    default); a run that has trained on since its rows were scored (the step of its ema.pt, recorded by
+    record_scored). `runs`: run → the methods this call scores rows of for it. Returns {run: step} of the runs with
+    weights."""
     from adaptive_sched.checkpoint import load_ema_snapshot
-    from adaptive_sched.grid_cli import AYS_DEFAULTS, LEGACY_AYS_SPLIT, ays_flag
+    from adaptive_sched.grid_cli import AYS_DEFAULTS, AYS_LABELS, LEGACY_AYS_LABELS, LEGACY_AYS_SPLIT, ays_flag
     path = out / "grid_eval.json"
     try:
         settings = json.loads(path.read_text()) if path.exists() else {}
@@ -191,6 +194,9 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: 
     except (ValueError, AssertionError):
         raise UsageError(f"{path} is not a grid-eval settings file") from None
     before = settings.get("ays")
+    labels = settings.get("ays_labels")      # how class-conditional runs' AYS rows were fitted (None: no AYS yet)
+    if labels is None and (before is not None or has_ays_rows):
+        labels = AYS_LABELS if isinstance(before, dict) and "ays_split" in before else LEGACY_AYS_LABELS
     if isinstance(before, dict) and "ays_split" not in before:      # recorded before the split was a setting
         before = {**before, "ays_split": LEGACY_AYS_SPLIT}
     if uses_ays:
@@ -206,12 +212,18 @@ def claim_settings(out: Path, ays: dict, uses_ays: bool, has_ays_rows: bool, n: 
     recorded, steps = settings.get("runs", {}), {}
     for run_dir, scoring in runs.items():
         if (run_dir / "ema.pt").exists() and (scoring or str(run_dir) in recorded):
-            steps[str(run_dir)] = int(load_ema_snapshot(run_dir)["step"])
+            snap = load_ema_snapshot(run_dir)
+            steps[str(run_dir)] = int(snap["step"])
+            if "ays" in scoring and labels not in (None, AYS_LABELS) and snap.get("num_classes", 0):
+                raise UsageError(f"{out}'s ays rows of class-conditional runs were fitted with ays_labels {labels!r} "
+                                 f"(null: the unconditional denoiser, before 2026-11-28), {run_dir}'s would be on "
+                                 f"each row's own label: score it into another --out")
             was = recorded.get(str(run_dir))
             if was is not None and was != steps[str(run_dir)]:
                 raise UsageError(f"{out}'s rows of {run_dir} were scored at its step {was}, and it is at step "
                                  f"{steps[str(run_dir)]} now: score it into another --out")
-    update = {**({"ays": ays} if uses_ays and before is None else {}), "n": n, "runs": recorded}
+    update = {**({"ays": ays, "ays_labels": AYS_LABELS} if uses_ays and before is None else {}), "n": n,
+              "runs": recorded}
     if {**settings, **update} != settings:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**settings, **update}, indent=2)

@@ -7,11 +7,14 @@ Methods (all return N + 1 float64 points with λ_0 = lo and λ_N = hi, the sampl
              `class_grid` does the same for one class k of a class-conditional schedule, p(λ | k).
   ays      : Align Your Steps (Sabour, Fidler & Kreis 2024): minimise a Monte Carlo KLUB (see `klub`, `ays_grid`).
 A grid file is a CSV with a `logsnr` column (rows noisiest first; `#` lines are comments), written by
-`write_grid` with the extra columns alpha, sigma (VP) and edm_sigma = σ/α = e^{−λ/2}, and read by `read_grid`.
+`write_grid` with the extra columns alpha, sigma (VP) and edm_sigma = σ/α = e^{−λ/2}, and read by `read_grid`;
+its JSON sidecar PATH.json records the CSV's sha256, and read_grid refuses a CSV that does not match it.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import math
 from pathlib import Path
 from typing import Callable
@@ -22,7 +25,7 @@ from adaptive_sched.atomic import atomic_open, atomic_write_json
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.diffusion import alpha_sigma
 from adaptive_sched.errors import UsageError
-from adaptive_sched.out_paths import output_file
+from adaptive_sched.out_paths import output_file, read_json_dict, sidecar_path
 from adaptive_sched.schedules.table import read_csv_rows
 
 F64 = torch.float64
@@ -251,19 +254,38 @@ def ays_grid(denoise: Denoiser | LabelledDenoiser, x0: torch.Tensor, steps: int,
 
 
 def write_grid(path: str | Path, grid: torch.Tensor, meta: dict) -> Path:
-    """Write step, logsnr, alpha, sigma, edm_sigma as CSV (exact float reprs) and meta as PATH.json, atomically."""
+    """Write step, logsnr, alpha, sigma, edm_sigma as CSV (exact float reprs) and meta as PATH.json, each atomically:
+    the JSON first, with the CSV's sha256, so a write interrupted between the two leaves a pair read_grid refuses."""
     path, grid = Path(path), grid.to(F64)
     if path.suffix.lower() != ".csv":
         raise UsageError(f"--out must end in .csv, got {path.name}")
     output_file(path)
     alpha, sigma = alpha_sigma(grid)
-    with atomic_open(path, "w", newline="") as handle:
-        out = csv.writer(handle)
-        out.writerow(["step", "logsnr", "alpha", "sigma", "edm_sigma"])
-        for i, (lam, a, s) in enumerate(zip(grid.tolist(), alpha.tolist(), sigma.tolist())):
-            out.writerow([i, repr(lam), repr(a), repr(s), repr(math.exp(-lam / 2))])
-    atomic_write_json(path.with_name(path.name + ".json"), {**meta, "points": len(grid)})
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(["step", "logsnr", "alpha", "sigma", "edm_sigma"])
+    for i, (lam, a, s) in enumerate(zip(grid.tolist(), alpha.tolist(), sigma.tolist())):
+        out.writerow([i, repr(lam), repr(a), repr(s), repr(math.exp(-lam / 2))])
+    data = text.getvalue().encode("utf-8")
+    atomic_write_json(sidecar_path(path), {**meta, "points": len(grid), "csv_sha256": hashlib.sha256(data).hexdigest()})
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
     return path
+
+
+def is_grid_file(path: Path) -> bool:
+    """Whether `path` is a grid written by write_grid: its sidecar PATH.json names the method and the run."""
+    meta = read_json_dict(sidecar_path(path)) or {}
+    return "method" in meta and "run_dir" in meta
+
+
+def check_sidecar(path: Path) -> None:
+    """UsageError when PATH.json records a sha256 of the grid CSV (write_grid) that the CSV does not have: the
+    provenance describes another grid (a write interrupted between the two files, or an edited CSV)."""
+    recorded = (read_json_dict(sidecar_path(path)) or {}).get("csv_sha256")
+    if recorded is not None and recorded != hashlib.sha256(path.read_bytes()).hexdigest():
+        raise UsageError(f"grid file {path} does not match its sidecar {sidecar_path(path).name} (an interrupted "
+                         f"write or an edited file): write the grid again, or delete the sidecar to use it as is")
 
 
 def read_grid(path: str | Path, steps: int | None, lo: float, hi: float) -> torch.Tensor:
@@ -281,6 +303,7 @@ def read_grid(path: str | Path, steps: int | None, lo: float, hi: float) -> torc
         raise
     except (ValueError, TypeError, UnicodeDecodeError) as err:
         raise UsageError(f"grid file {path}: logsnr is not numeric ({err})".replace("\n", " ")) from None
+    check_sidecar(path)
     grid = torch.tensor(values, dtype=F64)
     if len(grid) < 2:
         raise UsageError(f"grid file {path} needs at least 2 points, has {len(grid)}")

@@ -1,8 +1,10 @@
 """Checks on where a command will write, made before any work: one-line UsageErrors instead of an OSError later."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from adaptive_sched.errors import UsageError
 
@@ -17,6 +19,33 @@ def output_file(path: str | Path, what: str = "--out") -> Path:
     if not path.parent.is_dir():
         raise UsageError(f"{what} {path}: {path.parent} is a file, not a folder")
     return path
+
+
+def replaceable(path: str | Path, own: Callable[[Path], bool], kind: str, what: str = "--out") -> Path:
+    """`path` as a file (output_file) that may replace only an earlier output of its command (`own(path)`, described
+    as `kind`): a run's metrics, a checkpoint or another command's table already there is refused, never replaced."""
+    path = output_file(path, what)
+    if path.exists() and not own(path):
+        raise UsageError(f"{what} {path} already exists and is not {kind}: remove it or choose another name")
+    return path
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """PATH.json, the JSON sidecar with the provenance of the table PATH (export, sampling-grid)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def read_json_dict(path: str | Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not one (a check, never an error)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(1) != b"{":               # not JSON: no need to read a large binary file whole
+                return None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def output_dir(path: str | Path, what: str = "--out") -> Path:

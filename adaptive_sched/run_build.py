@@ -16,7 +16,7 @@ from adaptive_sched.losses import DiffusionLoss
 from adaptive_sched.models import build_model
 from adaptive_sched.optim import EMA, build_optimizer
 from adaptive_sched.run_checks import (check_batch_size, check_bpd_levels, check_features, check_image_options,
-                                       validate)
+                                       unsampled_window, validate, warn_once)
 from adaptive_sched.runlog import METRIC_COLUMNS
 from adaptive_sched.schedules.binned import LossHistogram
 from adaptive_sched.schedules.table import check_window
@@ -139,6 +139,8 @@ def build(config: cfg.RunConfig, world: distributed.World = distributed.World(),
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # fixed shapes every step: let cuDNN pick its fastest kernels
     validate(config)                               # the config alone, before any data is loaded
+    if world.is_main:
+        warn_once(unsampled_window(config))       # (train, compare and sweep all build their runs here)
     train_data = load_data(config.data, "train")
     check_batch_size(config, len(train_data))
     if config.train.batch_size % world.size:

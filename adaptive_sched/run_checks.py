@@ -104,7 +104,8 @@ ABSOLUTE_WEIGHTINGS = ("elbo", "sigmoid", "like")     # c = w/p: the objective �
 
 
 def unsampled_window(config: cfg.RunConfig) -> list[str]:
-    """A warning line when an absolute weighting meets a fixed schedule that never draws the ends of the window:
+    """A warning line (run_build.build prints it, for train, compare and sweep alike) when an absolute weighting
+    meets a fixed schedule that never draws the ends of the window:
     t comes from the midpoints of 2^24 bins (schedules.base.uniform_t), so λ stays within λ(1 − 2^-25)..λ(2^-25),
     and ∫w·ℓ dλ loses what w puts beyond (elbo under Laplace(0.5) on unit-Gaussian data: 55%)."""
     import torch
@@ -122,6 +123,18 @@ def unsampled_window(config: cfg.RunConfig) -> list[str]:
             f"[{lo:.3g}, {hi:.3g}] of the window [{low:.4g}, {high:.4g}], so the objective ∫w·ℓ dλ "
             f"loses what w weights beyond; pair an absolute weighting with a heavy-tailed schedule (cosine, cauchy, "
             f"learned)"]
+
+
+_WARNED: set[str] = set()      # the warning lines this process has printed (warn_once)
+
+
+def warn_once(lines: list[str]) -> None:
+    """Print each line as `warning: ...` on stderr, once per process: compare and sweep build many runs of a config."""
+    import sys
+    for line in lines:
+        if line not in _WARNED:
+            _WARNED.add(line)
+            print(f"warning: {line}", file=sys.stderr)
 
 
 def check_batch_size(config: cfg.RunConfig, n_train: int) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from adaptive_sched.conditioning import balanced_labels, check_guidance
 from adaptive_sched.errors import UsageError
 from adaptive_sched.generate import generate, sampling_grid
 from adaptive_sched.models import build_model, params_for_weights
-from adaptive_sched.out_paths import output_file
+from adaptive_sched.out_paths import replaceable
 from adaptive_sched.run_checks import check_image_options
 from adaptive_sched.run_build import resolve_device
 
@@ -57,6 +59,40 @@ def per_class_grids(run_dir, labels: torch.Tensor | None, steps: int, lo: float,
     return {k: class_grid(schedule, k, steps, lo, hi) for k in torch.unique(labels).tolist()}
 
 
+def is_samples(path: Path) -> bool:
+    """Whether `path` holds an earlier `sample` output: an .npz with x and sampler, or a PNG picture."""
+    try:
+        if path.suffix == ".png":
+            with open(path, "rb") as handle:
+                return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        with np.load(path, allow_pickle=False) as f:
+            return {"x", "sampler"} <= set(getattr(f, "files", ()))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the host can still give (MemAvailable of /proc/meminfo), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(n: int, shape: tuple[int, ...], labelled: bool) -> None:
+    """UsageError when n samples of `shape` (float32, plus int64 labels) would not fit in the memory available: they
+    are held whole until written, so a too large --n would sample for hours and then die."""
+    need, free = n * (4 * math.prod(shape) + 8 * labelled), available_memory()
+    if free is not None and need > free:
+        raise UsageError(f"--n {n}: the samples would take {need / 2 ** 30:.3g} GiB, more than the "
+                         f"{free / 2 ** 30:.3g} GiB of memory available; sample fewer (several files, each its "
+                         f"own --seed)")
+
+
 def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None = None, steps: int | None = None,
                grid: str | None = None, seed: int = 0, device: str = "auto", label: str | None = None,
                guidance: float | None = None, clip_x0: bool | None = None) -> Path:
@@ -71,9 +107,10 @@ def sample_run(run_dir: str | Path, n: int, out: str | Path, sampler: str | None
         raise UsageError(f"--seed must be in 0..2^63-1, got {seed}")
     if out.suffix not in (".npz", ".png"):
         raise UsageError(f"--out must end in .npz or .png, got {out.name}")
-    output_file(out)
+    replaceable(out, is_samples, "an earlier `sample` output (an .npz of samples, or a picture)")
     dev = resolve_device(device)
     config, model, snap = load_snapshot(run_dir, dev)
+    check_fits(n, tuple(snap["data_shape"]), snap.get("num_classes", 0) > 0)
     sampler = sampler or config.eval.sampler
     grid_name = grid or config.eval.grid
     if steps is None and not grid_name.lower().endswith(".csv"):   # a grid file brings its own step count

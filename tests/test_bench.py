@@ -15,8 +15,8 @@ DIM, HIDDEN, DEPTH, EMB, FREQS = 8, 32, 2, 16, 64      # FREQS: LogSNREmbedding'
 GMM = f"""[data]\nname = "gmm"\nn = 512\ndim = {DIM}\n[model]\nname = "mlp"\nhidden = {HIDDEN}\ndepth = {DEPTH}
 emb_dim = {EMB}\n"""
 DIGITS = """[data]\nname = "digits"\n[model]\nname = "unet"\nchannels = [8, 16]\nblocks_per_level = 1\nemb_dim = 16\n"""
-FAST = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--repeats", "2", "--sample-steps", "3", "--peak-n", "128",
-        "--quiet"]
+FAST = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--repeats", "2", "--peak-n", "128", "--quiet"]
+SAMPLE = ["--sample-steps", "3"]                  # (refused with --concurrent, which samples nothing)
 TRAIN_FIELDS = {"date", "device", "device_type", "torch", "measure", "mode", "data", "shape", "schedule", "batch_size",
                 "seed", "model", "params", "flops_per_image", "steps", "warmup", "repeats", "step_ms", "img_s",
                 "step_ms_windows", "loss", "skipped_steps", "peak_flops", "mfu", "peak_mem_mb", "mem_kind",
@@ -67,7 +67,7 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
     out.write_text('{"earlier": true}\n')
     status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), "--batch-size", "64",
                                   "--compare-schedules", "cosine,learned", "--schedule-objective", "cvdm",
-                                  "--out", str(out), *FAST)
+                                  "--out", str(out), *FAST, *SAMPLE)
     assert status == 0, err
     assert [(r["measure"], r["schedule"]) for r in rows] == [("train", "cosine"), ("train", "learned"),
                                                              ("sample", "learned")]
@@ -105,7 +105,7 @@ def test_mlp_fields_flops_overhead_and_jsonl(tmp_path, capsys):
 def test_tiny_unet_on_digits(tmp_path, capsys):
     status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, DIGITS), "--batch-size", "32",
                                   "--schedule", "laplace", "--schedule-param", "b=1.0", "--modes", "channels_last",
-                                  *FAST)
+                                  *FAST, *SAMPLE)
     assert status == 0, err
     assert [(r["measure"], r["mode"]) for r in rows] == [("train", "eager"), ("sample", "eager"),
                                                          ("train", "channels_last"), ("sample", "channels_last")]
@@ -191,6 +191,14 @@ def test_profile_counts_kernels_but_not_the_annotation_ranges_on_the_gpu_timelin
     (["--concurrent", "2,x"], "comma-separated"),
     (["--compare-schedules", "cosine,laplace", "--schedule-objective", "cvdm"],
      "--schedule-objective applies only to a learned schedule, not 'cosine', 'laplace'"),
+    # options this bench would not use (each was accepted and dropped)
+    (["--profile-steps", "2"], "--profile-steps has no effect without --profile"),
+    (["--modes", "eager", "--compile"], "--compile has no effect with --modes (name those modes there)"),
+    (["--concurrent", "2", "--compare-schedules", "cosine,learned", "--sample"],
+     "--compare-schedules, --sample have no effect with --concurrent (its workers time eager training only)"),
+    (["--eval-every", "5", "--log-every", "1"], "--eval-every, --log-every have no effect in bench"),
+    (["--compare-schedules", "laplace,learned", "--schedule-param", "b=2"],
+     "--schedule-param set schedule 'cosine', which is not among --compare-schedules laplace,learned"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), *FAST, *args)
@@ -211,6 +219,21 @@ def test_concurrent_workers_aggregate(tmp_path, capsys):
     assert row["measure"] == "concurrent" and row["workers"] == 2 and len(row["img_s_each"]) == 2
     assert row["img_s"] > 0 and all(v > 0 for v in row["img_s_each"]) and row["mfu"] > 0
     assert row["flops_per_image"] == mlp_train_flops(learned=False)
+
+
+def test_out_is_appended_to_only_when_it_is_json_lines_and_its_folder_exists(tmp_path, capsys):
+    """A mistyped folder was made (other commands refuse it), and a file of another kind had JSON lines appended."""
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss\n1,0.5\n")
+    status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), *FAST, "--no-sample", "--out",
+                                  str(metrics))
+    assert status == 2 and rows == [] and metrics.read_text() == "step,loss\n1,0.5\n"
+    assert err == (f"error: --out {metrics} already exists and is not a file of bench JSON lines (bench appends to "
+                   f"one): remove it or choose another name\n")
+    status, rows, err = run_bench(capsys, "--config", config_file(tmp_path, GMM), *FAST, "--no-sample", "--out",
+                                  str(tmp_path / "reslts" / "b.jsonl"))
+    assert status == 2 and rows == [] and err == f"error: output folder does not exist: {tmp_path / 'reslts'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.toml", "metrics.csv"]
 
 
 def test_a_channels_last_mode_is_refused_for_vectors_before_any_row(tmp_path, capsys):

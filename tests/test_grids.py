@@ -111,6 +111,61 @@ def test_bad_grid_files_raise_one_line_usage_errors(tmp_path, text, message):
         sampling_grid(str(tmp_path / "missing.csv"), None, LO, HI)
 
 
+@pytest.mark.parametrize("interrupted", ["atomic_open", "atomic_write_json"])
+def test_a_rewrite_interrupted_between_the_grid_and_its_sidecar_is_refused_on_reload(tmp_path, monkeypatch,
+                                                                                     interrupted):
+    """write_grid wrote the CSV, then its JSON sidecar: cut off between the two, it left a new grid beside the old
+    provenance. Whichever write is cut off, read_grid now returns the grid the sidecar describes or refuses the
+    pair; a grid without a sidecar, or whose sidecar records no sha256 (written before), reads as before."""
+    path = tmp_path / "g.csv"
+    grids.write_grid(path, grids.cosine_grid(4, LO, HI), {"method": "cosine", "steps": 4, "run_dir": "r"})
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(grids, interrupted, cut)
+    with pytest.raises(KeyboardInterrupt):
+        grids.write_grid(path, grids.karras_grid(6, LO, HI), {"method": "karras", "steps": 6, "run_dir": "r"})
+    monkeypatch.undo()
+    meta = json.loads((tmp_path / "g.csv.json").read_text())
+    try:
+        grid = sampling_grid(str(path), None, LO, HI)
+    except UsageError as err:
+        assert "grid file" in str(err) and "does not match its sidecar g.csv.json" in str(err)
+        assert interrupted == "atomic_open" and meta["method"] == "karras"        # the new sidecar, the old CSV
+    else:
+        assert meta["method"] == "cosine" and torch.equal(grid, grids.cosine_grid(4, LO, HI))
+    grids.write_grid(path, grids.karras_grid(6, LO, HI), {"method": "karras", "steps": 6, "run_dir": "r"})
+    assert torch.equal(sampling_grid(str(path), None, LO, HI), grids.karras_grid(6, LO, HI))
+    (tmp_path / "g.csv.json").write_text(json.dumps({"method": "karras", "steps": 6, "run_dir": "r"}))
+    assert torch.equal(sampling_grid(str(path), None, LO, HI), grids.karras_grid(6, LO, HI))   # (no sha256)
+    (tmp_path / "g.csv.json").unlink()
+    assert torch.equal(sampling_grid(str(path), None, LO, HI), grids.karras_grid(6, LO, HI))
+
+
+def test_sampling_grid_replaces_an_earlier_grid_but_no_other_file(tmp_path, capsys):
+    """--out naming a run's metrics.csv (or an export's table) overwrote it with the grid."""
+    from adaptive_sched import config as cfg
+    from adaptive_sched.cli import main
+    from adaptive_sched.export import export
+    from adaptive_sched.train import train
+    config = cfg.from_dict({"data": {"name": "gmm", "n": 256}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                            "train": {"steps": 2, "batch_size": 16, "device": "cpu", "log_every": 2},
+                            "eval": {"every": 2, "n": 32, "sample_n": 0, "logsnr_points": 3}})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    export(run, tmp_path / "schedule.csv", points=11)
+    for taken in (run / "metrics.csv", tmp_path / "schedule.csv"):
+        before = taken.read_bytes()
+        assert main(["sampling-grid", str(run), "--steps", "3", "--method", "cosine", "--out", str(taken)]) == 2
+        assert capsys.readouterr().err == (f"error: --out {taken} already exists and is not a grid written by "
+                                           f"`adaptive-sched sampling-grid`: remove it or choose another name\n")
+        assert taken.read_bytes() == before
+    grid = tmp_path / "g.csv"
+    for steps in (3, 5):                                          # its own earlier grid is replaced
+        assert main(["sampling-grid", str(run), "--steps", str(steps), "--method", "cosine", "--out", str(grid)]) == 0
+    assert torch.equal(sampling_grid(str(grid), None, LO, HI), grids.cosine_grid(5, LO, HI))
+
+
 def ddim_error(grid, x_init, reference):
     """Mean squared distance per coordinate between DDIM on `grid` and the reference ODE solution."""
     return float(((samplers.ddim(MIX.denoise, x_init, grid) - reference) ** 2).mean())
@@ -582,3 +637,42 @@ def test_a_conditional_runs_ays_grid_uses_the_rows_labels_at_its_sampling_guidan
     assert seen and all(y is not None and g == 1.5 for y, g in seen)
     assert set(torch.cat([y for y, _ in seen]).tolist()) == {0, 1, 2}
     assert meta["ays"]["guidance"] == 1.5 and meta["ays"]["labels"] == "each row's own (train split)"
+
+
+def test_grid_eval_records_how_conditional_runs_ays_was_fitted_and_refuses_a_mix(tmp_path):
+    """AYS of a class-conditional run was fitted on the unconditional denoiser before 2026-11-28, on each row's own
+    label since; grid_eval.json did not say which, so a resumed folder mixed the two. It records ays_labels now; a
+    folder whose AYS settings lack the split (or predate the file) counts as the unconditional fit, one recorded
+    with the split as the labelled fit (as --ays-split's legacy folders count as test)."""
+    from adaptive_sched import checkpoint, config as cfg
+    from adaptive_sched.grid_cli import AYS_DEFAULTS
+    from adaptive_sched.grid_eval import claim_settings
+
+    def snapshot(name, classes):
+        (tmp_path / name).mkdir()
+        snap = {"kind": "ema", "step": 4, "config": cfg.RunConfig().to_dict(), "model": {}, "data_shape": [2],
+                **({"num_classes": classes} if classes else {})}
+        checkpoint.atomic_save(snap, tmp_path / name / checkpoint.EMA_NAME)
+        return tmp_path / name
+    conditional, plain = snapshot("cond", 3), snapshot("plain", 0)
+    legacy = {**AYS_DEFAULTS, "ays_split": "test"}
+
+    def claim(folder, recorded, run, methods, ays=AYS_DEFAULTS, has_ays_rows=True):
+        out = tmp_path / folder
+        if recorded is not None:
+            out.mkdir()
+            (out / "grid_eval.json").write_text(json.dumps(recorded))
+        claim_settings(out, ays, "ays" in methods, has_ays_rows, None, has_ays_rows, {run: set(methods)})
+        return json.loads((out / "grid_eval.json").read_text())
+
+    assert claim("new", None, conditional, ["ays"], has_ays_rows=False)["ays_labels"] == "own"
+    before_split = {"ays": {k: v for k, v in legacy.items() if k != "ays_split"}}
+    with pytest.raises(UsageError, match=r"ays rows of class-conditional runs were fitted with ays_labels 'null'"):
+        claim("old", before_split, conditional, ["ays"], legacy)
+    with pytest.raises(UsageError, match="ays_labels 'null'"):
+        claim("older", {}, conditional, ["cosine", "ays"], legacy)              # AYS rows from before the file
+    assert "ays_labels" not in claim("old2", before_split, plain, ["ays"], legacy)   # unconditional: one fit
+    assert "ays_labels" not in claim("old3", before_split, conditional, ["cosine"])  # no AYS row to fit
+    assert "ays_labels" not in claim("split", {"ays": AYS_DEFAULTS}, conditional, ["ays"])
+    with pytest.raises(UsageError, match="ays_labels 'null'"):
+        claim("recorded", {"ays": AYS_DEFAULTS, "ays_labels": "null"}, conditional, ["ays"])

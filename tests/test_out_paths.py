@@ -45,8 +45,8 @@ def run_dir(tmp_path_factory):
     ["grid-eval", "{run}", "--steps", "2", "--methods", "cosine", "--n", "20", "--out", "{file}", "--quiet"],
     ["compare", "{toml}", "--out", "{file}/sub", "--quiet"],
     ["sweep", *RUN[:-1], "--schedule", "laplace", "--trials", "1", "--out", "{file}"],          # (no --quiet)
-    ["bench", *RUN, "--schedule", "laplace", "--peak-n", "16", "--no-sample", "--warmup", "1", "--repeats", "1",
-     "--out", "{folder}"],
+    ["bench", *RUN[:12], *RUN[14:], "--schedule", "laplace", "--peak-n", "16", "--no-sample", "--warmup", "1",
+     "--repeats", "1", "--out", "{folder}"],                     # (not --eval-every: bench refuses it, unused)
 ], ids=lambda c: c[0] + ("-folder" if "{folder}" in c else ""))
 def test_every_command_refuses_an_unwritable_out_in_one_line(tmp_path, run_dir, capsys, command):
     (tmp_path / "afile").write_text("x")

@@ -85,3 +85,30 @@ def test_like_weights_the_whole_of_a_wider_window():
     mine = build_weighting(cfg.from_dict({"schedule": {"logsnr_min": -25.0},
                                           "weighting": {"name": "like", "logsnr_min": -22.0}}), False)
     assert mine.params["logsnr_min"] == -22.0                  # the user's own window for it wins
+
+
+def test_the_unsampled_window_warning_reaches_every_trainer_once(tmp_path, capsys, monkeypatch):
+    """Only the train command warned of an absolute weighting on a light-tailed fixed schedule; compare and sweep,
+    which call train() (and so build()) themselves, trained in silence. build() warns now, once per warning and
+    process (compare's seeds share one), and the train command does not repeat it."""
+    from adaptive_sched import run_checks
+    from adaptive_sched.cli import main
+    from adaptive_sched.train import train
+    monkeypatch.setattr(run_checks, "_WARNED", set())
+    settings = {"data": {"name": "gmm", "n": 256}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+                "schedule": {"name": "laplace"}, "weighting": {"name": "elbo"},
+                "train": {"steps": 2, "batch_size": 16, "device": "cpu", "log_every": 2},
+                "eval": {"every": 2, "n": 32, "sample_n": 0, "logsnr_points": 3}}
+    (line,) = run_checks.unsampled_window(cfg.from_dict(settings))
+    assert "λ is only ever drawn in [-8.32, 8.32] of the window [-20, 20]" in line
+    for seed in (0, 1):                                    # as compare trains two seeds of one schedule
+        settings["train"]["seed"] = seed
+        train(cfg.from_dict(settings), tmp_path / f"seed{seed}", progress=False)
+    assert capsys.readouterr().err == f"warning: {line}\n"
+    monkeypatch.setattr(run_checks, "_WARNED", set())      # a fresh process: the train command says it once
+    run = ["train", "--data", "gmm", "--model", "mlp", "--model-param", "hidden=16", "--model-param", "depth=1",
+           "--steps", "2", "--batch-size", "16", "--eval-every", "2", "--device", "cpu", "--quiet"]
+    assert main([*run, "--schedule", "laplace", "--weighting", "elbo", "--out", str(tmp_path / "cli")]) == 0
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")] == [f"warning: {line}"]
+    assert main([*run, "--schedule", "cosine", "--weighting", "elbo", "--out", str(tmp_path / "cosine")]) == 0
+    assert "warning: " not in capsys.readouterr().err

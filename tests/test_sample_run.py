@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from adaptive_sched import config as cfg, sample_run
+from adaptive_sched import checkpoint, config as cfg, sample_run
 from adaptive_sched.errors import UsageError
 from adaptive_sched.train import train
 
@@ -62,3 +62,51 @@ def test_a_run_that_never_dropped_labels_has_no_unconditional_branch_to_sample(t
         sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, guidance=3.0)
     with pytest.raises(UsageError, match=r"--class none samples the unconditional branch, which this run never"):
         sample_run.sample_run(tmp_path / "run", 8, tmp_path / "t.npz", steps=3, label="none")
+
+
+def test_sample_replaces_its_own_earlier_output_but_no_other_file(conditional_run, tmp_path, capsys):
+    """--out naming an existing .npz that holds no samples (say the npz:PATH data a run trains on) overwrote it."""
+    from adaptive_sched.cli import main
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((3, 2)), y=np.arange(3))
+    before = data.read_bytes()
+    assert main(["sample", str(conditional_run), "--n", "4", "--sample-steps", "2", "--out", str(data)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {data} already exists and is not an earlier `sample` output "
+                                       f"(an .npz of samples, or a picture): remove it or choose another name\n")
+    assert data.read_bytes() == before
+    picture = tmp_path / "p.png"
+    picture.write_text("not a picture")
+    with pytest.raises(UsageError, match="is not an earlier `sample` output"):
+        sample_run.sample_run(conditional_run, 4, picture, steps=2)
+    for n in (8, 4):                                              # an earlier .npz of samples is replaced
+        sample_run.sample_run(conditional_run, n, tmp_path / "s.npz", steps=2)
+    classes = checkpoint.load_ema_snapshot(conditional_run)["num_classes"]
+    with np.load(tmp_path / "s.npz") as f:                        # (balanced labels 0, 1, ..., K-1, 0, ...)
+        assert f["x"].shape[0] == 4 and f["y"].tolist() == [k % classes for k in range(4)] and \
+            str(f["sampler"]) == "ddim"
+    for n in (8, 4):                                              # and an earlier picture
+        sample_run.sample_run(conditional_run, n, tmp_path / "s.png", steps=2)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sample_count_whose_samples_do_not_fit_in_memory_is_refused_before_sampling(conditional_run, tmp_path,
+                                                                                      monkeypatch):
+    """The samples are held whole until written: --n 10^8 sampled for hours, then died out of memory."""
+    shape = checkpoint.load_ema_snapshot(conditional_run)["data_shape"]
+    per_sample = 4 * int(np.prod(shape)) + 8                      # float32 features and an int64 label
+    monkeypatch.setattr(sample_run, "available_memory", lambda: 100 * per_sample)
+    real = sample_run.generate
+    drawn = []
+
+    def counted(model, target, shape, n, *args, **kwargs):
+        drawn.append(n)
+        return real(model, target, shape, n, *args, **kwargs)
+    monkeypatch.setattr(sample_run, "generate", counted)
+    with pytest.raises(UsageError, match=r"--n 101: the samples would take .* GiB, more than the .* GiB of memory "
+                                         r"available; sample fewer"):
+        sample_run.sample_run(conditional_run, 101, tmp_path / "s.npz", steps=2)
+    assert drawn == [] and not (tmp_path / "s.npz").exists()
+    sample_run.sample_run(conditional_run, 100, tmp_path / "s.npz", steps=2)      # what fits is sampled
+    assert drawn == [100]
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["x"].shape == (100, *shape)
