@@ -15,7 +15,7 @@ schedules, any [learned] key (objective, lr, weight_like, ...).
 Runs go to DIR/runs/<label>/seed<k>/ and are resumable: finished runs are skipped, interrupted
 ones continue from their last checkpoint; a run that finished with a non-finite metric, or whose training stopped on
 non-finite losses (its diverged.json), is diverged: shown as such in results.md, left out of the means, and not
-retrained (delete diverged.json to retry one). Outputs: DIR/summary.csv (tidy: one row per run × logged
+retrained (delete the second kind's diverged.json to retry it). Outputs: DIR/summary.csv (tidy: one row per run × logged
 step), DIR/aggregates.csv (mean and 95% CI over seeds), DIR/steps_to_target.csv, DIR/results.md, and PNG
 plots (metric against step, p(λ), per-λ loss, sample grids).
 """
@@ -141,7 +141,8 @@ def check_runs_match(plan: Plan, out: Path) -> None:
     from adaptive_sched.run_artifacts import FINISHED
     from adaptive_sched.run_checks import check_resumable
     runs = [(entry, seed, run_dir_of(out, entry, seed)) for seed in plan.seeds for entry in plan.entries]
-    all_finished = all(is_finished(run_dir, final_step(plan.base)) for _, _, run_dir in runs)
+    all_finished = all(is_finished(run_dir, final_step(plan.base)) or diverged_step(run_dir) is not None
+                       for _, _, run_dir in runs)                     # (a diverged run is not trained again)
     for entry, seed, run_dir in runs:
         saved = run_dir / "config.toml"
         if not saved.exists() or not ((run_dir / STATE_NAME).exists() or (run_dir / FINISHED).exists()):

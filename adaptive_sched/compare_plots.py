@@ -5,15 +5,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
-
-
-SIGNED_METRICS = ("eval_kid",)         # estimators that can fall below 0 (unbiased MMD²): never on a log axis
-
-
-def log_axis(metric: str, values) -> bool:
-    """A log y-axis for `metric` when every value is > 0 and the metric cannot be ≤ 0 (KID's unbiased estimate can)."""
-    return metric.split("@")[0] not in SIGNED_METRICS and len(values) > 0 and all(v > 0 for v in values)
+from adaptive_sched.plots import _pyplot, finish_line_plot, log_axis, save_figure
 
 
 def metric_curves(aggregates, metric: str, path: Path) -> None:

@@ -140,8 +140,9 @@ def write_results_md(out: Path, aggregates, metric: str, base: cfg.RunConfig, ta
                       "where listed below, pair schedules on the seeds both have)."]
     if broke:
         runs = [f"{label} seed {seed}" for label, seeds in broke.items() for seed in seeds]
-        lines += ["", f"{len(runs)} run(s) diverged: finished, with {metric} at step {final_step} not finite (NaN or "
-                      f"inf): {', '.join(runs)}. They are left out of the means and not retrained."]
+        lines += ["", f"{len(runs)} run(s) diverged: their training stopped on non-finite losses (diverged.json), or "
+                      f"{metric} at step {final_step} is not finite (NaN or inf): {', '.join(runs)}. They are left out "
+                      f"of the means and not retrained."]
     lines += budget_table(aggregates[aggregates["metric"] == metric], metric, order)
     lines += guidance_table(final, metric, order)
     for name, rows in (paired or {}).items():       # metric name -> compare_stats.paired_with_reference's rows

@@ -311,6 +311,9 @@ class FidEvaluator:
         self.net, self.batch_size, self.device = net.eval(), batch_size, device
         self.kid = {"subsets": kid_subsets, "subset_size": kid_subset_size, "seed": seed}
         self.reference_features = extract_features(net, reference, batch_size, device)  # (M, F)
+        if not np.isfinite(self.reference_features).all():      # now, not at the first eval after training
+            raise UsageError("the reference images' features contain NaN or inf; check the data and the feature "
+                             "network")
         self.mu, self.sigma = feature_stats(self.reference_features)
 
     def __call__(self, samples: torch.Tensor) -> dict[str, float]:

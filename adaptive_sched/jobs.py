@@ -133,6 +133,8 @@ def open_log(job: Job):
         before = []
     attempt = 1 + sum(line.startswith(ATTEMPT_HEADER) for line in before)
     handle = job.log.open("a")
+    if handle.tell() and not job.log.read_bytes().endswith(b"\n"):    # a killed attempt's unfinished last line
+        handle.write("\n")
     handle.write(f"{ATTEMPT_HEADER}{attempt}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
                  f"{' '.join(['adaptive_sched', *job.args])} ===\n")
     handle.flush()                              # before the child writes through its own descriptor
@@ -140,9 +142,10 @@ def open_log(job: Job):
 
 
 def last_line(path: Path) -> str:
-    """The last non-empty line of a log file ('' if none)."""
+    """The last non-empty line of a log file that is not an attempt header ('' if none)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith(ATTEMPT_HEADER)]
     except OSError:
         return ""
     return lines[-1][:200] if lines else ""

@@ -27,6 +27,14 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
         _pyplot().close(fig)
 
 
+SIGNED_METRICS = ("eval_kid",)         # estimators that can fall below 0 (unbiased MMD²): never on a log axis
+
+
+def log_axis(metric: str, values) -> bool:
+    """A log y-axis for `metric` when every value is > 0 and the metric cannot be ≤ 0 (KID's unbiased estimate can)."""
+    return metric.split("@")[0] not in SIGNED_METRICS and len(values) > 0 and all(v > 0 for v in values)
+
+
 def finish_line_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, logy: bool = False,
                      legend_size: int = 8) -> None:
     """Label, grid, legend, save as PNG and close: the ending every line plot here shares."""

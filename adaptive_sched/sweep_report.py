@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adaptive_sched import config as cfg
 from adaptive_sched import sweep_pareto as pareto
-from adaptive_sched.plots import _pyplot, finish_line_plot, save_figure
+from adaptive_sched.plots import _pyplot, finish_line_plot, log_axis, save_figure
 from adaptive_sched.atomic import atomic_write_text
 from adaptive_sched.sweep_space import EXTRAS, Dim, edge_warnings, space_from_dict
 
@@ -196,11 +196,6 @@ def best_warnings(record: dict | None) -> list[str]:
     return list(record.get("warnings", []))
 
 
-def _positive(values) -> bool:
-    """True when every value is > 0 (a log axis is drawable)."""
-    return len(values) > 0 and all(v > 0 for v in values)
-
-
 def plot_history(frame, metric: str, path: Path) -> str | None:
     """Objective per trial (complete: dots; pruned: last reported value, crosses) and the best so far."""
     if not len(frame) or not frame["state"].isin(["COMPLETE", "PRUNED"]).any():
@@ -216,7 +211,7 @@ def plot_history(frame, metric: str, path: Path) -> str | None:
     if len(pruned):
         ax.plot(pruned["number"], last, "x", color="grey", label="pruned (last report)")
     values = list(done["value"]) + [v for v in last if v == v]
-    finish_line_plot(fig, ax, path, "trial", metric, logy=_positive(values))
+    finish_line_plot(fig, ax, path, "trial", metric, logy=log_axis(metric, values))
     return None
 
 
@@ -260,11 +255,11 @@ def plot_contour(frame, space: dict[str, Dim], metric: str, path: Path) -> str |
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     values = done["value"].astype(float)
     lo, hi = float(values.min()), float(values.max())
-    norm = mcolors.LogNorm(lo, hi * (1 + 1e-9)) if _positive(list(values)) else mcolors.Normalize(lo, hi + 1e-12)
+    norm = mcolors.LogNorm(lo, hi * (1 + 1e-9)) if log_axis(metric, list(values)) else mcolors.Normalize(lo, hi + 1e-12)
     if len(done) >= 4:
         try:
             import numpy as np
-            levels = np.geomspace(lo, hi, 12) if _positive(list(values)) and hi > lo else 12
+            levels = np.geomspace(lo, hi, 12) if log_axis(metric, list(values)) and hi > lo else 12
             ax.tricontourf(done[x_col], done[y_col], values, levels=levels, cmap="viridis", norm=norm, alpha=0.5)
         except (ValueError, RuntimeError):     # collinear or repeated points: the scatter alone
             pass
@@ -307,5 +302,5 @@ def plot_intermediate(study, metric: str, path: Path, target: float | None = Non
         labelled.add(kind)
     if target is not None:
         ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
-    finish_line_plot(fig, ax, path, "training step", metric, logy=_positive(values))
+    finish_line_plot(fig, ax, path, "training step", metric, logy=log_axis(metric, values))
     return None

@@ -240,11 +240,14 @@ def loop(run: Run, out_dir: Path, start: int, running: torch.Tensor, progress: b
             total, count, skipped, streak = distributed.all_reduce_sum(running, run.world).tolist()  # one sync
             skipped, streak = skipped / run.world.size, streak / run.world.size
             if streak >= t.max_nonfinite:
-                save(run, out_dir, done, running)
+                if done < t.steps:                  # (a checkpoint at the last step would leave a retry nothing
+                    save(run, out_dir, done, running)   # to train, nor its final eval)
                 if main:
                     run_artifacts.mark_diverged(out_dir, done, int(streak))
+                kept = "the weights in it are the last good ones" if done < t.steps else \
+                    "a retry resumes from its last checkpoint"
                 raise UsageError(f"training diverged: {int(streak)} non-finite losses in a row by step {done} "
-                                 f"(each step was skipped; the weights in {out_dir} are the last good ones); "
+                                 f"(each step was skipped; {out_dir} holds diverged.json, and {kept}); "
                                  f"lower --lr or check the data")
             now = time.perf_counter()
             row = {"step": done, "loss": total / count if count else float("nan"), "lr": lr,

@@ -385,8 +385,9 @@ def test_a_run_that_finished_with_a_non_finite_metric_is_reported_diverged_not_u
     excess = pd.read_csv(out / "aggregates.csv").query("label == 'laplace(b=1.0)' and step == 40 and "
                                                        "metric == 'eval_excess_mse'")["mean"].iloc[0]
     assert f"| laplace(b=1.0) | diverged | {excess:.4g} (n = 1) | 0 of 1, 1 diverged |" in text
-    assert ("1 run(s) diverged: finished, with eval_eps_mse at step 40 not finite (NaN or inf): laplace(b=1.0) "
-            "seed 0. They are left out of the means and not retrained.") in text
+    assert ("1 run(s) diverged: their training stopped on non-finite losses (diverged.json), or eval_eps_mse at step "
+            "40 is not finite (NaN or inf): laplace(b=1.0) seed 0. They are left out of the means and not retrained."
+            ) in text
     assert "| laplace(b=1.0) | diverged | – | 0 of 0 |" in text                       # the per-seed table
     assert "unfinished" not in text
     from adaptive_sched.compare import status
@@ -495,3 +496,40 @@ def test_with_jobs_a_diverged_run_is_not_a_failed_one(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="1 of 2 runs failed"):
         monkeypatch.setattr(jobs, "run_jobs", lambda work, *a, **k: ([(work[0], 2)], []))
         compare(config, tmp_path / "out2", progress=False, jobs=2)
+
+
+def test_a_run_diverging_at_its_last_step_can_be_retried(tmp_path, monkeypatch):
+    """Divergence found at the final step saved a checkpoint there: deleting diverged.json to retry trained nothing,
+    wrote finished.json without a final eval, and the run read "unfinished" for good."""
+    config, out = tmp_path / "cmp.toml", tmp_path / "out"
+    write_config(tmp_path).write_text(config.read_text().replace("[train]\n", "[train]\nmax_nonfinite = 20\n"))
+    from adaptive_sched.losses import DiffusionLoss
+    original, calls = DiffusionLoss.terms, {"n": 0}
+
+    def terms(self, *args, **kwargs):                   # laplace's losses NaN from its 21st step on
+        result = original(self, *args, **kwargs)
+        if type(self.schedule).__name__.lower().startswith("laplace"):
+            calls["n"] += 1
+            if calls["n"] > 20:
+                result.loss = result.loss * float("nan")
+        return result
+    with monkeypatch.context() as patched:
+        patched.setattr(DiffusionLoss, "terms", terms)
+        compare(config, out, progress=False)
+    run = out / "runs" / "laplace_b=1.0" / "seed0"
+    assert json.loads((run / "diverged.json").read_text())["step"] == 40
+    (run / "diverged.json").unlink()
+    compare(config, out, progress=False)                # the retry, its losses finite now
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [20, 40]
+    assert "unfinished" not in (out / "results.md").read_text() and (run / "finished.json").exists()
+
+
+def test_a_changed_eval_interval_is_taken_when_the_only_run_left_diverged(tmp_path, monkeypatch):
+    """A diverged run is not trained again, so it has no evals to misplace: the [eval] every check counts it done."""
+    config, out = tmp_path / "cmp.toml", tmp_path / "out"
+    write_config(tmp_path).write_text(config.read_text().replace("[train]\n", "[train]\nmax_nonfinite = 3\n"))
+    with monkeypatch.context() as patched:
+        poison_schedule(patched, "laplace")
+        compare(config, out, progress=False)
+    config.write_text(config.read_text().replace("every = 20", "every = 40"))
+    compare(config, out, progress=False, time_budget=0)     # refused before: "some runs have still to train"

@@ -246,3 +246,13 @@ def test_a_feature_network_that_fails_or_returns_the_wrong_shape_is_one_usage_er
     path = tmp_path / "score.pt"                                       # (N,): one feature per image
     torch.jit.save(torch.jit.script(PerImageScore()), str(path))
     assert load_torchscript_features(path)(x).shape == (4, 1)
+
+
+def test_non_finite_reference_features_are_refused_when_the_evaluator_is_built():
+    """Sample features that are not finite score NaN (a diverged model); the reference's must stop the run at once,
+    not after eval.every steps of training."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        net[1].bias.fill_(float("nan"))
+    with pytest.raises(UsageError, match="reference images' features contain NaN"):
+        FidEvaluator(net, torch.zeros(8, 1, 4, 4))

@@ -82,3 +82,19 @@ def test_a_retried_job_appends_to_its_log_under_a_header_per_attempt(tmp_path, m
     for line, attempt, arg in ((lines[0], 1, "crash"), (lines[2], 2, "ok")):
         stamp = re.fullmatch(rf"=== attempt {attempt}, (\S+Z): adaptive_sched {arg} ===", line).group(1)
         assert abs(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.time()) < 600
+
+
+def test_an_attempt_header_starts_its_own_line_after_a_killed_attempts_partial_line(tmp_path):
+    """A child killed mid-write left the log without a final newline: the next header was glued to that line and
+    not counted, so the attempt after it was numbered again; and a silent failure's reason read as the header."""
+    from adaptive_sched import jobs
+    job = jobs.Job("x", ["train"], tmp_path / "train.log")
+    handle = jobs.open_log(job)
+    handle.write("partial")
+    handle.close()
+    jobs.open_log(job).close()
+    jobs.open_log(job).close()
+    lines = job.log.read_text().splitlines()
+    assert lines[1] == "partial" and [line.split(",")[0] for line in lines if line.startswith("===")] == [
+        "=== attempt 1", "=== attempt 2", "=== attempt 3"]
+    assert jobs.last_line(job.log) == "partial"
