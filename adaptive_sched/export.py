@@ -86,6 +86,12 @@ def schedule_columns(schedule, points: int, y: int | None = None) -> dict[str, n
     with torch.no_grad():
         lam = schedule.logsnr(t, *args)
         density = schedule.density(lam, *args)
+    if not bool((lam[1:] < lam[:-1]).all()):      # a step function (polynomial with levels) has no (t, λ) table
+        flat = float(t[1:][lam[1:] >= lam[:-1]][0])
+        raise UsageError(f"the {getattr(schedule, 'name', 'run')} schedule's λ(t) is not strictly decreasing "
+                         f"(flat at t = {flat:.6g} of {points} points), so it has no (t, logsnr) table: a discrete "
+                         f"schedule (polynomial with levels) cannot be exported; use fewer --points if λ(t) only "
+                         f"flattens in float64 rounding")
     return {"t": t.numpy(), "logsnr": lam.numpy(), "density": density.numpy()}
 
 

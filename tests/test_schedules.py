@@ -247,3 +247,87 @@ def test_draws_come_back_on_the_device_asked_for_whatever_device_the_schedule_co
     computes_on_cpu = SimpleNamespace(logsnr=lambda t: torch.zeros(t.shape, dtype=torch.float64))
     draws = sample_by_inverse_transform(computes_on_cpu, 8, device="meta")
     assert draws.device.type == "meta" and draws.dtype == torch.float32 and draws.shape == (8,)
+
+
+def _window_ref(law, lo, hi):
+    """(λ(t), t(λ), Z) of `law` truncated to [lo, hi] by scipy in float64, each tail from the side where it is accurate
+    (a window wholly in one tail has F(lo) = F(hi) = 1 or S(lo) = S(hi) = 1 in floats: the other side is used)."""
+    upper = law.cdf(lo) >= 0.5 or (law.sf(hi) < 0.5 and law.cdf(lo) >= law.sf(hi))
+    if upper:                                                    # S = 1 − F carries the digits
+        s_hi, mass = law.sf(hi), law.sf(lo) - law.sf(hi)
+        return (lambda t: law.isf(s_hi + t * mass)), (lambda x: (law.sf(np.clip(x, lo, hi)) - s_hi) / mass), mass
+    c_lo, mass = law.cdf(lo), law.cdf(hi) - law.cdf(lo)
+    return (lambda t: law.ppf(c_lo + (1 - t) * mass)), (lambda x: 1 - (law.cdf(np.clip(x, lo, hi)) - c_lo) / mass), mass
+
+
+EXTREME_CASES = [  # valid parameters whose float32 evaluation used to lose every digit or give NaN
+    ("cauchy", dict(mu=1.0, gamma=1e6), st.cauchy(1.0, 1e6)),         # window mass 1.3e-5 beside S(hi) ≈ ½: λ off by 0.1
+    ("normal", dict(mean=45.0, std=1.0), st.norm(45.0, 1.0)),         # Z = 3e-138 is 0 in float32: t(λ) = 0/0
+    ("cosine", dict(shift=-300.0), st.hypsecant(-300.0, 2.0)),         # the window deep in the upper tail
+    ("logistic", dict(mu=500.0), st.logistic(500.0, 1.0)),             # ... and in the lower tail
+    ("laplace", dict(b=1e-300), st.laplace(0.0, 1e-300)),             # b is 0 in float32: z = x/0 = NaN at λ = mu
+]
+
+
+@pytest.mark.parametrize("name,params,law", EXTREME_CASES, ids=[f"{c[0]}-{list(c[1].values())[-1]:g}" for c in EXTREME_CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_extreme_parameters_match_scipy_in_float32_and_float64(name, params, law, dtype):
+    """A fixed schedule computes in float64 whatever the input dtype: float32 t or λ gets float64's answer, rounded."""
+    sched = schedules.build(name, logsnr_min=-20.0, logsnr_max=20.0, **params)
+    lam_ref, t_ref, mass = _window_ref(law, -20.0, 20.0)
+    t = torch.tensor([1e-30, 1e-7, 0.01, 0.3, 0.5, 0.7, 0.99, 1 - 1e-6], dtype=dtype)
+    lam = sched.logsnr(t)
+    assert lam.dtype == dtype
+    np.testing.assert_allclose(lam.double().numpy(), lam_ref(t.double().numpy()), rtol=2e-7,
+                               atol=1e-5 if dtype == torch.float32 else 1e-9)
+    x = np.linspace(-20.0, 20.0, 41)
+    back = sched.t_of(torch.tensor(x, dtype=dtype))
+    assert back.dtype == dtype and torch.isfinite(back).all()
+    np.testing.assert_allclose(back.double().numpy(), t_ref(x), rtol=1e-6, atol=1e-7 if dtype == torch.float32 else 1e-14)
+    dens = sched.density(torch.tensor(x, dtype=dtype)).double().numpy()
+    ref = np.exp(law.logpdf(x) - np.log(mass))                  # in log space: pdf(x)/Z underflows before Z does
+    assert not np.isnan(dens).any()
+    tiny, big = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    ok = (ref > 1e3 * tiny) & (ref < big)                       # beyond, the dtype underflows to 0 or overflows to inf
+    np.testing.assert_allclose(dens[ok], ref[ok], rtol=1e-5)
+    assert (dens[ref <= 1e3 * tiny] <= 1e3 * tiny).all() and (dens[ref >= big] == np.inf).all()
+
+
+def test_linear_with_a_large_beta_max_builds_and_matches_its_closed_form():
+    """beta_max = 2000 made −log expm1(g(1)) overflow (OverflowError: a traceback) before any check ran."""
+    sched = schedules.build("linear", beta_max=2000.0)
+    assert sched.logsnr_min == -20.0 and sched.logsnr_max == 20.0      # the support ends near −1000, below the window
+
+    def t_nat(lam):  # DDPM's t(λ): ½Δβ t² + β0 t = g = log1p(e^{−λ})
+        g = np.log1p(np.exp(-lam))
+        return 2 * g / (0.1 + np.sqrt(0.01 + 2 * (2000.0 - 0.1) * g))
+
+    x = np.linspace(-20.0, 20.0, 21)
+    ref = (t_nat(x) - t_nat(20.0)) / (t_nat(-20.0) - t_nat(20.0))
+    np.testing.assert_allclose(sched.t_of(torch.tensor(x)).numpy(), ref, rtol=1e-9, atol=1e-15)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    np.testing.assert_allclose(sched.t_of(sched.logsnr(t)).numpy(), t.numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("rho", [1e-300, 0.01])
+def test_polynomial_rho_too_small_for_its_sigma_range_is_a_usage_error(rho):
+    """rho = 1e-300 raised OverflowError (σ_max^{1/ρ}); rho = 0.01 built, but (a − b)/b overflowed and λ(1e-30) came
+    back as 0.0 (a NaN turned into 0), between λ(0) = 12.4 and λ(0.3) = −8.8: not monotone."""
+    with pytest.raises(UsageError, match="rho"):
+        schedules.build("polynomial", rho=rho)
+
+
+def test_polynomial_small_rho_that_fits_in_float64_is_exact():
+    sched = schedules.build("polynomial", rho=0.05)            # a = 80^20 ≈ 1e38, b = 0.002^20 ≈ 1e-54
+    t = np.array([1e-30, 1e-8, 0.3, 0.5, 0.7, 1 - 1e-8])
+    a, b = 80.0 ** 20, 0.002 ** 20
+    ref = -2 * 0.05 * np.log(a * t + (1 - t) * b)              # c = 1: s = 1 − t, σ = (a + s(b − a))^ρ
+    np.testing.assert_allclose(sched.logsnr(torch.tensor(t)).numpy(), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in schedules.names() if n != "table"])
+def test_a_window_wider_than_a_float_is_a_usage_error(name):
+    """[-1e308, 1e308] has an infinite width: the learned schedule returned λ(0.25) = −1e308 and p = 0, the binned one
+    NaN everywhere."""
+    with pytest.raises(UsageError, match="wider than a float can hold"):
+        schedules.build(name, logsnr_min=-1e308, logsnr_max=1e308, **({"init": "none"} if name == "learned" else {}))

@@ -50,10 +50,29 @@ def check_count(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
+def check_logsnr_window(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
+    """(lo, hi) as floats if both are finite with lo < hi and a finite width hi − lo (every schedule divides by it),
+    else UsageError."""
+    lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
+    if lo >= hi:
+        raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+    if not math.isfinite(hi - lo):
+        raise UsageError(f"the window [{lo}, {hi}] is wider than a float can hold; narrow it")
+    return lo, hi
+
+
 def as_float_tensor(x) -> torch.Tensor:
     """x as a tensor; integers become the default float dtype (floats keep theirs)."""
     x = torch.as_tensor(x)
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
+def _wide(x) -> tuple[torch.Tensor, torch.dtype]:
+    """(x in float64, the dtype to return): a fixed schedule computes in float64 whatever its input's dtype, since
+    its constants (Z, F(lo), S(hi)) are float64 and a float32 scale parameter or window end can underflow or overflow
+    (b = 1e-300 is 0 in float32, so z = x/b is NaN at x = mu; a window mass of 1e-5 loses all but two digits of t·Z next to S(hi) ≈ ½)."""
+    x = as_float_tensor(x)
+    return x.to(torch.float64), x.dtype
 
 
 def uniform_t(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -89,10 +108,7 @@ class Schedule:
     support: tuple[float, float] = (-math.inf, math.inf)
 
     def __init__(self, logsnr_min: float = DEFAULT_LOGSNR_MIN, logsnr_max: float = DEFAULT_LOGSNR_MAX):
-        lo = check_finite("logsnr_min", logsnr_min)
-        hi = check_finite("logsnr_max", logsnr_max)
-        if lo >= hi:
-            raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        lo, hi = check_logsnr_window(logsnr_min, logsnr_max)
         self.logsnr_min_requested, self.logsnr_max_requested = lo, hi
         self._set_window(lo, hi)
 
@@ -125,8 +141,10 @@ class Schedule:
         return {}
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
-        """λ(t): decreasing, λ(0) = logsnr_max, λ(1) = logsnr_min; exact inverse of the truncated CDF."""
-        t = as_float_tensor(t)
+        """λ(t): decreasing, λ(0) = logsnr_max, λ(1) = logsnr_min; exact inverse of the truncated CDF.
+
+        Computed in float64 and returned in t's dtype (see `_wide`)."""
+        t, dtype = _wide(t)
         t = t.clamp(0.0, 1.0)
         upper = self._sf_hi + t * self._mass            # mass above λ
         lower = self._cdf_lo + (1.0 - t) * self._mass   # mass below λ
@@ -136,24 +154,26 @@ class Schedule:
         lam = torch.where(use_upper, self._isf(safe_upper), self._icdf(safe_lower))
         lam = lam.nan_to_num(nan=0.0).clamp(self.logsnr_min, self.logsnr_max)
         lam = torch.where(t <= 0, torch.full_like(lam, self.logsnr_max), lam)
-        return torch.where(t >= 1, torch.full_like(lam, self.logsnr_min), lam)
+        return torch.where(t >= 1, torch.full_like(lam, self.logsnr_min), lam).to(dtype)
 
     def t_of(self, logsnr: torch.Tensor) -> torch.Tensor:
-        """t(λ) = (F(hi) − F(λ))/Z, the inverse of `logsnr`; 0 above logsnr_max, 1 below logsnr_min."""
-        lam = as_float_tensor(logsnr)
+        """t(λ) = (F(hi) − F(λ))/Z, the inverse of `logsnr`; 0 above logsnr_max, 1 below logsnr_min (float64 inside)."""
+        lam, dtype = _wide(logsnr)
         lam_in = lam.nan_to_num(nan=0.0).clamp(self.logsnr_min, self.logsnr_max)
         sf, cdf = self._sf(lam_in), self._cdf(lam_in)
         from_upper = (sf - self._sf_hi) / self._mass
         from_lower = (self._mass - (cdf - self._cdf_lo)) / self._mass
-        return torch.where(sf <= cdf, from_upper, from_lower).clamp(0.0, 1.0)
+        return torch.where(sf <= cdf, from_upper, from_lower).clamp(0.0, 1.0).to(dtype)
 
     def log_density(self, logsnr: torch.Tensor) -> torch.Tensor:
-        """log p(λ) = log f(λ) − log Z inside the window, −inf outside."""
-        lam = as_float_tensor(logsnr)
-        inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
-        lam_in = torch.where(inside, lam, torch.full_like(lam, 0.5 * (self.logsnr_min + self.logsnr_max)))
+        """log p(λ) = log f(λ) − log Z inside the window, −inf outside (float64 inside)."""
+        lam, dtype = _wide(logsnr)
+        narrow = as_float_tensor(logsnr)       # inside the window as rounded to λ's dtype (float32(lo) is inside)
+        inside = (narrow >= self.logsnr_min) & (narrow <= self.logsnr_max)
+        lam_in = torch.where(inside, lam.clamp(self.logsnr_min, self.logsnr_max),
+                             torch.full_like(lam, 0.5 * (self.logsnr_min + self.logsnr_max)))
         log_p = self._log_pdf(lam_in) - self._log_mass
-        return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
+        return torch.where(inside, log_p, torch.full_like(log_p, -math.inf)).to(dtype)
 
     def density(self, logsnr: torch.Tensor) -> torch.Tensor:
         """p(λ), the truncated density; it integrates to 1 over [logsnr_min, logsnr_max]."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from adaptive_sched.errors import UsageError
-from adaptive_sched.schedules.base import check_count, check_finite, sample_by_inverse_transform
+from adaptive_sched.schedules.base import check_count, check_finite, check_logsnr_window, sample_by_inverse_transform
 from adaptive_sched.schedules.table import interp
 
 
@@ -93,9 +93,7 @@ class BinnedAdaptiveSchedule(torch.nn.Module):
     def __init__(self, bins: int = 100, decay: float = 0.99, floor: float = 0.02,
                  logsnr_min: float = -20.0, logsnr_max: float = 20.0):
         super().__init__()
-        lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
-        if lo >= hi:
-            raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        lo, hi = check_logsnr_window(logsnr_min, logsnr_max)
         bins = check_count("bins", bins, 2, 100_000)
         decay, floor = check_finite("decay", decay), check_finite("floor", floor)
         if not 0 < decay < 1 or not 0 < floor < 1:

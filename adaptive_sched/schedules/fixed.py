@@ -256,7 +256,8 @@ class Linear(Schedule):
         if self.beta_max < self.beta_min:
             raise UsageError(f"beta_max ({beta_max}) must be >= beta_min ({beta_min})")
         g1 = self.beta_min + 0.5 * (self.beta_max - self.beta_min)
-        self.support = (-math.log(math.expm1(g1)), math.inf)
+        end = -math.log(math.expm1(g1)) if g1 < 1 else -g1 - math.log1p(-math.exp(-g1))   # expm1 overflows past 709
+        self.support = (end, math.inf)
         super().__init__(logsnr_min, logsnr_max)
 
     def params(self) -> dict:

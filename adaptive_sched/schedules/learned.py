@@ -34,7 +34,7 @@ from adaptive_sched.bisection import bisect_decreasing
 from adaptive_sched.class_schedules import check_label
 from adaptive_sched.errors import UsageError
 from adaptive_sched.schedules.base import (DEFAULT_LOGSNR_MAX, DEFAULT_LOGSNR_MIN, check_count, check_finite,
-                                           sample_by_inverse_transform)
+                                           check_logsnr_window, sample_by_inverse_transform)
 
 LOGIT_WINDOW = 15.0          # L: every unit is renormalised to ℓ = logit(t) ∈ [−L, L]
 _INITIAL_FITS: dict[tuple, list[torch.Tensor]] = {}      # fit_initial: (hidden, floor, lo, hi, init, dtype) -> weights
@@ -57,9 +57,7 @@ class LearnedSchedule(nn.Module):
     def __init__(self, hidden: int = 64, floor: float = 0.02, init: str = "cosine",
                  logsnr_min: float = DEFAULT_LOGSNR_MIN, logsnr_max: float = DEFAULT_LOGSNR_MAX, num_classes: int = 0):
         super().__init__()
-        lo, hi = check_finite("logsnr_min", logsnr_min), check_finite("logsnr_max", logsnr_max)
-        if lo >= hi:
-            raise UsageError(f"logsnr_min ({lo}) must be < logsnr_max ({hi})")
+        lo, hi = check_logsnr_window(logsnr_min, logsnr_max)
         hidden = check_count("hidden", hidden, 1, 4096)
         self.num_classes = check_count("num_classes", num_classes, 0, 1_000_000)
         floor = check_finite("floor", floor)

@@ -47,6 +47,11 @@ class Polynomial(Schedule):
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0 or levels == 1:
             raise UsageError(f"parameter levels must be 0 (continuous) or an integer >= 2, got {levels!r}")
         self.levels = levels
+        log_a, log_b = math.log(self.sigma_max) / self.rho, math.log(self.sigma_min) / self.rho
+        if not max(abs(log_a), abs(log_b), log_a - log_b) < 700:      # a, b and a/b must be finite, nonzero floats
+            raise UsageError(f"polynomial: rho = {self.rho:g} is too small for sigma_min = {self.sigma_min:g}, "
+                             f"sigma_max = {self.sigma_max:g}: (sigma_max/sigma_min)^(1/rho) and sigma^(1/rho) must "
+                             f"stay within float64 (e^700); raise rho or narrow the sigma range")
         self._a, self._b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
         self._width = self._a - self._b                                   # a − b > 0
         self.support = (-2 * math.log(self.sigma_max), -2 * math.log(self.sigma_min))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def _table_rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], str]:
     if not path.is_file():
         raise UsageError(f"table file not found: {path} (write one with `adaptive-sched export RUN_DIR --out FILE.csv`)")
     data = path.read_bytes()
+    if data.lstrip()[:1] == b"{":                  # `export --format json`: the same columns, as JSON arrays
+        return _json_rows(path, data, columns), hashlib.sha256(data).hexdigest()
     try:
         fields, rows = read_csv_rows(path, data)
     except UnicodeDecodeError as err:
@@ -62,6 +65,23 @@ def _table_rows(path: Path, columns: tuple[str, ...]) -> tuple[list[dict], str]:
     if missing:
         raise UsageError(f"table {path} lacks column(s) {', '.join(missing)}; it needs columns {','.join(columns)}")
     return rows, hashlib.sha256(data).hexdigest()
+
+
+def _json_rows(path: Path, data: bytes, columns: tuple[str, ...]) -> list[dict]:
+    """Rows {column: value} of a JSON export (an object whose `columns` are equal-length arrays; a conditional run's
+    JSON holds its marginal there, as its FILE.csv does); UsageError when it is not one."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"table {path} is neither a CSV nor valid JSON ({err})".replace("\n", " ")) from None
+    missing = [c for c in columns if not isinstance(obj, dict) or not isinstance(obj.get(c), list)]
+    if missing:
+        raise UsageError(f"table {path} is JSON without array(s) {', '.join(missing)}; it needs {','.join(columns)} "
+                         f"(an `export --format json` file, or a CSV)")
+    lengths = {len(obj[c]) for c in columns}
+    if len(lengths) != 1:
+        raise UsageError(f"table {path}: the JSON arrays {', '.join(columns)} differ in length")
+    return [{c: obj[c][i] for c in columns} for i in range(lengths.pop())]
 
 
 def _numeric(path: Path, rows: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +169,8 @@ def interp(x: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
 
 
 class Table(Schedule):
-    """λ(t) piecewise-linear through the (t, λ) table in CSV `path` (columns t,logsnr); a run's window must hold it.
+    """λ(t) piecewise-linear through the (t, λ) table in CSV `path` (columns t,logsnr), or in the arrays t, logsnr of an
+    `export --format json` file; a run's window must hold it.
 
     The window defaults (None) to the table's own λ range; a narrower one given here truncates the table, and a run
     (run_build.build_schedule) refuses a table its [schedule] logsnr_min/logsnr_max would cut.
