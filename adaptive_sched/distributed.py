@@ -86,6 +86,15 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+def all_gather_rows(values: torch.Tensor, world: World) -> torch.Tensor:
+    """(ranks, *values.shape): every rank's `values`, rank r's in row r (values[None] without torchrun)."""
+    if not world.enabled:
+        return values[None].clone()
+    rows = [torch.empty_like(values) for _ in range(world.size)]
+    dist.all_gather(rows, values.contiguous())
+    return torch.stack(rows)
+
+
 def assert_identical(tensors: list[torch.Tensor], world: World, what: str) -> None:
     """Raise if the ranks' copies of `tensors` differ (compares a float64 checksum across ranks)."""
     if not world.enabled or not tensors:

@@ -61,11 +61,19 @@ class EMA:
         self.buffers = [b.detach().clone() for b in model.buffers()]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.params, self.live, 1.0 - decay)
+    def update(self, model: torch.nn.Module, step: int, stepped: torch.Tensor | None = None) -> None:
+        """One EMA step at `step`. `stepped` is a fused optimizer's verdict on the device (a 0-d bool tensor, False
+        when it skipped a non-finite step): the average then moves by (1 − d)·stepped, so it stays as it is on a
+        skipped step, as on the plain path (which does not call update then), without a host sync."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        if stepped is None:
+            torch._foreach_lerp_(self.params, self.live, weight)
+        elif self.params:              # θ_ema += w·(θ − θ_ema), w a device tensor (_foreach_lerp_ takes a number)
+            delta = torch._foreach_sub(self.live, self.params)
+            torch._foreach_mul_(delta, torch.where(stepped, weight, 0.0).to(self.params[0].device))
+            torch._foreach_add_(self.params, delta)
         for mine, theirs in zip(self.buffers, model.buffers()):
-            mine.copy_(theirs)
+            mine.copy_(theirs if stepped is None else torch.where(stepped, theirs, mine))
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

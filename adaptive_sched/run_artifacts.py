@@ -54,7 +54,10 @@ def diverged_step(run_dir: str | Path) -> int | None:
 
 def is_finished(run_dir: str | Path, steps: int) -> bool:
     """True when finished.json says the run reached `steps`; for runs older than that marker, when metrics.csv
-    reaches `steps` and the EMA snapshot exists."""
+    and the EMA snapshot both reach `steps` (a run killed between its last metrics row and its last checkpoint has
+    the row, but an ema.pt from its checkpoint before: it is resumed, not reported)."""
+    from adaptive_sched import checkpoint
+    from adaptive_sched.errors import UsageError
     run_dir = Path(run_dir)
     marker = run_dir / FINISHED
     if marker.exists():
@@ -63,10 +66,15 @@ def is_finished(run_dir: str | Path, steps: int) -> bool:
         except (ValueError, KeyError, TypeError):
             return False
     path = run_dir / "metrics.csv"
-    if not path.exists() or not (run_dir / "ema.pt").exists():
+    if not path.exists() or not (run_dir / checkpoint.EMA_NAME).exists():
         return False
     rows = CsvLog(path, METRIC_COLUMNS).rows()
-    return bool(rows) and int(rows[-1]["step"]) >= steps
+    if not rows or int(rows[-1]["step"]) < steps:
+        return False
+    try:
+        return int(checkpoint.load(run_dir / checkpoint.EMA_NAME)["step"]) >= steps
+    except (UsageError, KeyError, TypeError, ValueError):
+        return False
 
 
 def final_schedule(run_dir: str | Path):

@@ -16,8 +16,25 @@ def new_running(device: torch.device) -> torch.Tensor:
     return torch.zeros(4, device=device)
 
 
-def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
-    """Step the optimizer only when `finite` (a 0-d bool tensor) holds; return whether the caller should proceed.
+def restored_running(saved: torch.Tensor, rank: int, ranks: int, device: torch.device) -> torch.Tensor:
+    """This rank's accumulator from a checkpoint's `running`: (4,) saved by one process, (saved ranks, 4) under DDP,
+    where each rank takes its own row back (each holds its own half-batches' loss sum since the last log row).
+    Resumed on another number of ranks, rank 0 takes the loss sums and counts and the others none; the skipped count
+    and the streak, the same on every rank, go to all. A (2,) one from before the non-finite counters gets zeros."""
+    rows = saved.reshape(-1, saved.shape[-1]).float()
+    if rows.shape[1] == 2:
+        rows = torch.cat([rows, torch.zeros(len(rows), 2)], dim=1)
+    if len(rows) == ranks:
+        return rows[rank].clone().to(device)
+    mine = rows[0].clone()
+    mine[:2] = rows[:, :2].sum(0) if rank == 0 else 0.0
+    return mine.to(device)
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool | torch.Tensor:
+    """Step the optimizer only when `finite` (a 0-d bool tensor) holds. Return True or False where the host decided
+    (stepped or skipped), or `finite` itself where the device did: the caller's own updates (EMA, histograms) must
+    then follow it on the device too.
 
     Fused AdamW/Adam skip the update on the device (their found_inf input), so CUDA runs never sync here;
     other optimizers read the flag on the host (free on CPU, one sync per step on CUDA).
@@ -25,7 +42,7 @@ def optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor
     if optimizer.param_groups[0].get("fused"):
         optimizer.found_inf = (~finite).float()
         optimizer.step()
-        return True                 # the EMA of unchanged weights and the histogram are harmless to update
+        return finite
     if bool(finite):
         optimizer.step()
         return True

@@ -7,6 +7,7 @@ seeded by (seed, k), so a resumed run replays exactly what an uninterrupted one 
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -31,7 +32,8 @@ from adaptive_sched.run_checks import check_resumable, metrics_gap, resumed_chan
 from adaptive_sched.runlog import PROFILE_COLUMNS, CsvLog, header_of
 from adaptive_sched.schedules.table import check_table_source, table_source
 from adaptive_sched.seeding import step_generator
-from adaptive_sched.step_guard import all_finite, new_running, optimizer_step_unless, update_running
+from adaptive_sched.step_guard import (all_finite, new_running, optimizer_step_unless, restored_running,
+                                       update_running)
 
 
 def set_learning_rates(run: Run, step: int) -> float:
@@ -143,6 +145,8 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     distributed.assert_identical(run.schedule_params, run.world, "learned-schedule parameters")
     if run.loss.histogram is not None:                      # the adaptive objective's target (adaptive_binned: its λ)
         distributed.assert_identical(list(run.loss.histogram.buffers()), run.world, "loss histograms")
+    # each rank's own loss sums since the last log row, so that the row after a resume averages the same losses
+    running = running if not run.world.enabled else distributed.all_gather_rows(running, run.world)
     if not run.world.is_main:
         return
     state = {"step": step, "logged_step": run.logged_step, "world_size": run.world.size,
@@ -161,6 +165,12 @@ def save(run: Run, out_dir: Path, step: int, running: torch.Tensor) -> None:
     if run.loss.histogram is not None:
         state["histogram"] = run.loss.histogram.state_dict()
     checkpoint.save_training_state(out_dir, state)
+    save_snapshot(run, out_dir, step)
+
+
+def save_snapshot(run: Run, out_dir: Path, step: int) -> None:
+    """Write ema.pt, the EMA snapshot for sampling and export (rank 0)."""
+    learned, source = schedules.is_learned(run.loss.schedule), table_source(run.loss.schedule)
     shape, model_config = tuple(run.train_data.shape), run.config.model
     snapshot = {"kind": "ema", "step": step, "config": run.config.to_dict(), "model": ema_model(run).state_dict(),
                 "data_shape": list(shape), "model_name": resolve_name(model_config.name, shape),
@@ -192,20 +202,24 @@ def train(config: cfg.RunConfig, out_dir: str | Path, resume: bool = False, prog
         if config.train.compile:
             compile_run(run, config.train.compile_mode)
         start, state = open_run_dir(run, out_dir, resume)
-        running = new_running(run.device) if state is None else state["running"].to(run.device)
-        if running.numel() == 2:                       # a checkpoint from before the non-finite counters
-            running = torch.cat([running, torch.zeros(2, device=run.device)])
+        running = new_running(run.device) if state is None else \
+            restored_running(state["running"], world.rank, world.size, run.device)
         last_row = loop(run, out_dir, start, running, progress, on_eval)
+        # a run killed after its last checkpoint but before finished.json finishes here: its ema.pt (written after
+        # checkpoint.pt) may be the one before, and its plots may be missing
+        finishing = world.is_main and (start < config.train.steps or not (out_dir / run_artifacts.FINISHED).exists())
+        if finishing and start == config.train.steps:
+            save_snapshot(run, out_dir, start)
         moving = schedules.is_learned(run.loss.schedule) or bool(config.schedule.curriculum)
-        if world.is_main and moving and start < config.train.steps:
+        if finishing and moving:
             from adaptive_sched.plots import schedule_over_training
             schedule_over_training(out_dir / "schedule_density.csv", out_dir / "schedule_density.png",
                                    config.schedule)
-        if world.is_main and run.condition.num_classes and start < config.train.steps:
+        if finishing and run.condition.num_classes:
             from adaptive_sched.plots import per_class_densities
             per_class_densities(out_dir / CLASS_DENSITY_CSV, out_dir / "schedule_density_by_class.png",
                                 f"{config.schedule.name}, conditioned on {config.learned.condition}")
-        if world.is_main and (start < config.train.steps or not (out_dir / run_artifacts.FINISHED).exists()):
+        if finishing:
             run_artifacts.mark_finished(out_dir, config.train.steps, schedules.is_learned(run.loss.schedule))
     finally:
         distributed.teardown(world)
@@ -310,19 +324,38 @@ def train_step(run: Run, step: int, running: torch.Tensor) -> float:
         loss = terms.loss.mean() + terms.extra
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    finite = torch.isfinite(loss.detach())
-    if world.enabled:                              # DDP averaged the denoiser's gradients; average φ's here
-        grads = [p.grad for p in run.schedule_params if p.grad is not None]
-        distributed.all_reduce_mean_(grads, world)
-        finite = all_finite([p.grad for p in run.model.parameters() if p.grad is not None] + grads)
-    if t.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip)
-        finite = finite & torch.isfinite(norm)
-    if optimizer_step_unless(run.optimizer, finite):
-        run.ema.update(run.model, step)
-        run.loss_bins.update(terms.logsnr.detach(), terms.eps_mse.detach())
+    finite = step_is_finite(run, loss)
+    stepped = optimizer_step_unless(run.optimizer, finite)
+    if stepped is not False:                       # True, or (fused) the device's verdict, which the EMA and the
+        on_device = None if stepped is True else stepped    # histogram follow there (a skipped step moves neither)
+        eps_mse = terms.eps_mse.detach()
+        run.ema.update(run.model, step, on_device)
+        run.loss_bins.update(terms.logsnr.detach(), eps_mse if on_device is None else
+                             torch.where(on_device, eps_mse, torch.full_like(eps_mse, math.nan)))
     update_running(running, terms.loss.mean().detach().float(), finite)
     return lr
+
+
+def step_is_finite(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """After backward: average φ's gradients over the ranks (DDP averaged the denoiser's), clip the denoiser's, and
+    return a 0-d bool tensor: the loss (one process) and every gradient, the denoiser's and φ's, are finite.
+
+    φ's gradients are checked apart from the loss: the variance objective's hooks scale them by 2f, which can
+    overflow where the loss does not, and one non-finite step leaves φ's Adam state NaN for good. The denoiser's
+    are checked through the clipping norm (computed anyway), or by their own norm without clipping."""
+    t, world = run.config.train, run.world
+    schedule_grads = [p.grad for p in run.schedule_params if p.grad is not None]
+    if world.enabled:
+        distributed.all_reduce_mean_(schedule_grads, world)
+    if t.grad_clip > 0:
+        finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(run.optimizer.param_groups[0]["params"], t.grad_clip))
+    else:
+        finite = all_finite([p.grad for p in run.model.parameters() if p.grad is not None])
+    if schedule_grads:
+        finite = finite & all_finite(schedule_grads)
+    if not world.enabled:                 # (under DDP each rank's loss is its own: the averaged gradients decide)
+        finite = finite & torch.isfinite(loss.detach())
+    return finite
 
 
 def model_summary(run: Run) -> str:

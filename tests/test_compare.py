@@ -39,8 +39,8 @@ schedules = [{{ name = "cosine" }}, {{ name = "laplace", b = 1.0 }}]
 def write_config(tmp_path, data="gmm", model="mlp", model_params="hidden = 32\ndepth = 1", sample_n=0, extra=""):
     path = tmp_path / "cmp.toml"
     text = TINY.format(data=data, model=model, model_params=model_params, sample_n=sample_n, extra=extra)
-    if data != "gmm":                                        # dim sets the gmm's dimension only
-        text = text.replace("dim = 4\n", "")
+    if data != "gmm":                           # n and dim set the gmm's size and dimension only
+        text = text.replace("n = 2000\ndim = 4\n", "")
     path.write_text(text)
     return path
 

@@ -303,3 +303,41 @@ def test_fashion_missing_or_malformed_idx(tmp_path, monkeypatch, labels, match):
         (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(raw)
     with pytest.raises(UsageError, match=match):
         load("fashion-mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["digits", "fashion-mnist"])
+def test_n_is_refused_for_image_sets_rather_than_ignored(spec):
+    """[data] n = 100 with digits trained on all 1,618 training images (and fashion-mnist on 60,000) without a word."""
+    with pytest.raises(UsageError, match=f"n sets how many examples checkerboard, swissroll, gmm draw; '{spec}' has a "
+                                         f"fixed set of images"):
+        load(spec, n=100)
+    assert len(load("gmm", n=100, dim=2)) == 100 and len(load("swissroll", n=100)) == 100
+
+
+def test_a_damaged_gzip_idx_file_is_a_usage_error(tmp_path, monkeypatch):
+    """A .gz whose deflate stream is damaged raised zlib.error (a traceback), not the one-line error."""
+    monkeypatch.delenv("ADAPTIVE_SCHED_DATA", raising=False)
+    monkeypatch.setattr(images, "FASHION_SYSTEM_DIR", str(tmp_path / "sys"))
+    _fake_fashion(tmp_path)
+    raw = bytearray(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 6]) + bytes(range(6)) * 50))
+    raw[12:20] = b"\xff" * 8                                           # inside the compressed body
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="cannot read idx file .*train-labels-idx1-ubyte.gz"):
+        load("fashion-mnist", data_dir=str(tmp_path))
+
+
+def test_fashion_splits_come_from_one_folder(tmp_path, monkeypatch):
+    """A --data-dir holding only the training files got its test split from the next folder searched (here a fake
+    system folder of other images): a held-out set that was never this data's."""
+    monkeypatch.delenv("ADAPTIVE_SCHED_DATA", raising=False)
+    monkeypatch.setattr(images, "FASHION_SYSTEM_DIR", str(tmp_path / "sys"))
+    _fake_fashion(tmp_path / "sys")
+    mine = tmp_path / "mine"
+    _fake_fashion(mine)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (mine / stem).unlink()
+    assert len(load("fashion-mnist", data_dir=str(mine))) == 6
+    with pytest.raises(UsageError, match=r"mine holds part of fashion-mnist but not its test split's "
+                                         r"t10k-images-idx3-ubyte\(.gz\) and t10k-labels-idx1-ubyte\(.gz\)"):
+        load("fashion-mnist", "test", data_dir=str(mine))
+    assert len(load("fashion-mnist", "test")) == 2                    # the system folder, whole, still serves

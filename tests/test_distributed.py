@@ -26,7 +26,7 @@ depth = 2
 steps = {steps}
 batch_size = {batch}
 log_every = 20
-checkpoint_every = 20
+checkpoint_every = {checkpoint_every}
 device = "cpu"
 target = "v"
 warmup = 10
@@ -39,9 +39,10 @@ logsnr_points = 5
 """
 
 
-def torchrun(tmp_path, out, steps=60, batch=64, resume=False, compile=False, objective="variance"):
-    config = tmp_path / f"config_{steps}_{batch}_{compile}_{objective}.toml"
-    config.write_text(CONFIG.format(steps=steps, batch=batch, compile=str(compile).lower(), objective=objective))
+def torchrun(tmp_path, out, steps=60, batch=64, resume=False, compile=False, objective="variance", checkpoint_every=20):
+    config = tmp_path / f"config_{steps}_{batch}_{compile}_{objective}_{checkpoint_every}.toml"
+    config.write_text(CONFIG.format(steps=steps, batch=batch, compile=str(compile).lower(), objective=objective,
+                                    checkpoint_every=checkpoint_every))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "adaptive_sched", "train", "--config", str(config), "--out", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,6 +71,27 @@ def test_two_ranks_train_log_once_and_resume_exactly(tmp_path):
     other = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
     for key in ("model", "schedule"):
         assert all(torch.allclose(state[key][k], other[key][k], atol=1e-6) for k in state[key])
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_between_log_rows_log_the_same_losses(tmp_path):
+    """Checkpoints every 15 steps, rows every 20: the step-45 checkpoint holds 5 steps of each rank's own loss sum.
+    Only rank 0's was saved, and every rank took it back, so the step-60 row of a run resumed from step 45 averaged
+    rank 0's steps 41-45 twice and rank 1's never (the weights were right)."""
+    import shutil
+    straight = torchrun(tmp_path, tmp_path / "straight", objective="cvdm", checkpoint_every=15)
+    assert straight.returncode == 0, straight.stderr
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoint.pt").write_bytes(b"damaged")      # resumes from checkpoint.prev.pt, step 45
+    resumed = torchrun(tmp_path, tmp_path / "resumed", objective="cvdm", checkpoint_every=15, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 60
+    a, b = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("straight", "resumed"))
+    assert list(a["step"]) == list(b["step"]) == [20, 30, 40, 60]
+    assert b["loss"].tolist() == a["loss"].tolist()                        # bit for bit, the step-60 row included
+    assert b["eval_eps_mse"].dropna().tolist() == a["eval_eps_mse"].dropna().tolist()
+    saved = checkpoint.load(tmp_path / "straight" / "checkpoint.prev.pt")["running"]
+    assert saved.shape == (2, 4) and saved[0, 0] != saved[1, 0] and saved[:, 1].tolist() == [5.0, 5.0]
 
 
 @pytest.mark.slow

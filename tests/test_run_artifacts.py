@@ -69,6 +69,60 @@ def test_runs_from_before_the_marker_count_as_finished_by_metrics_and_snapshot(t
     assert not is_finished(run, 20)
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL at a chosen moment (a BaseException, as nothing in train may catch it)."""
+
+
+def kill_at_the_end(monkeypatch, tmp_path, after_metrics_row=False):
+    """Run tiny_run (steps 20, checkpoints at 10 and 20) and stop it at its last step: right after its last metrics
+    row (before the step-20 checkpoint), or between writing checkpoint.pt and ema.pt at step 20."""
+    from adaptive_sched import checkpoint, runlog
+    with monkeypatch.context() as patched:
+        if after_metrics_row:
+            append = runlog.CsvLog.append
+
+            def stop_after(self, row):
+                append(self, row)
+                if self.path.name == "metrics.csv" and row["step"] == 20:
+                    raise Killed
+            patched.setattr(runlog.CsvLog, "append", stop_after)
+        else:
+            atomic_save = checkpoint.atomic_save
+
+            def stop_before_snapshot(obj, path):
+                if obj.get("kind") == "ema" and obj["step"] == 20:
+                    raise Killed
+                atomic_save(obj, path)
+            patched.setattr(checkpoint, "atomic_save", stop_before_snapshot)
+        with pytest.raises(Killed):
+            tiny_run(tmp_path, schedule="cosine", checkpoint_every=10)
+    return tmp_path / "run"
+
+
+def test_a_run_killed_after_its_last_metrics_row_is_not_counted_finished(tmp_path, monkeypatch):
+    """Before finished.json the check is metrics.csv's last row and ema.pt: a run killed between its last row and its
+    last checkpoint has the row, and the ema.pt of step 10; compare counted it finished and reported that snapshot."""
+    from adaptive_sched import checkpoint
+    run = kill_at_the_end(monkeypatch, tmp_path, after_metrics_row=True)
+    assert list(pd.read_csv(run / "metrics.csv")["step"]) == [10, 20] and not (run / FINISHED).exists()
+    assert checkpoint.load(run / "ema.pt")["step"] == 10
+    assert not is_finished(run, 20)
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_snapshot_resumes_to_its_final_snapshot(tmp_path, monkeypatch):
+    """checkpoint.pt at step 20 but ema.pt still at step 10: the resume found nothing to train, wrote finished.json and
+    left the step-10 snapshot as the run's final one (sampled, exported and reported)."""
+    from adaptive_sched import checkpoint
+    straight = tiny_run(tmp_path / "straight", schedule="cosine", checkpoint_every=10)
+    run = kill_at_the_end(monkeypatch, tmp_path)
+    assert checkpoint.load(run / "checkpoint.pt")["step"] == 20 and checkpoint.load(run / "ema.pt")["step"] == 10
+    config = cfg.load_toml(run / "config.toml")
+    train(config, run, resume=True, progress=False)
+    snapshot, expected = checkpoint.load(run / "ema.pt"), checkpoint.load(straight / "ema.pt")
+    assert snapshot["step"] == 20 and json.loads((run / FINISHED).read_text())["step"] == 20
+    assert all(torch.equal(snapshot["model"][k], expected["model"][k]) for k in expected["model"])
+
+
 def test_the_sample_panel_is_cached_when_drawn_and_served_without_the_checkpoint(tmp_path):
     run = tmp_path / "r"
     run.mkdir()

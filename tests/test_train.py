@@ -114,6 +114,27 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
         train(gmm_config(steps=25), tmp_path / "run", resume=True, progress=False)
 
 
+def test_a_resume_with_more_steps_trains_what_a_run_that_long_from_the_start_trains(tmp_path):
+    """The lr has no horizon (warmup only), and the EMA and every draw depend on the step alone (a curriculum, which
+    ramps over the steps, refuses the change): raising steps on resume gives the same weights and EMA bit for bit.
+    metrics.csv differs only by the shorter run's final row (step 60, an eval), after which the step-75 row averages
+    steps 61-75 instead of 51-75."""
+    train(gmm_config(steps=100, warmup=80), tmp_path / "straight", progress=False)
+    train(gmm_config(steps=60, warmup=80), tmp_path / "longer", progress=False)
+    train(gmm_config(steps=100, warmup=80), tmp_path / "longer", resume=True, progress=False)
+    a, b = (checkpoint.load(tmp_path / name / "checkpoint.pt") for name in ("straight", "longer"))
+    assert a["step"] == b["step"] == 100
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"]["params"], b["ema"]["params"]))
+    ma, mb = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("straight", "longer"))
+    assert list(ma["step"]) == [25, 50, 75, 100] and list(mb["step"]) == [25, 50, 60, 75, 100]
+    assert mb["eval_eps_mse"].notna().tolist() == [False, False, True, False, True]
+    same = mb[mb.step != 75].drop(index=mb.index[mb.step == 60]).reset_index(drop=True)
+    assert same["loss"].tolist() == ma[ma.step != 75]["loss"].tolist()
+    assert same["eval_eps_mse"].iloc[-1] == ma["eval_eps_mse"].iloc[-1]
+    assert mb.loc[mb.step == 75, "loss"].item() != ma.loc[ma.step == 75, "loss"].item()
+
+
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     train(gmm_config(steps=100), tmp_path / "run", progress=False)
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")

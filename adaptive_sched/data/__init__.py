@@ -90,6 +90,9 @@ def load(spec: str, split: str = "train", *, data_dir: str | None = None, pad: i
     loader, arg = _loader(spec)
     if dim is not None and spec != "gmm":
         raise UsageError(f"dim sets the gmm's dimension only; {spec!r} has a fixed shape (drop [data] dim)")
+    if n is not None and spec not in VECTOR_SETS:      # (an image set's loader would ignore it: all its images)
+        raise UsageError(f"n sets how many examples {', '.join(VECTOR_SETS)} draw; {spec!r} has a fixed set of "
+                         f"images (drop [data] n)")
     opts = _Opts(data_dir=data_dir, resize=resize, n=n, dim=dim, seed=seed)
     ds = loader(arg, split, opts)
     if ds.kind == "image":

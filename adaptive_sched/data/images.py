@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse an idx file (optionally gzipped) of unsigned bytes with `ndim` dimensions."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:       # (a damaged deflate stream raises zlib.error)
         raise UsageError(f"cannot read idx file {path}: {e}") from None
     if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 0x08, ndim]):
         raise UsageError(f"{path} is not a uint8 idx file with {ndim} dims (bad magic number)")
@@ -120,13 +121,18 @@ def fashion_mnist(split: str, data_dir: str | None = None) -> Dataset:
         dirs += [env, env / "fashion-mnist"]
     dirs.append(Path(FASHION_SYSTEM_DIR))
     img_stem, lab_stem = _FASHION_FILES[split]
-    for d in dirs:
+    for d in dirs:             # the first folder holding any of the set's files holds both splits: never mix two
+        if not any(_find(d, stem) for stems in _FASHION_FILES.values() for stem in stems):
+            continue
         img, lab = _find(d, img_stem), _find(d, lab_stem)
-        if img and lab:
-            x, y = read_idx(img, 3), read_idx(lab, 1)
-            if len(x) != len(y):
-                raise UsageError(f"{img} has {len(x)} images but {lab} has {len(y)} labels")
-            return _dataset("fashion-mnist", x[:, None], y)
+        if not (img and lab):
+            missing = " and ".join(f"{stem}(.gz)" for stem, found in ((img_stem, img), (lab_stem, lab)) if not found)
+            raise UsageError(f"{d} holds part of fashion-mnist but not its {split} split's {missing}; add it, or "
+                             f"point --data-dir at a folder with all four files")
+        x, y = read_idx(img, 3), read_idx(lab, 1)
+        if len(x) != len(y):
+            raise UsageError(f"{img} has {len(x)} images but {lab} has {len(y)} labels")
+        return _dataset("fashion-mnist", x[:, None], y)
     searched = ", ".join(str(d) for d in dirs)
     raise UsageError(f"fashion-mnist {img_stem}(.gz)/{lab_stem}(.gz) not found in: {searched}; "
                      "apt-get install dataset-fashion-mnist, or pass --data-dir")
