@@ -51,6 +51,16 @@ if want 0 && ! grep -qs "CUDA TESTS PASSED" results/bench/cuda-tests-*.txt; then
   else status=1; fi
   tail -15 "$record"
 fi
+# a non-finite step under fused AdamW (2026-11-28: the EMA and the loss histogram follow the device's verdict, as the
+# plain path's host check does; its CPU twin runs fused AdamW on the CPU), ~30 s
+if want 0 && ! grep -qs "CUDA STEP GUARD TEST PASSED" results/bench/cuda-tests-*.txt; then
+  echo "== 0 CUDA test: a non-finite step under fused AdamW  $(date -u +%T)"
+  record="results/bench/cuda-tests-step-guard-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
+  if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_step_guard.py \
+       -k cuda > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA STEP GUARD TEST PASSED" >> "$record"
+  else status=1; fi
+  tail -15 "$record"
+fi
 if want 1 && ! compgen -G "results/bench/profile-*/done" >/dev/null; then
   prof="results/bench/profile-$(date -u +%Y-%m-%d)-${device:-$DEVICE}"
   echo "== 1 bench at batch 512, 32x32: eager vs compiled, cosine vs learned, sampling, profiled  $(date -u +%T)"
