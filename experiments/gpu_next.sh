@@ -11,7 +11,8 @@
 # get --time-budget, so runs already going finish. Results come back without checkpoints (too big to bring
 # back): finished runs carry finished.json and their exported schedule, and the grid evaluation, which needs
 # the weights, runs here in the session that trained them.
-#   0 the CUDA tests (tests/test_cuda.py, test_schedules -k cuda), until their record (results/bench/cuda-tests-*) says passed
+#   0 the CUDA tests (tests/test_cuda.py, test_schedules -k cuda), until their record (results/bench/cuda-tests-*) says passed;
+#     then the fused optimizer's skipped step (tests/test_step_guard.py -k cuda, record cuda-tests-step-guard-*)
 #   1 bench at batch 512 (and 128 once): eager vs compiled, cosine vs learned, sampling, profiled  issues 6, 3
 #   2 fashion_mnist compare, then grid-eval of its cosine and laplace runs          issues 4, 8
 #   3 fashion_mnist_cond compare (CFG at w = 1, 1.5, 2, 3)                          issue 9
