@@ -39,27 +39,25 @@ bench_file="results/bench/$(date -u +%Y-%m-%d)-${device:-$DEVICE}.jsonl"
 bench() { local limit=$1; shift
           timeout "$limit" "$py" -m adaptive_sched.bench --config experiments/bench_fashion.toml --device "$DEVICE" --quiet \
             --out "$bench_file" "$@" $BENCH_ARGS; }
+# cuda_test NAME LIMIT MARK PYTEST_ARGS..: CUDA tests into results/bench/NAME-DATE-DEVICE.txt, MARK appended when
+# they passed and none skipped (status=1 otherwise); their own feature cache: the FID nets they train are not the
+# committed one in experiments/feature_cache
+cuda_test() { local record="results/bench/$1-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt" limit=$2 mark=$3; shift 3
+              if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout "$limit" "$py" -m pytest -q -p no:cacheprovider "$@" \
+                   > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "$mark" >> "$record"
+              else status=1; fi
+              tail -15 "$record"; }
 mkdir -p results/bench
 
 if want 0 && ! grep -qs "CUDA TESTS PASSED" results/bench/cuda-tests-*.txt; then   # until a record says they passed
   echo "== 0 CUDA tests  $(date -u +%T)"
-  record="results/bench/cuda-tests-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
-  # (their own feature cache: the FID nets they train are not the committed one in experiments/feature_cache)
-  if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-       tests/test_schedules.py -k cuda \
-       > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA TESTS PASSED" >> "$record"
-  else status=1; fi
-  tail -15 "$record"
+  cuda_test cuda-tests 150 "CUDA TESTS PASSED" tests/test_cuda.py tests/test_schedules.py -k cuda
 fi
 # a non-finite step under fused AdamW (2026-11-28: the EMA and the loss histogram follow the device's verdict, as the
 # plain path's host check does; its CPU twin runs fused AdamW on the CPU), ~30 s
 if want 0 && ! grep -qs "CUDA STEP GUARD TEST PASSED" results/bench/cuda-tests-*.txt; then
   echo "== 0 CUDA test: a non-finite step under fused AdamW  $(date -u +%T)"
-  record="results/bench/cuda-tests-step-guard-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
-  if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_step_guard.py \
-       -k cuda > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA STEP GUARD TEST PASSED" >> "$record"
-  else status=1; fi
-  tail -15 "$record"
+  cuda_test cuda-tests-step-guard 120 "CUDA STEP GUARD TEST PASSED" tests/test_step_guard.py -k cuda
 fi
 if want 1 && ! compgen -G "results/bench/profile-*/done" >/dev/null; then
   prof="results/bench/profile-$(date -u +%Y-%m-%d)-${device:-$DEVICE}"
@@ -98,11 +96,7 @@ fi
 # issue 3 can be resolved there
 if want 7 && ! grep -qs "CUDA GRAPHS TEST PASSED" results/bench/cuda-tests-*.txt && [ "$(left)" -gt 130 ]; then
   echo "== 7 CUDA test: training with compile_mode reduce-overhead  $(date -u +%T)"
-  record="results/bench/cuda-tests-graphs-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt"
-  if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-       -k cuda_graphs > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "CUDA GRAPHS TEST PASSED" >> "$record"
-  else status=1; fi
-  tail -15 "$record"
+  cuda_test cuda-tests-graphs 120 "CUDA GRAPHS TEST PASSED" tests/test_cuda.py -k cuda_graphs
 fi
 if want 7 && ! grep -qsE '"mode": "reduce-overhead".*"schedule": "learned".*"compile_failed": false' results/bench/*.jsonl \
     && [ "$(left)" -gt 200 ]; then

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_sched import checkpoint, config as cfg, schedules
+from adaptive_sched import schedules
 from adaptive_sched.cli import main
 from adaptive_sched.errors import UsageError
 from adaptive_sched.export import export
 from adaptive_sched.schedules.table import ClassTable, Table, write_class_table
-
-
-def fake_run(run_dir, schedule_config: dict, **extra):
-    """An EMA snapshot with a config training `schedule_config` (no network: export reads only the schedule)."""
-    run_dir.mkdir()
-    config = cfg.from_dict({"schedule": schedule_config})
-    snap = {"kind": "ema", "step": 7, "config": config.to_dict(), "model": {}, "data_shape": [2], **extra}
-    checkpoint.atomic_save(snap, run_dir / checkpoint.EMA_NAME)
-    return run_dir
+from test_class_schedules import fake_run
 
 
 def class_run(tmp_path, name: str, classes: int):

@@ -87,6 +87,21 @@ def fused_adamw(run):
         pytest.skip(f"fused AdamW on the CPU: {err}")
 
 
+def a_poisoned_step_moves_nothing(run, monkeypatch, steps: int):
+    """Train `steps` finite steps, then one whose loss is NaN; assert that step moved no weight, EMA or histogram and
+    was counted skipped; return (running, the snapshot before it)."""
+    running = new_running(run.device)
+    for step in range(steps):
+        train_step(run, step, running)
+    before = snapshot(run)
+    with monkeypatch.context() as patched:
+        poison_loss(patched)
+        train_step(run, steps, running)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(run)))
+    assert running.tolist()[1:] == [float(steps), 1.0, 1.0]
+    return running, before
+
+
 def test_the_fused_path_skips_a_non_finite_step_as_the_plain_one_does(monkeypatch):
     """Fused AdamW skips on the device and the step went on to update the EMA (moving it towards the unchanged
     weights: 0.6 of the way at step 5) and the loss histogram; the plain path leaves both alone. Now both do."""
@@ -95,16 +110,7 @@ def test_the_fused_path_skips_a_non_finite_step_as_the_plain_one_does(monkeypatc
         run = build(small_config())
         if fused:
             run.optimizer = fused_adamw(run)
-        running = new_running(run.device)
-        for step in range(5):
-            train_step(run, step, running)
-        before = snapshot(run)
-        with monkeypatch.context() as patched:
-            poison_loss(patched)
-            train_step(run, 5, running)
-        after = snapshot(run)
-        assert all(torch.equal(a, b) for a, b in zip(before, after)), fused
-        assert running.tolist()[1:] == [5.0, 1.0, 1.0]
+        running, before = a_poisoned_step_moves_nothing(run, monkeypatch, 5)
         train_step(run, 6, running)                       # the next step updates the EMA again
         assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(run)))
         runs[fused] = run
@@ -132,12 +138,4 @@ def test_a_checkpoints_running_sums_go_back_to_the_rank_that_made_them():
 def test_on_cuda_the_fused_optimizer_skips_a_non_finite_step_and_the_ema_stays(monkeypatch):
     run = build(small_config(train={"device": "cuda"}))
     assert run.optimizer.param_groups[0]["fused"]
-    running = new_running(run.device)
-    for step in range(3):
-        train_step(run, step, running)
-    before = snapshot(run)
-    with monkeypatch.context() as patched:
-        poison_loss(patched)
-        train_step(run, 3, running)
-    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(run)))
-    assert running.tolist()[1:] == [3.0, 1.0, 1.0]
+    a_poisoned_step_moves_nothing(run, monkeypatch, 3)
