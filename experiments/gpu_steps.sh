@@ -40,11 +40,12 @@ bench() { local limit=$1; shift
           timeout "$limit" "$py" -m adaptive_sched.bench --config experiments/bench_fashion.toml --device "$DEVICE" --quiet \
             --out "$bench_file" "$@" $BENCH_ARGS; }
 # cuda_test NAME LIMIT MARK PYTEST_ARGS..: CUDA tests into results/bench/NAME-DATE-DEVICE.txt, MARK appended when
-# they passed and none skipped (status=1 otherwise); their own feature cache: the FID nets they train are not the
-# committed one in experiments/feature_cache
+# they passed and none skipped (status=1 otherwise; -rs lists skips as SKIPPED lines: with pyproject's -q as well,
+# pytest prints no "skipped" count, so a skip went unseen); their own feature cache: the FID nets they train are not
+# the committed one in experiments/feature_cache
 cuda_test() { local record="results/bench/$1-$(date -u +%Y-%m-%d)-${device:-$DEVICE}.txt" limit=$2 mark=$3; shift 3
-              if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout "$limit" "$py" -m pytest -q -p no:cacheprovider "$@" \
-                   > "$record" 2>&1 && ! grep -q skipped "$record"; then echo "$mark" >> "$record"
+              if ADAPTIVE_SCHED_CACHE=$(mktemp -d) timeout "$limit" "$py" -m pytest -q -rs -p no:cacheprovider "$@" \
+                   > "$record" 2>&1 && ! grep -qi skipped "$record"; then echo "$mark" >> "$record"
               else status=1; fi
               tail -15 "$record"; }
 mkdir -p results/bench
